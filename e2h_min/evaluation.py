@@ -1,0 +1,84 @@
+"""Prompt encoding, reward scoring and greedy per-level evaluation, shared by train.py and eval.py."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from e2h_min.rollout import Rollout, StopChecker, generate
+
+
+def encode_prompts(tokenizer, task, problems) -> list[list[int]]:
+    """Chat-template each problem (system, user, assistant prefill continued) and tokenize it.
+
+    The rendered text already holds any BOS the template wants, so the tokenizer adds no special tokens.
+    """
+    texts = [tokenizer.apply_chat_template(task.messages(p), tokenize=False, continue_final_message=True)
+             for p in problems]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+def score_rollout(task, problems, tokenizer, rollout: Rollout) -> tuple[list[str], np.ndarray]:
+    """Decode every sample and score it against its prompt's problem. Rewards are float64 (never low precision)."""
+    texts = tokenizer.batch_decode(rollout.completion_token_lists(), skip_special_tokens=True)
+    rewards = np.array([task.score(problems[i // rollout.num_samples], text) for i, text in enumerate(texts)],
+                       dtype=np.float64)
+    return texts, rewards
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS plus the model's generation EOS ids (Llama has several)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task, problems, max_new_tokens: int, stop_checker: StopChecker,
+             batch_size: int = 256, autocast=None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Greedy decoding on `problems`; returns (summary, records).
+
+    summary: per level name -> {accuracy, reward, format_rate, length, n}; accuracy = share of samples whose
+    reward exceeds the task's format reward (spec section 7). records: one dict per problem with its completion.
+    """
+    was_training = model.training
+    model.eval()
+    records = []
+    eos = eos_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id
+    batches = range(0, len(problems), batch_size)
+    for start in tqdm(batches, desc="eval", leave=False, disable=not progress):
+        chunk = problems[start:start + batch_size]
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            rollout = generate(model, encode_prompts(tokenizer, task, chunk), 1, max_new_tokens, eos, pad,
+                               stop_checker=stop_checker, greedy=True)
+        texts, rewards = score_rollout(task, chunk, tokenizer, rollout)
+        for problem, text, reward, length in zip(chunk, texts, rewards, rollout.lengths.tolist()):
+            records.append({"level": problem.level, "index": problem.index, "completion": text,
+                            "reward": float(reward), "correct": task.is_correct(reward),
+                            "formatted": bool(reward >= task.format_reward - 1e-9), "length": length})
+    model.train(was_training)
+    return summarize(task, records), records
+
+
+def summarize(task, records: list[dict]) -> dict:
+    """Per-level accuracy, mean reward, format rate and mean length of scored records."""
+    by_level = defaultdict(list)
+    for r in records:
+        by_level[r["level"]].append(r)
+    names = task.level_names()
+    summary = {}
+    for level in sorted(by_level):
+        rows = by_level[level]
+        summary[names[level] if level < len(names) else f"L{level}"] = {
+            "accuracy": float(np.mean([r["correct"] for r in rows])),
+            "reward": float(np.mean([r["reward"] for r in rows])),
+            "format_rate": float(np.mean([r["formatted"] for r in rows])),
+            "length": float(np.mean([r["length"] for r in rows])),
+            "n": len(rows),
+        }
+    return summary

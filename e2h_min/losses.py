@@ -1,0 +1,119 @@
+"""The RL math as small pure functions: advantages, KL estimators, the clipped surrogate, loss aggregation.
+
+Shapes: N = samples in the optimizer step (prompts x G), T = completion tokens (right-padded), G = group size.
+Sample i belongs to group i // G. Every function here is pinned by a naive per-sample loop in tests/test_losses.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+                     ) -> torch.Tensor:
+    """GRPO advantages: A_i = (r_i - mean_g(r)) / (std + eps).
+
+    rewards [N] -> [N]. `scale`: "group" divides by the std of the sample's own group (the paper), "batch" by the
+    std of all N rewards (less noisy for small groups), "none" does not divide (Dr. GRPO's unbiased form).
+    std is the unbiased (Bessel-corrected) standard deviation, as in TRL and the paper's code.
+    Example: rewards [1, 0, 0, 0], G=4, eps 0 -> mean .25, std .5 -> [1.5, -.5, -.5, -.5].
+    """
+    grouped = rewards.view(-1, group_size)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / (rewards.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown scale {scale!r}; use group, batch or none")
+    return centered.reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out: A_i = r_i - mean_{j != i, same group} r_j = G/(G-1) * (r_i - mean_g(r)).
+
+    rewards [N] -> [N]. Example: [1, 0, 0, 0] -> [1, -1/3, -1/3, -1/3].
+    """
+    grouped = rewards.view(-1, group_size)
+    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others_mean).reshape(-1)
+
+
+def compute_advantages(name: str, rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
+                       eps: float = 1e-4) -> torch.Tensor:
+    """Dispatch by --advantage: grpo (scaled by --scale-rewards), dr_grpo (centred only), rloo."""
+    if name == "grpo":
+        return group_advantages(rewards, group_size, scale_rewards, eps)
+    if name == "dr_grpo":
+        return group_advantages(rewards, group_size, "none")
+    if name == "rloo":
+        return rloo_advantages(rewards, group_size)
+    raise ValueError(f"unknown advantage estimator {name!r}")
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi, with d = logp_ref - logp (Schulman, 2020).
+
+    k1 = -d (unbiased, can be negative), k2 = d^2 / 2, k3 = exp(d) - d - 1 (unbiased, always >= 0).
+    logp, ref_logp [N, T] -> [N, T]. All three are 0 where the policies agree; the penalty is ADDED to the loss.
+    Example: logp = log .5, ref = log .25 -> d = -log 2 -> k3 = .5 + log 2 - 1 = .193.
+    """
+    d = ref_logp - logp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(d) - d - 1.0
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
+                      epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective as a per-token loss: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A).
+
+    rho = exp(logp - old_logp). logp, old_logp [N, T]; advantages [N] (one per sequence, broadcast over tokens).
+    Returns (loss [N, T], clipped_low [N, T] bool, clipped_high [N, T] bool): clipped_low marks tokens where the
+    clipped branch was taken because rho < 1 - eps with A < 0, clipped_high where rho > 1 + eps with A > 0; there
+    the gradient is zero. Example: rho = 1.5, A = 1, eps .2 -> loss = -1.2, clipped_high.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    clipped_low = (ratio < 1.0 - epsilon_low) & (adv < 0)
+    clipped_high = (ratio > 1.0 + epsilon_high) & (adv > 0)
+    return loss, clipped_low, clipped_high
+
+
+def token_loss_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None
+                       ) -> torch.Tensor:
+    """Weights w [N, T] such that the step's loss is sum_{i,t} w_it * loss_it, computed once for the WHOLE step.
+
+    grpo:    w_it = m_it / (|o_i| * N)      mean over each sequence's tokens, then over sequences (the paper);
+             short sequences weigh more per token (length bias).
+    dapo:    w_it = m_it / sum(m)           one mean over every completion token of the step.
+    dr_grpo: w_it = m_it / (N * L_max)      sum divided by a constant, no length normalisation.
+    Because the weights are fixed before micro-batching, summing sum(w * loss) over any split of the rows gives
+    exactly the full-step loss and gradient: the micro-batch size cannot change the update.
+    completion_mask [N, T] bool/float -> [N, T] float32.
+    Example: mask [[1,1],[1,0]]: grpo -> [[.25,.25],[.5,0]]; dapo -> [[1/3,1/3],[1/3,0]].
+    """
+    mask = completion_mask.float()
+    n_seq = mask.shape[0]
+    if loss_type == "grpo":
+        return mask / (mask.sum(dim=1, keepdim=True).clamp(min=1.0) * n_seq)
+    if loss_type == "dapo":
+        return mask / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("dr_grpo aggregation needs max_completion_length")
+        return mask / (n_seq * max_completion_length)
+    raise ValueError(f"unknown loss type {loss_type!r}; use grpo, dapo or dr_grpo")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` where mask is true: sum(v * m) / max(sum(m), 1). Any shapes that broadcast."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,0 +1,105 @@
+"""Loading the policy, the reference model and the tokenizer through the standard Hugging Face path.
+
+`--model` takes a hub id, a local directory, or a short alias. The embedded tiny model ("tiny") is a local
+directory inside the package, loaded through the very same `from_pretrained` calls as any hub model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from e2h_min.config import UserError
+
+TINY_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-countdown"
+MODEL_ALIASES = {
+    "tiny": str(TINY_MODEL_DIR),
+    # The paper's models are the Instruct variants; the short names map to them (printed when used).
+    "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen2.5-1.5B-Instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen2.5-3B": "Qwen/Qwen2.5-3B-Instruct",
+    "Qwen2.5-3B-Instruct": "Qwen/Qwen2.5-3B-Instruct",
+    "Llama-3.2-3B-Instruct": "meta-llama/Llama-3.2-3B-Instruct",
+    "Qwen2.5-0.5B-Instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+}
+
+
+def resolve_model_name(name: str) -> str:
+    """Alias -> hub id or local path; anything else is returned unchanged."""
+    return MODEL_ALIASES.get(name, name)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """auto = cuda if available, else mps, else cpu. An unavailable explicit device is a UserError."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {requested} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(requested)
+
+
+def load_tokenizer(name: str):
+    """Tokenizer with a pad token distinct from EOS where possible, left padding for generation."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_name(name)
+    tokenizer = _from_pretrained(AutoTokenizer, path, name)
+    if tokenizer.pad_token_id is None:
+        # Reusing EOS as pad is safe here because our masks come from lengths, never from `ids != pad`.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError(f"model {name!r} has no chat template; E2H prompts need one (use an -Instruct model)")
+    return tokenizer
+
+
+def load_model(name: str, device: torch.device, trainable: bool = True):
+    """Causal LM in fp32 (the optimizer's master weights; bf16 compute comes from autocast on CUDA)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_name(name)
+    model = _from_pretrained(AutoModelForCausalLM, path, name, dtype=torch.float32)
+    model.to(device)
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    if hasattr(model, "generation_config") and model.generation_config is not None:
+        # Our sampler owns decoding; stray generation defaults would only produce warnings.
+        model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
+    return model
+
+
+def frozen_copy(model):
+    """The reference policy: a frozen, eval-mode deep copy of the initial model (never updated)."""
+    reference = copy.deepcopy(model)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def _from_pretrained(auto_cls, path: str, name: str, **kwargs):
+    is_local = os.path.isdir(path)
+    if path != name:
+        logging.getLogger("e2h_min").info("model alias %s -> %s", name, path)
+    if not is_local and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise UserError(f"cannot load model {name!r}: no such local directory and not a hub id of the form "
+                        f"'org/name'; pass --model /path/to/model or a hub id such as Qwen/Qwen2.5-1.5B-Instruct")
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry chatter would bury our one-line error
+    try:
+        return auto_cls.from_pretrained(path, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "the local directory" if is_local else "the Hugging Face Hub (offline or unknown id?)"
+        raise UserError(f"cannot load model {name!r} from {where}: {str(exc).splitlines()[0][:160]}. "
+                        f"Download it where you have network (hf download {path} --local-dir DIR) and pass "
+                        f"--model DIR") from None
+    finally:
+        hub_logger.setLevel(level)

@@ -1,0 +1,158 @@
+"""The RL formulas against naive per-sample Python loops, and the invariants other trainers get wrong."""
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from e2h_min.losses import (clipped_surrogate, compute_advantages, group_advantages, kl_penalty, masked_mean,
+                            rloo_advantages, token_loss_weights)
+
+torch.manual_seed(0)
+
+
+def naive_grpo(rewards, g, eps=1e-4, scale="group"):
+    out = []
+    all_std = statistics.stdev(rewards)
+    for start in range(0, len(rewards), g):
+        group = rewards[start:start + g]
+        mean = sum(group) / g
+        std = statistics.stdev(group)  # Bessel-corrected, as TRL and the paper's code
+        for r in group:
+            if scale == "group":
+                out.append((r - mean) / (std + eps))
+            elif scale == "batch":
+                out.append((r - mean) / (all_std + eps))
+            else:
+                out.append(r - mean)
+    return out
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_match_naive_loop(scale):
+    rewards = [1.0, 0.1, 0.1, 0.0, 1.0, 1.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0]
+    got = group_advantages(torch.tensor(rewards, dtype=torch.float64), 4, scale)
+    assert got.tolist() == pytest.approx(naive_grpo(rewards, 4, scale=scale), abs=1e-12)
+
+
+def test_group_advantages_hand_worked_and_zero_mean_per_group():
+    got = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64), 4, eps=0.0)
+    assert got.tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5])
+    rewards = torch.rand(64, dtype=torch.float64)
+    for name in ("grpo", "dr_grpo", "rloo"):
+        adv = compute_advantages(name, rewards, 8).view(-1, 8)
+        assert adv.mean(dim=1).abs().max() < 1e-12, name
+
+
+def test_all_equal_group_gives_zero_advantage_not_nan():
+    adv = group_advantages(torch.tensor([0.1] * 8 + [1.0] * 8, dtype=torch.float64), 8)
+    assert torch.all(adv == 0)
+
+
+def test_rloo_matches_leave_one_out_loop():
+    rewards = [1.0, 0.0, 0.1, 0.5, 0.2, 0.2, 0.9, 0.0]
+    expected = []
+    for start in range(0, 8, 4):
+        group = rewards[start:start + 4]
+        for i, r in enumerate(group):
+            others = group[:i] + group[i + 1:]
+            expected.append(r - sum(others) / 3)
+    got = rloo_advantages(torch.tensor(rewards, dtype=torch.float64), 4)
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
+    assert rloo_advantages(torch.tensor([1.0, 0, 0, 0]), 4).tolist() == pytest.approx([1, -1 / 3, -1 / 3, -1 / 3])
+
+
+def test_kl_estimators_match_formulas_and_vanish_when_equal():
+    logp = torch.log(torch.rand(5, 7)).double()
+    ref = torch.log(torch.rand(5, 7)).double()
+    for i in range(5):
+        for j in range(7):
+            d = ref[i, j].item() - logp[i, j].item()
+            assert kl_penalty(logp, ref, "k1")[i, j].item() == pytest.approx(-d)
+            assert kl_penalty(logp, ref, "k2")[i, j].item() == pytest.approx(0.5 * d * d)
+            assert kl_penalty(logp, ref, "k3")[i, j].item() == pytest.approx(math.exp(d) - d - 1)
+    for est in ("k1", "k2", "k3"):
+        assert torch.all(kl_penalty(logp, logp, est) == 0)
+    assert torch.all(kl_penalty(logp, ref, "k3") >= 0)
+    # hand-worked: pi = .5, ref = .25 -> k3 = .5 + ln 2 - 1
+    assert kl_penalty(torch.tensor([math.log(.5)]), torch.tensor([math.log(.25)])).item() == pytest.approx(
+        0.5 + math.log(2) - 1)
+
+
+def test_kl_sign_pulls_policy_toward_reference():
+    """The penalty is added to the loss: a gradient step on it must move log pi toward log pi_ref."""
+    logits = torch.zeros(4, requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([2.0, 0.0, 0.0, 0.0]), -1)
+    logp = torch.log_softmax(logits, -1)
+    # exact KL(pi||ref) by enumeration; the k3 estimator's expectation under pi equals it
+    probs = logp.exp()
+    expected_kl = (probs * (logp - ref)).sum()
+    k3_mean = (probs * kl_penalty(logp, ref, "k3")).sum()
+    assert k3_mean.item() == pytest.approx(expected_kl.item(), rel=1e-5)
+    expected_kl.backward()
+    assert logits.grad[0] < 0  # descending the loss raises the logit the reference prefers
+
+
+def test_clipped_surrogate_matches_naive_loop():
+    logp = torch.randn(6, 5) * 0.3
+    old = torch.randn(6, 5) * 0.3
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.3, 2.0, 0.0])
+    loss, low, high = clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    for i in range(6):
+        for t in range(5):
+            ratio = math.exp(logp[i, t].item() - old[i, t].item())
+            a = adv[i].item()
+            clipped_ratio = min(max(ratio, 0.8), 1.28)
+            assert loss[i, t].item() == pytest.approx(-min(ratio * a, clipped_ratio * a), rel=1e-5, abs=1e-7)
+            assert bool(low[i, t]) == (ratio < 0.8 and a < 0)
+            assert bool(high[i, t]) == (ratio > 1.28 and a > 0)
+
+
+def test_first_on_policy_iteration_ratio_is_one_and_loss_is_unclipped():
+    logp = (torch.randn(4, 6) * 2).requires_grad_()
+    adv = torch.randn(4)
+    loss, low, high = clipped_surrogate(logp, logp.detach(), adv, 0.2, 0.2)
+    assert torch.equal(loss, -adv[:, None].expand(4, 6))
+    assert not low.any() and not high.any()
+    loss.sum().backward()
+    # the gradient of the surrogate at ratio 1 is the policy gradient -A * d logp
+    assert torch.allclose(logp.grad, -adv[:, None].expand(4, 6))
+
+
+def test_clipped_tokens_have_no_gradient():
+    logp = torch.tensor([[math.log(1.5)]], requires_grad=True)
+    loss, _, high = clipped_surrogate(logp, torch.zeros(1, 1), torch.tensor([1.0]), 0.2, 0.2)
+    loss.sum().backward()
+    assert high.item() and loss.item() == pytest.approx(-1.2) and logp.grad.item() == 0.0
+
+
+def naive_aggregate(loss, lengths, loss_type, max_len):
+    n = len(lengths)
+    if loss_type == "grpo":
+        return sum(sum(loss[i][:lengths[i]]) / lengths[i] for i in range(n)) / n
+    if loss_type == "dapo":
+        return sum(sum(loss[i][:lengths[i]]) for i in range(n)) / sum(lengths)
+    return sum(sum(loss[i][:lengths[i]]) for i in range(n)) / (n * max_len)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_token_loss_weights_match_naive_aggregation(loss_type):
+    lengths = [3, 1, 5, 2]
+    mask = torch.zeros(4, 5, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    loss = torch.randn(4, 5, dtype=torch.float64)
+    got = (token_loss_weights(mask, loss_type, 8).double() * loss).sum().item()
+    assert got == pytest.approx(naive_aggregate(loss.tolist(), lengths, loss_type, 8), rel=1e-6)
+
+
+def test_token_loss_weights_hand_worked():
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    assert token_loss_weights(mask, "grpo").tolist() == [[0.25, 0.25], [0.5, 0.0]]
+    assert token_loss_weights(mask, "dapo").flatten().tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0])
+
+
+def test_masked_mean_ignores_masked_values():
+    values = torch.tensor([[1.0, 2.0, 100.0]])
+    assert masked_mean(values, torch.tensor([[1, 1, 0]])).item() == 1.5
