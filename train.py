@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
@@ -37,9 +38,11 @@ from e2h_min.config import Config, UserError, exit_on_user_error, parse_config, 
 from e2h_min.curriculum import LevelSampler
 from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, score_rollout
 from e2h_min.logprobs import completion_logprobs, pack_sequences
-from e2h_min.losses import clipped_surrogate, compute_advantages, kl_penalty, masked_mean, token_loss_weights
-from e2h_min.models import frozen_copy, load_model, load_tokenizer, pick_device, resolve_model_name
+from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
+                            sequence_kl, token_loss_weights, whiten)
+from e2h_min.models import ValueHead, frozen_copy, load_model, load_tokenizer, pick_device, resolve_model_name
 from e2h_min.rollout import StopChecker, generate
+from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
 
 
@@ -60,11 +63,14 @@ def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
 
 
 def policy_update(policy, reference, optimizer, prompt_ids, completions, advantages, sampler_logprobs, cfg,
-                  device, autocast) -> dict:
-    """num_iterations clipped-surrogate steps on one rollout batch (GRPO, spec section 5).
+                  device, autocast, value_head=None) -> dict:
+    """num_iterations clipped-surrogate steps on one rollout batch.
 
-    prompt_ids / completions: N token lists; advantages [N]; sampler_logprobs: N lists of per-token log-probs.
-    Loss per token: -min(rho A, clip(rho) A) + beta * KL_k(pi || pi_ref), weighted by token_loss_weights.
+    prompt_ids / completions: N token lists; sampler_logprobs: N lists of per-token log-probs from the sampler.
+    advantages [N]: one per sequence (grpo, dr_grpo, rloo), or, with --advantage ppo, the sequence rewards [N],
+    turned here into per-token GAE advantages with the value head.
+    Loss per token: -min(rho A, clip(rho) A) [+ beta * KL_k(pi || pi_ref)] [+ vf_coef * value loss], weighted by
+    token_loss_weights, which are fixed for the whole step so the micro-batch size cannot change the gradient.
     """
     n = len(completions)
     width = max(1, max(len(c) for c in completions))
@@ -73,55 +79,92 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
         mask[i, :len(c)] = True
     weights = token_loss_weights(mask, cfg.loss_type, cfg.max_new_tokens)  # [N, T], fixed for the whole step
     batches = micro_batches([len(p) + len(c) for p, c in zip(prompt_ids, completions)], cfg.micro_batch_size)
+    # Packed once, reused by every iteration. The pad id is arbitrary: masks come from lengths.
+    packed = [{k: v.to(device) for k, v in pack_sequences([prompt_ids[i] for i in rows],
+                                                          [completions[i] for i in rows], pad_id=0).items()}
+              for rows in batches]
     eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
-    old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log-probs before any update (pi_old)
+    kl_in_loss = reference is not None and not cfg.kl_in_reward
+    old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old (before any update of this step)
+    ref_logprobs: dict[int, torch.Tensor] = {}  # the reference is frozen: computed once, reused by iterations
     stats = defaultdict(float)
+
+    if cfg.advantage == "ppo":  # GAE needs V_old at every token before the first gradient step
+        old_values = torch.zeros((n, width), device=device)
+        token_rewards = torch.zeros((n, width), device=device)
+        with torch.no_grad(), autocast():
+            for b, (rows, batch) in enumerate(zip(batches, packed)):
+                logp, _, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True)
+                old_logprobs[b] = logp
+                old_values[rows, :logp.shape[1]] = value_head(hidden) * batch["completion_mask"]
+                if cfg.kl_in_reward and reference is not None:  # per-token penalty -beta * k1
+                    ref_logprobs[b], _ = completion_logprobs(reference, batch, cfg.temperature)
+                    token_rewards[rows, :logp.shape[1]] -= cfg.beta * kl_penalty(logp, ref_logprobs[b], "k1") \
+                        * batch["completion_mask"]
+        lengths = mask.sum(-1).to(device)
+        token_rewards[torch.arange(n, device=device), lengths - 1] += advantages.to(device)  # verifier reward
+        gae, returns = gae_advantages(token_rewards, old_values, mask.to(device), cfg.gamma, cfg.lam)
+        token_advantages = whiten(gae, mask.to(device))
+        residual = (returns - old_values)[mask.to(device)]
+        stats["explained_variance"] = float(1 - residual.var() / returns[mask.to(device)].var().clamp(min=1e-8))
+
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for b, rows in enumerate(batches):
-            batch = pack_sequences([prompt_ids[i] for i in rows], [completions[i] for i in rows],
-                                   pad_id=0)
-            batch = {k: v.to(device) for k, v in batch.items()}
+        last = iteration == cfg.num_iterations - 1
+        for b, (rows, batch) in enumerate(zip(batches, packed)):
             tokens = batch["completion_mask"]
             t_mb = tokens.shape[1]
             with autocast():
-                logp, entropy = completion_logprobs(policy, batch, cfg.temperature)  # [b, T]
-            if iteration == 0:
-                old_logprobs[b] = logp.detach()
-            old = old_logprobs[b]
-            adv = advantages[rows].to(device)
-            loss_tok, clip_low, clip_high = clipped_surrogate(logp, old, adv, cfg.epsilon, eps_high)
-            if reference is not None:
-                with torch.no_grad(), autocast():
-                    ref_logp, _ = completion_logprobs(reference, batch, cfg.temperature)
-                kl = kl_penalty(logp, ref_logp, cfg.kl_estimator)
+                logp, entropy, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True)
+            old = old_logprobs.setdefault(b, logp.detach())  # first pass: ratio exactly 1
+            if cfg.advantage == "ppo":
+                adv = token_advantages[rows, :t_mb]
+            else:
+                adv = advantages[rows].to(device)
+            loss_tok, flags = clipped_surrogate(logp, old, adv, cfg.epsilon, eps_high, tokens,
+                                                cfg.importance_sampling_level)
+            if kl_in_loss:
+                if b not in ref_logprobs:
+                    with torch.no_grad(), autocast():
+                        ref_logprobs[b], _ = completion_logprobs(reference, batch, cfg.temperature)
+                kl = kl_penalty(logp, ref_logprobs[b], cfg.kl_estimator)
                 loss_tok = loss_tok + cfg.beta * kl
-                stats["kl"] += float((kl.detach() * tokens).sum())
-            w = weights[rows, :t_mb].to(device)
-            loss = (loss_tok * w).sum()
+                if last:
+                    stats["kl"] += float((kl.detach() * tokens).sum())
+            if cfg.advantage == "ppo":
+                with autocast():
+                    values = value_head(hidden)
+                value_loss = clipped_value_loss(values, old_values[rows, :t_mb], returns[rows, :t_mb],
+                                                cfg.cliprange_value)
+                loss_tok = loss_tok + cfg.vf_coef * value_loss
+                if last:
+                    stats["value_loss"] += float((value_loss.detach() * tokens).sum())
+            loss = (loss_tok * weights[rows, :t_mb].to(device)).sum()
             loss.backward()
-            if iteration == cfg.num_iterations - 1:  # diagnostics of the last pass, as token sums
+            if last:  # diagnostics of the last pass, accumulated as token sums
                 stats["loss"] += float(loss.detach())
                 stats["tokens"] += float(tokens.sum())
                 stats["entropy"] += float((entropy * tokens).sum())
-                stats["clip_low"] += float((clip_low & tokens).sum())
-                stats["clip_high"] += float((clip_high & tokens).sum())
-                d = (old - logp.detach())
+                for name, flag in flags.items():
+                    stats[f"clip_ratio/{name}"] += float((flag & tokens).sum())
+                d = old - logp.detach()  # approx KL(pi_old || pi) = E[(rho - 1) - log rho]
                 stats["approx_kl_old"] += float(((torch.exp(-d) + d - 1.0) * tokens).sum())
-                if iteration == 0:
-                    sampled = torch.zeros_like(old)
-                    for j, i in enumerate(rows):
-                        sampled[j, :len(sampler_logprobs[i])] = torch.tensor(sampler_logprobs[i], device=device)
-                    stats["logprob_mismatch"] += float(((sampled - old).abs() * tokens).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
-                                                   cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                if reference is not None and b in ref_logprobs:
+                    stats["kl_reference"] += float((kl_penalty(logp.detach(), ref_logprobs[b], "k3") * tokens).sum())
+                sampled = torch.zeros_like(old)
+                for j, i in enumerate(rows):
+                    sampled[j, :len(sampler_logprobs[i])] = torch.tensor(sampler_logprobs[i], device=device)
+                stats["logprob_mismatch"] += float(((sampled - old).abs() * tokens).sum())
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         optimizer.step()
     tokens = max(stats.pop("tokens"), 1.0)
     out = {"loss": stats.pop("loss"), "grad_norm": float(grad_norm)}
+    if "explained_variance" in stats:
+        out["explained_variance"] = stats.pop("explained_variance")
     out.update({k: v / tokens for k, v in stats.items()})
-    if reference is not None:
-        out["kl"] = stats["kl"] / tokens / cfg.num_iterations
-    out["clip_ratio"] = out["clip_low"] + out["clip_high"]
+    out["clip_ratio"] = out["clip_ratio/clipped_low"] + out["clip_ratio/clipped_high"]
+    out.setdefault("kl", out.get("kl_reference", 0.0))
     return out
 
 
@@ -154,7 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
     reference = None
     if cfg.beta > 0:  # the reference is the initial policy; on resume it is reloaded from --model
         reference = frozen_copy(load_model(cfg.model, device, trainable=False) if resume_from else policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    value_head = None
+    if cfg.advantage == "ppo":  # the critic reads the policy trunk's hidden states (see models.ValueHead)
+        value_head = ValueHead(policy.config.hidden_size).to(device)
+        if resume_from:
+            value_head.load_state_dict(load_file(resume_from / "value_head.safetensors", device=str(device)))
+    trainable = list(policy.parameters()) + (list(value_head.parameters()) if value_head else [])
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
     sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
     stop_checker = StopChecker(tokenizer, [cfg.stop], device)
@@ -189,7 +238,21 @@ def main(argv: list[str] | None = None) -> dict:
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, step, policy, tokenizer, optimizer, scheduler,
                         {"config": dataclasses.asdict(cfg), "sampler": sampler.state_dict()}, generator,
-                        keep=cfg.keep_checkpoints)
+                        keep=cfg.keep_checkpoints, extra_modules={"value_head": value_head} if value_head else None)
+
+    def collect(problems) -> StepSamples:
+        """Roll out G samples for each problem in one batched decode and score them (rewards in float64)."""
+        prompt_ids = encode_prompts(tokenizer, task, problems)
+        policy.eval()
+        with autocast():
+            rollout = generate(policy, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,
+                               temperature=cfg.temperature, generator=generator)
+        policy.train()
+        texts, rewards = score_rollout(task, problems, tokenizer, rollout)
+        completions = rollout.completion_token_lists()
+        return StepSamples(G, [p for p in problems for _ in range(G)], [p for p in prompt_ids for _ in range(G)],
+                           completions, [lp[:len(c)].tolist() for lp, c in zip(rollout.logprobs, completions)],
+                           texts, rewards, rollout.finished.numpy())
 
     first_eval = run_eval(start_step) if start_step == 0 else None
     # ---------------------------------------------------------------- the loop
@@ -198,58 +261,78 @@ def main(argv: list[str] | None = None) -> dict:
         # 1. curriculum: p_t over levels, then each prompt slot's level and problem
         level_p = sampler.probs(step)
         problems = sampler.sample(step, cfg.prompts_per_step)
-        levels = np.repeat([p.level for p in problems], G)  # level of each of the N = P * G samples
 
-        # 2. rollout: all prompts x G samples in one batched decode
+        # 2. rollout and rewards; --dynamic-sampling redraws prompts (same p_t) until every group is informative
         t0 = time.perf_counter()
-        policy.eval()
-        prompt_ids = encode_prompts(tokenizer, task, problems)
-        with autocast():
-            rollout = generate(policy, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,
-                               temperature=cfg.temperature, generator=generator)
-        policy.train()
+        samples = collect(problems)
+        rounds = 0
+        while (cfg.dynamic_sampling and len(samples.informative_groups()) < cfg.prompts_per_step
+               and rounds < cfg.max_resample_rounds):
+            missing = cfg.prompts_per_step - len(samples.informative_groups())
+            samples, rounds = samples.concat(collect(sampler.sample(step, missing))), rounds + 1
+        informative = samples.informative_groups()
+        frac_zero_std = 1.0 - len(informative) / samples.num_groups  # over every group sampled this step
+        if cfg.dynamic_sampling:  # informative groups first, topped up with the others if retries ran out
+            rest = [g for g in range(samples.num_groups) if g not in set(informative)]
+            samples = samples.select(samples.group_rows(sorted((informative + rest)[:cfg.prompts_per_step])))
         rollout_seconds = time.perf_counter() - t0
 
-        # 3. rewards (float64) and group-relative advantages
-        texts, rewards = score_rollout(task, problems, tokenizer, rollout)
-        rewards_t = torch.tensor(rewards, dtype=torch.float64)
-        advantages = compute_advantages(cfg.advantage, rewards_t, G, cfg.scale_rewards).float()
-        sampler.update({int(k): float(advantages[torch.from_numpy(levels == k)].abs().mean())
-                        for k in set(levels.tolist())})
+        # 3. advantages (group-relative; ppo gets the raw rewards and builds per-token GAE in the update)
+        rewards = torch.tensor(samples.rewards, dtype=torch.float64)
+        sequence_kl_values = None
+        if cfg.kl_in_reward and reference is not None and cfg.advantage != "ppo":
+            sequence_kl_values = reference_sequence_kl(reference, samples, cfg, device, autocast)
+            rewards = rewards - cfg.beta * sequence_kl_values
+        group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, rewards, G,
+                                       cfg.scale_rewards)
+        advantages = (rewards if cfg.advantage == "ppo" else group_adv).float()
+        levels = samples.levels
+        sampler.update({int(k): float(group_adv[torch.from_numpy(levels == k)].abs().mean()) for k in set(levels)})
 
-        # 4. policy update
+        # 4. policy update, on the samples that train (--drop-zero-std, --mask-truncated leave some out)
         t1 = time.perf_counter()
-        completions = rollout.completion_token_lists()
-        sampler_logprobs = [lp[:len(c)].tolist() for lp, c in zip(rollout.logprobs, completions)]
-        update = policy_update(policy, reference, optimizer, [prompt_ids[i // G] for i in range(len(completions))],
-                               completions, advantages, sampler_logprobs, cfg, device, autocast)
+        train_rows = np.ones(len(levels), dtype=bool)
+        if cfg.drop_zero_std:
+            train_rows &= np.isin(np.arange(len(levels)) // G, samples.informative_groups())
+        if cfg.mask_truncated:
+            train_rows &= samples.finished
+        rows = np.flatnonzero(train_rows).tolist()
+        update = {}
+        if rows:
+            kept = samples.select(rows)
+            update = policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions,
+                                   advantages[rows], kept.sampler_logprobs, cfg, device, autocast, value_head)
         scheduler.step()
         update_seconds = time.perf_counter() - t1
 
         # 5. log: one JSON line per step, one console line
+        rewards = samples.rewards
         correct = np.array([task.is_correct(r) for r in rewards])
-        lengths = rollout.lengths.numpy()
+        lengths = np.array([len(c) for c in samples.completions])
         row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], **update,
                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                "accuracy": float(correct.mean()), "level_probs": [round(p, 6) for p in level_p],
                "level_counts": [int((levels == k).sum() // G) for k in range(task.num_levels)],
                "completion_length_mean": float(lengths.mean()),
-               "clipped_ratio": float((~rollout.finished).float().mean()),
-               "frac_reward_zero_std": float((rewards.reshape(-1, G).std(axis=1) == 0).mean()),
+               "clipped_ratio": float((~samples.finished).mean()),
+               "frac_reward_zero_std": frac_zero_std, "resample_rounds": rounds,
+               "trained_fraction": len(rows) / len(levels),
                "rollout_seconds": rollout_seconds, "update_seconds": update_seconds,
                "tokens_per_second": float(lengths.sum() / rollout_seconds)}
+        if sequence_kl_values is not None:  # per-token mean, comparable with the in-loss KL metric
+            row["kl"] = float(sequence_kl_values.sum() / max(1, lengths.sum()))
         for k in sorted(set(levels.tolist())):
             row[f"reward/{names[k]}"] = float(rewards[levels == k].mean())
             row[f"accuracy/{names[k]}"] = float(correct[levels == k].mean())
         append_jsonl(run_dir / "metrics.jsonl", row)
         if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
-            log_completions(run_dir, step + 1, problems, texts, rewards, G)
+            log_completions(run_dir, step + 1, samples)
         histogram = Counter(int(k) for k in levels[::G])
         tqdm.write(f"step {step + 1:4d} | reward {row['reward_mean']:.3f} | acc "
                    + " ".join(f"{names[k]} {row[f'accuracy/{names[k]}']:.2f}" for k in sorted(histogram))
                    + f" | levels {dict(sorted(histogram.items()))} | kl {row.get('kl', 0):.4f} | clip "
-                   f"{row['clip_ratio']:.3f} | ent {row['entropy']:.2f} | len {row['completion_length_mean']:.1f}"
-                   f" | {row['tokens_per_second']:.0f} tok/s")
+                   f"{row.get('clip_ratio', 0):.3f} | ent {row.get('entropy', 0):.2f} | "
+                   f"len {row['completion_length_mean']:.1f} | {row['tokens_per_second']:.0f} tok/s")
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
 
         # 6. periodic evaluation and checkpoint
@@ -299,15 +382,33 @@ def truncate_jsonl(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def log_completions(run_dir: Path, step: int, problems, texts, rewards, group_size: int, per_level: int = 2) -> None:
-    """A few sampled completions per level drawn this step (first sample of each chosen prompt)."""
+def log_completions(run_dir: Path, step: int, samples: StepSamples, per_level: int = 2) -> None:
+    """A few sampled completions per level drawn this step (the first sample of each chosen prompt)."""
     seen = Counter()
-    for i, problem in enumerate(problems):
+    for i in range(0, len(samples.problems), samples.group_size):
+        problem = samples.problems[i]
         if seen[problem.level] < per_level:
             seen[problem.level] += 1
             append_jsonl(run_dir / "completions.jsonl", {
                 "step": step, "level": problem.level, "prompt": problem.user_prompt,
-                "completion": texts[i * group_size], "reward": float(rewards[i * group_size])})
+                "completion": samples.texts[i], "reward": float(samples.rewards[i])})
+
+
+@torch.no_grad()
+def reference_sequence_kl(reference, samples: StepSamples, cfg: Config, device, autocast) -> torch.Tensor:
+    """sum_t KL_t(pi || pi_ref) per sample [N] (float64), from the sampler's log-probs, for --kl-in-reward."""
+    out = torch.zeros(len(samples.completions), dtype=torch.float64)
+    lengths = [len(p) + len(c) for p, c in zip(samples.prompt_ids, samples.completions)]
+    for rows in micro_batches(lengths, cfg.micro_batch_size):
+        batch = {k: v.to(device) for k, v in pack_sequences([samples.prompt_ids[i] for i in rows],
+                                                            [samples.completions[i] for i in rows], 0).items()}
+        with autocast():
+            ref, _ = completion_logprobs(reference, batch, cfg.temperature)
+        logp = torch.zeros_like(ref)
+        for j, i in enumerate(rows):
+            logp[j, :len(samples.sampler_logprobs[i])] = torch.tensor(samples.sampler_logprobs[i], device=device)
+        out[rows] = sequence_kl(logp, ref, batch["completion_mask"], cfg.kl_estimator).double().cpu()
+    return out
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -62,10 +63,11 @@ def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict,
-                    generator: torch.Generator | None, keep: int = 2) -> Path:
+                    generator: torch.Generator | None, keep: int = 2, extra_modules: dict | None = None) -> Path:
     """Write checkpoints/step_{step:06d} atomically; keep the newest `keep` checkpoints. Returns its path.
 
-    `step` is the number of optimizer steps completed; trainer_state must be JSON-serialisable (config, sampler).
+    `step` is the number of optimizer steps completed; trainer_state must be JSON-serialisable (config, sampler);
+    extra_modules (name -> nn.Module, e.g. the PPO value head) are saved as NAME.safetensors.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -75,6 +77,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
         shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    for name, module in (extra_modules or {}).items():
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     torch.save(rng_state(generator), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))

@@ -26,7 +26,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 SCHEDULES = ("classic", "balanced", "cosine", "cosine_literal", "gaussian", "hard", "sec")
-ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "ppo")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -67,6 +67,17 @@ class Config:
     advantage: str = _f("grpo", f"advantage estimator: {', '.join(ADVANTAGES)}")
     scale_rewards: str = _f("group", "grpo advantage scale: group std, batch std, or none")
     loss_type: str = _f("grpo", f"loss aggregation: {', '.join(LOSS_TYPES)}")
+    importance_sampling_level: str = _f("token", "importance ratio per token (PPO/GRPO) or per sequence (GSPO)")
+    kl_in_reward: bool = _f(False, "subtract beta * KL from the reward instead of adding it to the loss")
+    drop_zero_std: bool = _f(False, "leave groups whose rewards are all equal out of the loss")
+    dynamic_sampling: bool = _f(False, "draw extra prompts (same curriculum step) until every group is informative")
+    max_resample_rounds: int = _f(4, "dynamic sampling: at most this many extra draws per step")
+    mask_truncated: bool = _f(False, "leave completions that hit max_new_tokens out of the loss")
+    # --- PPO with a value head (--advantage ppo) ---
+    gamma: float = _f(1.0, "ppo: discount of GAE")
+    lam: float = _f(0.95, "ppo: GAE lambda")
+    vf_coef: float = _f(0.1, "ppo: weight of the value loss")
+    cliprange_value: float = _f(0.2, "ppo: clip range of the value update around the old values")
     micro_batch_size: int = _f(16, "sequences per forward/backward pass (gradients do not depend on it)")
     # --- evaluation, logging, checkpoints ---
     eval_every: int = _f(100, "greedy held-out evaluation every N steps (0 = only at start and end)")
@@ -103,8 +114,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         kind = _base_type(f)
         spellings = [_flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
-        parser.add_argument(*spellings, dest=f.name, type=_parse_value(kind), metavar=kind.__name__.upper(),
-                            help=f"{f.metadata['help']} (default: {f.default})")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:  # --flag / --no-flag
+            parser.add_argument(*spellings, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(*spellings, dest=f.name, type=_parse_value(kind), metavar=kind.__name__.upper(),
+                                help=help_text)
     return parser
 
 
@@ -117,7 +132,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 
 def _base_type(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "str": str}[str(f.type).removeprefix("Optional[").rstrip("]")]
+    return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type).removeprefix("Optional[").rstrip("]")]
 
 
 def _parse_value(kind: type):
@@ -175,6 +190,10 @@ def validate(cfg: Config) -> None:
     need(cfg.num_iterations >= 1, "--num-iterations must be >= 1")
     need(cfg.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 disables clipping)")
     need(cfg.sigma > 0, "--sigma must be > 0")
+    need(cfg.importance_sampling_level in ("token", "sequence"), "--importance-sampling-level must be token or sequence")
+    need(cfg.max_resample_rounds >= 0, "--max-resample-rounds must be >= 0")
+    need(0 < cfg.gamma <= 1 and 0 <= cfg.lam <= 1, "--gamma must be in (0, 1] and --lam in [0, 1]")
+    need(cfg.vf_coef >= 0 and cfg.cliprange_value > 0, "--vf-coef must be >= 0 and --cliprange-value > 0")
     need(cfg.sec_temperature > 0, "--sec-temperature must be > 0")
     need(0 < cfg.sec_ema <= 1, "--sec-ema must be in (0, 1]")
     need(cfg.schedule_beta >= 0, "--schedule-beta must be >= 0")

@@ -52,13 +52,14 @@ def _chunk_logprobs_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     return logp, entropy
 
 
-def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, chunk_rows: int = 1024
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, chunk_rows: int = 1024,
+                        return_hidden: bool = False):
     """log pi(o_t | q, o_<t) / T-scaled, and the true entropy of pi at each completion position.
 
     batch: from `pack_sequences`, already on the model's device. Returns (logp [B, T], entropy [B, T]), zeros at
-    padding. The temperature must be the sampling temperature, otherwise the importance ratio compares two
-    different distributions. `chunk_rows` completion positions go through the LM head at a time.
+    padding, plus with return_hidden the trunk's hidden state at each of those positions [B, T, H] (the state a
+    value head reads). The temperature must be the sampling temperature, otherwise the importance ratio compares
+    two different distributions. `chunk_rows` completion positions go through the LM head at a time.
     """
     trunk = model.get_decoder()
     head = model.get_output_embeddings()
@@ -81,4 +82,4 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: floa
     mask = batch["completion_mask"]
     logp = torch.cat(logps).view_as(index) * mask
     entropy = torch.cat(entropies).view_as(index) * mask
-    return logp, entropy
+    return (logp, entropy, picked) if return_hidden else (logp, entropy)

@@ -68,23 +68,93 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
 
 
+def importance_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str = "token"
+                         ) -> torch.Tensor:
+    """log rho per token [N, T]: token level (PPO/GRPO) log pi - log pi_old; sequence level (GSPO, Zheng et al.
+    2025) the length-normalised sequence log-ratio (1/|o_i|) sum_t (log pi - log pi_old), shared by all its tokens.
+
+    Example: token log-ratios [[.2, .4]] with both tokens real -> sequence level [[.3, .3]].
+    """
+    log_ratio = logp - old_logp
+    if level == "token":
+        return log_ratio
+    if level == "sequence":
+        m = mask.to(log_ratio.dtype)
+        per_seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        return per_seq.expand_as(log_ratio)
+    raise ValueError(f"unknown importance sampling level {level!r}; use token or sequence")
+
+
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
-                      epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      epsilon_high: float, mask: torch.Tensor | None = None, level: str = "token"
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped objective as a per-token loss: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A).
 
-    rho = exp(logp - old_logp). logp, old_logp [N, T]; advantages [N] (one per sequence, broadcast over tokens).
-    Returns (loss [N, T], clipped_low [N, T] bool, clipped_high [N, T] bool): clipped_low marks tokens where the
-    clipped branch was taken because rho < 1 - eps with A < 0, clipped_high where rho > 1 + eps with A > 0; there
-    the gradient is zero. Example: rho = 1.5, A = 1, eps .2 -> loss = -1.2, clipped_high.
+    rho = exp(importance_log_ratio(...)). logp, old_logp [N, T]; advantages [N] (one per sequence, GRPO; broadcast
+    over tokens) or [N, T] (per token, PPO with GAE). Returns (loss [N, T], flags) where flags holds bool [N, T]
+    masks: clipped_low (rho < 1 - eps with A < 0: clipped branch taken, zero gradient), clipped_high (rho > 1 + eps
+    with A > 0), and region (rho outside [1 - eps_low, 1 + eps_high], whatever the sign of A).
+    Example: rho = 1.5, A = 1, eps .2 -> loss = -1.2, clipped_high.
     """
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None]
+    if mask is None:
+        mask = torch.ones_like(logp, dtype=torch.bool)
+    ratio = torch.exp(importance_log_ratio(logp, old_logp, mask, level))
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
     loss = -torch.minimum(unclipped, clipped)
-    clipped_low = (ratio < 1.0 - epsilon_low) & (adv < 0)
-    clipped_high = (ratio > 1.0 + epsilon_high) & (adv > 0)
-    return loss, clipped_low, clipped_high
+    flags = {"clipped_low": (ratio < 1.0 - epsilon_low) & (adv < 0),
+             "clipped_high": (ratio > 1.0 + epsilon_high) & (adv > 0),
+             "region": (ratio < 1.0 - epsilon_low) | (ratio > 1.0 + epsilon_high)}
+    return loss, flags
+
+
+def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k1"
+                ) -> torch.Tensor:
+    """Per-sequence KL estimate sum_t KL_t [N], for --kl-in-reward: r_i <- r_i - beta * sequence_kl_i."""
+    return (kl_penalty(logp, ref_logp, estimator) * mask.to(logp.dtype)).sum(-1)
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016) per completion token.
+
+    rewards, values, mask [N, T]: rewards are per token (the verifier's reward on the last real token, plus any
+    per-token penalty), values V(s_t) from the critic, mask True on real tokens (right-padded).
+    delta_t = r_t + gamma V_{t+1} - V_t (V past the last real token is 0);
+    A_t = delta_t + gamma lam A_{t+1}; returns R_t = A_t + V_t. Returns (advantages [N, T], returns [N, T]),
+    zero at padding.
+    Example: one sequence of 2 tokens, r = [0, 1], V = [.5, .5], gamma = lam = 1:
+             delta = [0 + .5 - .5, 1 - .5] = [0, .5] -> A = [.5, .5], R = [1, 1].
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * m[:, t]
+        next_value, next_advantage = values[:, t], advantages[:, t]
+    return advantages, (advantages + values) * m
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (PPO's per-batch advantage normalisation); 0 at padding."""
+    m = mask.to(values.dtype)
+    mean = (values * m).sum() / m.sum().clamp(min=1.0)
+    var = (((values - mean) * m) ** 2).sum() / m.sum().clamp(min=1.0)
+    return (values - mean) * torch.rsqrt(var + eps) * m
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+                       ) -> torch.Tensor:
+    """PPO's clipped value loss per token: 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2).
+
+    values, old_values, returns [N, T] -> [N, T]. Example: V = 1, V_old = 0, R = 1, c = .2 -> .5 max(0, .64) = .32.
+    """
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
 def token_loss_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None

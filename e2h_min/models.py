@@ -76,6 +76,24 @@ def load_model(name: str, device: torch.device, trainable: bool = True):
     return model
 
 
+class ValueHead(torch.nn.Module):
+    """PPO's critic: a linear map from the policy trunk's hidden state to V(s_t), zero-initialised (V = 0 at start).
+
+    It shares the policy's trunk, so values cost no extra forward pass: they are read from the same hidden states
+    as the log-probs. The price is that value gradients also shape the trunk; --vf-coef keeps them small.
+    hidden [B, T, H] -> values [B, T] (float32).
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.score.weight)
+        torch.nn.init.zeros_(self.score.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
+
+
 def frozen_copy(model):
     """The reference policy: a frozen, eval-mode deep copy of the initial model (never updated)."""
     reference = copy.deepcopy(model)

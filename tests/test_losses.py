@@ -6,7 +6,8 @@ import statistics
 import pytest
 import torch
 
-from e2h_min.losses import (clipped_surrogate, compute_advantages, group_advantages, kl_penalty, masked_mean,
+from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages,
+                            group_advantages, importance_log_ratio, kl_penalty, masked_mean, sequence_kl, whiten,
                             rloo_advantages, token_loss_weights)
 
 torch.manual_seed(0)
@@ -98,7 +99,8 @@ def test_clipped_surrogate_matches_naive_loop():
     logp = torch.randn(6, 5) * 0.3
     old = torch.randn(6, 5) * 0.3
     adv = torch.tensor([1.0, -1.0, 0.5, -0.3, 2.0, 0.0])
-    loss, low, high = clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    loss, flags = clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    low, high = flags["clipped_low"], flags["clipped_high"]
     for i in range(6):
         for t in range(5):
             ratio = math.exp(logp[i, t].item() - old[i, t].item())
@@ -112,7 +114,8 @@ def test_clipped_surrogate_matches_naive_loop():
 def test_first_on_policy_iteration_ratio_is_one_and_loss_is_unclipped():
     logp = (torch.randn(4, 6) * 2).requires_grad_()
     adv = torch.randn(4)
-    loss, low, high = clipped_surrogate(logp, logp.detach(), adv, 0.2, 0.2)
+    loss, flags = clipped_surrogate(logp, logp.detach(), adv, 0.2, 0.2)
+    low, high = flags["clipped_low"], flags["clipped_high"]
     assert torch.equal(loss, -adv[:, None].expand(4, 6))
     assert not low.any() and not high.any()
     loss.sum().backward()
@@ -122,7 +125,8 @@ def test_first_on_policy_iteration_ratio_is_one_and_loss_is_unclipped():
 
 def test_clipped_tokens_have_no_gradient():
     logp = torch.tensor([[math.log(1.5)]], requires_grad=True)
-    loss, _, high = clipped_surrogate(logp, torch.zeros(1, 1), torch.tensor([1.0]), 0.2, 0.2)
+    loss, flags = clipped_surrogate(logp, torch.zeros(1, 1), torch.tensor([1.0]), 0.2, 0.2)
+    high = flags["clipped_high"]
     loss.sum().backward()
     assert high.item() and loss.item() == pytest.approx(-1.2) and logp.grad.item() == 0.0
 
@@ -156,3 +160,76 @@ def test_token_loss_weights_hand_worked():
 def test_masked_mean_ignores_masked_values():
     values = torch.tensor([[1.0, 2.0, 100.0]])
     assert masked_mean(values, torch.tensor([[1, 1, 0]])).item() == 1.5
+
+
+def naive_gae(rewards, values, gamma, lam):
+    """Textbook GAE over one sequence, by the definition A_t = sum_l (gamma lam)^l delta_{t+l}."""
+    n = len(rewards)
+    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < n else 0.0) - values[t] for t in range(n)]
+    return [sum((gamma * lam) ** (l - t) * deltas[l] for l in range(t, n)) for t in range(n)]
+
+
+def test_gae_hand_worked_example():
+    adv, ret = gae_advantages(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[1, 1]]),
+                              gamma=1.0, lam=1.0)
+    assert adv.tolist() == [[0.5, 0.5]] and ret.tolist() == [[1.0, 1.0]]
+
+
+def test_gae_matches_naive_definition_with_padding():
+    lengths = [4, 2, 6]
+    rewards = torch.zeros(3, 6, dtype=torch.float64)
+    values = torch.randn(3, 6, dtype=torch.float64)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+        rewards[i, n - 1] = float(i) - 0.5  # the verifier's reward sits on the last real token
+        rewards[i, :n] -= 0.01  # a per-token penalty, as --kl-in-reward adds
+    adv, ret = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    for i, n in enumerate(lengths):
+        expected = naive_gae(rewards[i, :n].tolist(), values[i, :n].tolist(), 0.9, 0.8)
+        assert adv[i, :n].tolist() == pytest.approx(expected, abs=1e-12)
+        assert ret[i, :n].tolist() == pytest.approx([a + v for a, v in zip(expected, values[i, :n].tolist())])
+        assert torch.all(adv[i, n:] == 0) and torch.all(ret[i, n:] == 0)
+
+
+def test_clipped_value_loss_hand_worked_and_naive():
+    assert clipped_value_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0]), 0.2).item() == \
+        pytest.approx(0.32)
+    v, old, ret = torch.randn(50), torch.randn(50), torch.randn(50)
+    got = clipped_value_loss(v, old, ret, 0.3)
+    for i in range(50):
+        vc = old[i].item() + min(max(v[i].item() - old[i].item(), -0.3), 0.3)
+        assert got[i].item() == pytest.approx(0.5 * max((v[i].item() - ret[i].item()) ** 2,
+                                                        (vc - ret[i].item()) ** 2), rel=1e-5)
+
+
+def test_whiten_gives_zero_mean_unit_variance_on_real_tokens():
+    values = torch.randn(4, 5, dtype=torch.float64) * 3 + 2
+    mask = torch.rand(4, 5) > 0.3
+    out = whiten(values, mask)
+    assert out[mask].mean().abs() < 1e-9
+    assert (out[mask] ** 2).mean().item() == pytest.approx(1.0, rel=1e-6)
+    assert torch.all(out[~mask] == 0)
+
+
+def test_sequence_level_ratio_is_the_length_normalised_sequence_ratio():
+    logp = torch.tensor([[0.2, 0.4, 9.0]])
+    mask = torch.tensor([[True, True, False]])
+    log_ratio = importance_log_ratio(logp, torch.zeros(1, 3), mask, "sequence")
+    assert log_ratio[0, :2].tolist() == pytest.approx([0.3, 0.3])
+    loss, _ = clipped_surrogate(logp, torch.zeros(1, 3), torch.tensor([1.0]), 0.2, 0.2, mask, "sequence")
+    assert loss[0, 0].item() == pytest.approx(-min(math.exp(0.3), 1.2))
+
+
+def test_sequence_kl_sums_real_tokens_only():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-1.5, -2.0, 0.0]])
+    assert sequence_kl(logp, ref, torch.tensor([[1, 1, 0]]), "k1").item() == pytest.approx(0.5)
+
+
+def test_clip_region_flags_both_sides_regardless_of_advantage_sign():
+    logp = torch.log(torch.tensor([[0.5, 1.0, 1.5]]))
+    _, flags = clipped_surrogate(logp, torch.zeros(1, 3), torch.tensor([1.0]), 0.2, 0.2)
+    assert flags["region"].tolist() == [[True, False, True]]
+    assert flags["clipped_low"].tolist() == [[False, False, False]]  # A > 0: the low side is not clipped
+    assert flags["clipped_high"].tolist() == [[False, False, True]]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 import train
 from e2h_min.config import Config
 from e2h_min.logprobs import completion_logprobs, pack_sequences
-from e2h_min.models import TINY_MODEL_DIR, frozen_copy
+from e2h_min.models import TINY_MODEL_DIR, ValueHead, frozen_copy
 from e2h_min.rollout import generate
 
 requires_tiny = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),
@@ -81,31 +81,48 @@ def test_sampler_logprobs_equal_training_logprobs_at_the_sampling_temperature():
     assert not torch.allclose(at_one[mask], rollout.logprobs[mask], atol=1e-2)  # the trap: T=1 at training
 
 
-def run_update(micro_batch_size, loss_type, beta=0.05, num_iterations=1):
+def run_update(micro_batch_size, loss_type, beta=0.05, **overrides):
     """One policy_update with SGD(lr=1): the parameter change is exactly minus the accumulated gradient."""
     policy = random_model()
     reference = frozen_copy(random_model(seed=5)) if beta else None
+    value_head = None
+    if overrides.get("advantage") == "ppo":
+        torch.manual_seed(11)
+        value_head = ValueHead(policy.config.hidden_size)
+        torch.nn.init.normal_(value_head.score.weight, std=0.1)  # non-zero values, so GAE uses them
+    params = list(policy.parameters()) + (list(value_head.parameters()) if value_head else [])
     prompts, completions = sample_batch(n=8)
     advantages = torch.randn(8, generator=torch.Generator().manual_seed(3))
     cfg = Config(micro_batch_size=micro_batch_size, loss_type=loss_type, beta=beta, max_new_tokens=8,
-                 max_grad_norm=0.0, num_iterations=num_iterations, temperature=0.9)
-    before = [p.detach().clone() for p in policy.parameters()]
+                 max_grad_norm=0.0, temperature=0.9, **overrides)
+    before = [p.detach().clone() for p in params]
     sampler_lp = [[0.0] * len(c) for c in completions]
-    stats = train.policy_update(policy, reference, torch.optim.SGD(policy.parameters(), lr=1.0), prompts,
-                                completions, advantages, sampler_lp, cfg, torch.device("cpu"),
-                                lambda: torch.autocast("cpu", enabled=False))
-    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, policy.parameters())]), stats
+    stats = train.policy_update(policy, reference, torch.optim.SGD(params, lr=1.0), prompts, completions,
+                                advantages, sampler_lp, cfg, torch.device("cpu"),
+                                lambda: torch.autocast("cpu", enabled=False), value_head)
+    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)]), stats
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_gradients_do_not_depend_on_micro_batch_size(loss_type):
-    whole, stats_whole = run_update(8, loss_type)
+@pytest.mark.parametrize("loss_type, overrides", [
+    ("grpo", {}), ("dapo", {}), ("dr_grpo", {}),
+    ("grpo", {"importance_sampling_level": "sequence", "num_iterations": 2}),
+    ("dapo", {"advantage": "ppo"}),
+    ("grpo", {"advantage": "ppo", "kl_in_reward": True, "num_iterations": 2}),
+])
+def test_gradients_do_not_depend_on_micro_batch_size(loss_type, overrides):
+    whole, stats_whole = run_update(8, loss_type, **overrides)
     assert whole.abs().max() > 1e-4  # the update is not trivially zero
     for size in (1, 2):
-        part, stats = run_update(size, loss_type)
-        assert torch.allclose(part, whole, atol=1e-5), (loss_type, size)
+        part, stats = run_update(size, loss_type, **overrides)
+        assert torch.allclose(part, whole, atol=1e-5), (loss_type, overrides, size)
         assert stats["loss"] == pytest.approx(stats_whole["loss"], abs=1e-5)
-        assert stats["kl"] == pytest.approx(stats_whole["kl"], abs=1e-6)
+        assert stats["kl"] == pytest.approx(stats_whole["kl"], rel=1e-5, abs=1e-6)
+
+
+def test_ppo_update_trains_the_value_head_and_reports_its_diagnostics():
+    delta, stats = run_update(4, "grpo", advantage="ppo")
+    assert delta[-33:].abs().max() > 0  # value head weight (32) and bias (1) moved
+    assert {"value_loss", "explained_variance"} <= set(stats)
 
 
 def test_on_policy_update_has_ratio_one_no_clipping_and_zero_kl_to_itself():
