@@ -20,6 +20,7 @@ Design choices, in brief:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -36,11 +37,13 @@ from tqdm.auto import tqdm
 from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from e2h_min.config import Config, UserError, exit_on_user_error, parse_config, schedule_params
 from e2h_min.curriculum import LevelSampler
+from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed, sum_gradients
 from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, score_rollout
 from e2h_min.logprobs import completion_logprobs, pack_sequences
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
                             sequence_kl, token_loss_weights, whiten)
-from e2h_min.models import ValueHead, frozen_copy, load_model, load_tokenizer, pick_device, resolve_model_name
+from e2h_min.models import (ValueHead, apply_lora, frozen_copy, load_lora_checkpoint, load_model, load_tokenizer,
+                            lora_reference, pick_device, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
@@ -63,21 +66,25 @@ def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
 
 
 def policy_update(policy, reference, optimizer, prompt_ids, completions, advantages, sampler_logprobs, cfg,
-                  device, autocast, value_head=None) -> dict:
+                  device, autocast, value_head=None, dist_info: DistInfo = DistInfo()) -> dict:
     """num_iterations clipped-surrogate steps on one rollout batch.
 
-    prompt_ids / completions: N token lists; sampler_logprobs: N lists of per-token log-probs from the sampler.
-    advantages [N]: one per sequence (grpo, dr_grpo, rloo), or, with --advantage ppo, the sequence rewards [N],
-    turned here into per-token GAE advantages with the value head.
+    prompt_ids / completions: N token lists (this rank's samples); sampler_logprobs: N lists of per-token
+    log-probs from the sampler. advantages [N]: one per sequence (grpo, dr_grpo, rloo), or, with --advantage ppo,
+    the sequence rewards [N], turned here into per-token GAE advantages with the value head.
+    reference: a models.Reference or None (beta = 0).
     Loss per token: -min(rho A, clip(rho) A) [+ beta * KL_k(pi || pi_ref)] [+ vf_coef * value loss], weighted by
-    token_loss_weights, which are fixed for the whole step so the micro-batch size cannot change the gradient.
+    token_loss_weights, which are fixed for the whole step (global counts across ranks), so neither the
+    micro-batch size nor the number of ranks changes the gradient.
     """
     n = len(completions)
-    width = max(1, max(len(c) for c in completions))
+    width = max([1] + [len(c) for c in completions])
     mask = torch.zeros((n, width), dtype=torch.bool)
     for i, c in enumerate(completions):
         mask[i, :len(c)] = True
-    weights = token_loss_weights(mask, cfg.loss_type, cfg.max_new_tokens)  # [N, T], fixed for the whole step
+    reduce = lambda t: all_reduce_sum(t, dist_info)  # noqa: E731  (identity in a single process)
+    counts = reduce(torch.tensor([float(n), float(mask.sum())], device=device)).tolist()
+    weights = token_loss_weights(mask, cfg.loss_type, cfg.max_new_tokens, int(counts[0]), counts[1])  # [N, T]
     batches = micro_batches([len(p) + len(c) for p, c in zip(prompt_ids, completions)], cfg.micro_batch_size)
     # Packed once, reused by every iteration. The pad id is arbitrary: masks come from lengths.
     packed = [{k: v.to(device) for k, v in pack_sequences([prompt_ids[i] for i in rows],
@@ -87,27 +94,42 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
     kl_in_loss = reference is not None and not cfg.kl_in_reward
     old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old (before any update of this step)
     ref_logprobs: dict[int, torch.Tensor] = {}  # the reference is frozen: computed once, reused by iterations
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     stats = defaultdict(float)
+
+    def reference_logprobs(b: int, batch) -> torch.Tensor:
+        if b not in ref_logprobs:
+            with torch.no_grad(), autocast(), reference.context():
+                ref_logprobs[b], _ = completion_logprobs(reference.model, batch, cfg.temperature)
+        return ref_logprobs[b]
 
     if cfg.advantage == "ppo":  # GAE needs V_old at every token before the first gradient step
         old_values = torch.zeros((n, width), device=device)
         token_rewards = torch.zeros((n, width), device=device)
-        with torch.no_grad(), autocast():
+        with torch.no_grad():
             for b, (rows, batch) in enumerate(zip(batches, packed)):
-                logp, _, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True)
+                with autocast():
+                    logp, _, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True)
+                    old_values[rows, :logp.shape[1]] = value_head(hidden) * batch["completion_mask"]
                 old_logprobs[b] = logp
-                old_values[rows, :logp.shape[1]] = value_head(hidden) * batch["completion_mask"]
-                if cfg.kl_in_reward and reference is not None:  # per-token penalty -beta * k1
-                    ref_logprobs[b], _ = completion_logprobs(reference, batch, cfg.temperature)
-                    token_rewards[rows, :logp.shape[1]] -= cfg.beta * kl_penalty(logp, ref_logprobs[b], "k1") \
-                        * batch["completion_mask"]
-        lengths = mask.sum(-1).to(device)
-        token_rewards[torch.arange(n, device=device), lengths - 1] += advantages.to(device)  # verifier reward
-        gae, returns = gae_advantages(token_rewards, old_values, mask.to(device), cfg.gamma, cfg.lam)
-        token_advantages = whiten(gae, mask.to(device))
-        residual = (returns - old_values)[mask.to(device)]
-        stats["explained_variance"] = float(1 - residual.var() / returns[mask.to(device)].var().clamp(min=1e-8))
+                if cfg.kl_in_reward and reference is not None:  # per-token reward penalty -beta * k1
+                    k1 = kl_penalty(logp, reference_logprobs(b, batch), "k1") * batch["completion_mask"]
+                    token_rewards[rows, :logp.shape[1]] -= cfg.beta * k1
+        valid = mask.to(device)
+        if n:
+            lengths = mask.sum(-1).to(device)
+            token_rewards[torch.arange(n, device=device), lengths - 1] += advantages.to(device)  # verifier reward
+        gae, returns = gae_advantages(token_rewards, old_values, valid, cfg.gamma, cfg.lam)
+        token_advantages = whiten(gae, valid, reduce=reduce)
+        residual = (returns - old_values) * valid
+        moments = reduce(torch.stack([residual.sum(), (residual ** 2).sum(), (returns * valid).sum(),
+                                      (returns ** 2 * valid).sum(), valid.sum()]))
+        count = moments[4].clamp(min=1)
+        var_residual = moments[1] / count - (moments[0] / count) ** 2
+        var_returns = moments[3] / count - (moments[2] / count) ** 2
+        explained_variance = float(1 - var_residual / var_returns.clamp(min=1e-8))  # already global
 
+    skipped = 0
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         last = iteration == cfg.num_iterations - 1
@@ -117,17 +139,11 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
             with autocast():
                 logp, entropy, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True)
             old = old_logprobs.setdefault(b, logp.detach())  # first pass: ratio exactly 1
-            if cfg.advantage == "ppo":
-                adv = token_advantages[rows, :t_mb]
-            else:
-                adv = advantages[rows].to(device)
+            adv = token_advantages[rows, :t_mb] if cfg.advantage == "ppo" else advantages[rows].to(device)
             loss_tok, flags = clipped_surrogate(logp, old, adv, cfg.epsilon, eps_high, tokens,
                                                 cfg.importance_sampling_level)
             if kl_in_loss:
-                if b not in ref_logprobs:
-                    with torch.no_grad(), autocast():
-                        ref_logprobs[b], _ = completion_logprobs(reference, batch, cfg.temperature)
-                kl = kl_penalty(logp, ref_logprobs[b], cfg.kl_estimator)
+                kl = kl_penalty(logp, reference_logprobs(b, batch), cfg.kl_estimator)
                 loss_tok = loss_tok + cfg.beta * kl
                 if last:
                     stats["kl"] += float((kl.detach() * tokens).sum())
@@ -155,17 +171,53 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
                 for j, i in enumerate(rows):
                     sampled[j, :len(sampler_logprobs[i])] = torch.tensor(sampler_logprobs[i], device=device)
                 stats["logprob_mismatch"] += float(((sampled - old).abs() * tokens).sum())
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sum_gradients(params, dist_info)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-    tokens = max(stats.pop("tokens"), 1.0)
-    out = {"loss": stats.pop("loss"), "grad_norm": float(grad_norm)}
-    if "explained_variance" in stats:
-        out["explained_variance"] = stats.pop("explained_variance")
-    out.update({k: v / tokens for k, v in stats.items()})
-    out["clip_ratio"] = out["clip_ratio/clipped_low"] + out["clip_ratio/clipped_high"]
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # a NaN/inf gradient would poison the weights and Adam's moments: skip this step
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+    keys = sorted(stats)
+    totals = dict(zip(keys, reduce(torch.tensor([stats[k] for k in keys], device=device,
+                                                dtype=torch.float64)).tolist())) if keys else {}
+    tokens = max(totals.pop("tokens", 0.0), 1.0)
+    out = {"loss": totals.pop("loss", 0.0), "grad_norm": float(grad_norm), "skipped_updates": skipped}
+    if cfg.advantage == "ppo":
+        out["explained_variance"] = explained_variance
+    out.update({k: v / tokens for k, v in totals.items()})
+    out["clip_ratio"] = out.get("clip_ratio/clipped_low", 0.0) + out.get("clip_ratio/clipped_high", 0.0)
     out.setdefault("kl", out.get("kl_reference", 0.0))
     return out
+
+
+def build_models(cfg: Config, device, resume_from: Path | None):
+    """Policy (full or LoRA), reference (None when beta = 0) and PPO value head (None unless --advantage ppo)."""
+    if cfg.lora_r:
+        base = load_model(cfg.model, device)
+        policy = (load_lora_checkpoint(base, resume_from) if resume_from
+                  else apply_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
+        reference = lora_reference(policy) if cfg.beta > 0 else None  # the adapter switched off: no copy
+    else:
+        policy = load_model(str(resume_from) if resume_from else cfg.model, device)
+        reference = None
+        if cfg.beta > 0:  # the initial policy; on resume it is reloaded from --model
+            reference = frozen_copy(load_model(cfg.model, device, trainable=False) if resume_from else policy)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    value_head = None
+    if cfg.advantage == "ppo":  # the critic reads the policy trunk's hidden states (see models.ValueHead)
+        value_head = ValueHead(policy.config.hidden_size).to(device)
+        if resume_from:
+            value_head.load_state_dict(load_file(resume_from / "value_head.safetensors", device=str(device)))
+    return policy, reference, value_head
+
+
+def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> None:
+    """Seed every RNG from (seed, rank, step): a resumed or multi-rank run draws exactly what it would have."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2)
+    random.seed(int(state[0])), np.random.seed(int(state[0])), torch.manual_seed(int(state[0]))
+    generator.manual_seed(int(state[1]))
 
 
 @exit_on_user_error
@@ -178,31 +230,34 @@ def main(argv: list[str] | None = None) -> dict:
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise UserError(f"--resume {run_dir}: no checkpoint found there (expected {run_dir}/checkpoints/step_*)")
-        saved = json.loads((resume_from / "trainer_state.json").read_text())["config"]
-        check_resume_config(saved, cfg)
+        check_resume_config(json.loads((resume_from / "trainer_state.json").read_text())["config"], cfg)
     task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    dist_info = init_distributed(device.type)
+    if dist_info.enabled:
+        device = torch.device(f"cuda:{dist_info.local_rank}") if device.type == "cuda" else device
+        if cfg.prompts_per_step % dist_info.world_size:
+            raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the "
+                            f"{dist_info.world_size} ranks (each rank rolls out an equal share)")
+        if cfg.dynamic_sampling:
+            raise UserError("--dynamic-sampling is single-process only for now (ranks would draw different "
+                            "numbers of extra prompts); run without torchrun or without it")
+    main_rank = dist_info.is_main
+    log = tqdm.write if main_rank else (lambda *_: None)
+    generator = torch.Generator(device=device)
+    seed_step(cfg.seed, dist_info.rank, 0, generator)
 
     def autocast():  # bf16 compute on CUDA; fp32 elsewhere (CPU autocast would only slow this down)
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     if resolve_model_name(cfg.model) != cfg.model:
-        print(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
+        log(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
     tokenizer = load_tokenizer(cfg.model)
-    policy = load_model(str(resume_from) if resume_from else cfg.model, device)
-    reference = None
-    if cfg.beta > 0:  # the reference is the initial policy; on resume it is reloaded from --model
-        reference = frozen_copy(load_model(cfg.model, device, trainable=False) if resume_from else policy)
-    value_head = None
-    if cfg.advantage == "ppo":  # the critic reads the policy trunk's hidden states (see models.ValueHead)
-        value_head = ValueHead(policy.config.hidden_size).to(device)
-        if resume_from:
-            value_head.load_state_dict(load_file(resume_from / "value_head.safetensors", device=str(device)))
-    trainable = list(policy.parameters()) + (list(value_head.parameters()) if value_head else [])
+    policy, reference, value_head = build_models(cfg, device, resume_from)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    trainable += list(value_head.parameters()) if value_head else []
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
     sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
@@ -213,32 +268,44 @@ def main(argv: list[str] | None = None) -> dict:
     G, names = cfg.num_generations, task.level_names()
 
     start_step = 0
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if resume_from:
         state = load_training_state(resume_from, optimizer, scheduler, generator)
         sampler.load_state_dict(state["sampler"])
         start_step = state["step"]
-        for name in ("metrics.jsonl", "eval.jsonl", "completions.jsonl"):  # drop lines after the checkpoint
-            truncate_jsonl(run_dir / name, start_step)
-        print(f"resumed from {resume_from} at step {start_step}")
-    else:
+        if main_rank:
+            for name in ("metrics.jsonl", "eval.jsonl", "completions.jsonl"):  # drop lines after the checkpoint
+                truncate_jsonl(run_dir / name, start_step)
+        log(f"resumed from {resume_from} at step {start_step}")
+    elif main_rank:
         for name in ("metrics.jsonl", "eval.jsonl", "completions.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    print(f"run {run_dir} | device {device} | task {task.name} | schedule {cfg.schedule} | "
-          f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params")
+    if main_rank:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    log(f"run {run_dir} | device {device} x{dist_info.world_size} | task {task.name} | schedule {cfg.schedule} "
+        f"| {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
+        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained")
 
-    def run_eval(step: int) -> dict:
-        summary, _ = evaluate(policy, tokenizer, task, eval_problems, eval_tokens, stop_checker, autocast=autocast)
-        append_jsonl(run_dir / "eval.jsonl", {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
-                                                               for m in ("accuracy", "reward", "format_rate")}})
-        tqdm.write(f"eval step {step}: " + "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items()))
+    def run_eval(step: int) -> dict | None:
+        """Greedy held-out evaluation on rank 0 (the others wait: the weights are the same everywhere)."""
+        summary = None
+        if main_rank:
+            summary, _ = evaluate(policy, tokenizer, task, eval_problems, eval_tokens, stop_checker,
+                                  autocast=autocast)
+            append_jsonl(run_dir / "eval.jsonl", {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
+                                                                   for m in ("accuracy", "reward", "format_rate")}})
+            log(f"eval step {step}: " + "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items()))
+        barrier(dist_info)
         return summary
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, policy, tokenizer, optimizer, scheduler,
-                        {"config": dataclasses.asdict(cfg), "sampler": sampler.state_dict()}, generator,
-                        keep=cfg.keep_checkpoints, extra_modules={"value_head": value_head} if value_head else None)
+        if main_rank:
+            save_checkpoint(run_dir, step, policy, tokenizer, optimizer, scheduler,
+                            {"config": dataclasses.asdict(cfg), "sampler": sampler.state_dict()}, generator,
+                            keep=cfg.keep_checkpoints,
+                            extra_modules={"value_head": value_head} if value_head else None)
+        barrier(dist_info)
 
     def collect(problems) -> StepSamples:
         """Roll out G samples for each problem in one batched decode and score them (rewards in float64)."""
@@ -255,12 +322,16 @@ def main(argv: list[str] | None = None) -> dict:
                            texts, rewards, rollout.finished.numpy())
 
     first_eval = run_eval(start_step) if start_step == 0 else None
+    nonfinite_in_a_row = 0
     # ---------------------------------------------------------------- the loop
-    bar = tqdm(range(start_step, cfg.total_steps), initial=start_step, total=cfg.total_steps, desc="train")
+    bar = tqdm(range(start_step, cfg.total_steps), initial=start_step, total=cfg.total_steps, desc="train",
+               disable=not main_rank)
     for step in bar:
-        # 1. curriculum: p_t over levels, then each prompt slot's level and problem
+        seed_step(cfg.seed, dist_info.rank, step, generator)
+
+        # 1. curriculum: p_t over levels, then each prompt slot's level and problem (this rank's share)
         level_p = sampler.probs(step)
-        problems = sampler.sample(step, cfg.prompts_per_step)
+        problems = dist_info.shard(sampler.sample(step, cfg.prompts_per_step))
 
         # 2. rollout and rewards; --dynamic-sampling redraws prompts (same p_t) until every group is informative
         t0 = time.perf_counter()
@@ -271,68 +342,80 @@ def main(argv: list[str] | None = None) -> dict:
             missing = cfg.prompts_per_step - len(samples.informative_groups())
             samples, rounds = samples.concat(collect(sampler.sample(step, missing))), rounds + 1
         informative = samples.informative_groups()
-        frac_zero_std = 1.0 - len(informative) / samples.num_groups  # over every group sampled this step
+        sampled_groups = samples.num_groups
         if cfg.dynamic_sampling:  # informative groups first, topped up with the others if retries ran out
             rest = [g for g in range(samples.num_groups) if g not in set(informative)]
             samples = samples.select(samples.group_rows(sorted((informative + rest)[:cfg.prompts_per_step])))
         rollout_seconds = time.perf_counter() - t0
 
-        # 3. advantages (group-relative; ppo gets the raw rewards and builds per-token GAE in the update)
+        # 3. advantages over the whole step (every rank's samples): group-relative, in float64;
+        #    ppo gets the raw rewards and builds per-token GAE advantages in the update
         rewards = torch.tensor(samples.rewards, dtype=torch.float64)
         sequence_kl_values = None
         if cfg.kl_in_reward and reference is not None and cfg.advantage != "ppo":
             sequence_kl_values = reference_sequence_kl(reference, samples, cfg, device, autocast)
             rewards = rewards - cfg.beta * sequence_kl_values
-        group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, rewards, G,
+        step_rewards = torch.tensor(gather_lists(rewards.tolist(), dist_info), dtype=torch.float64)
+        step_levels = np.array(gather_lists(samples.levels.tolist(), dist_info), dtype=np.int64)
+        group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, step_rewards, G,
                                        cfg.scale_rewards)
-        advantages = (rewards if cfg.advantage == "ppo" else group_adv).float()
-        levels = samples.levels
-        sampler.update({int(k): float(group_adv[torch.from_numpy(levels == k)].abs().mean()) for k in set(levels)})
+        sampler.update({int(k): float(group_adv[torch.from_numpy(step_levels == k)].abs().mean())
+                        for k in set(step_levels.tolist())})
+        mine = slice(dist_info.rank * len(rewards), (dist_info.rank + 1) * len(rewards))
+        advantages = (rewards if cfg.advantage == "ppo" else group_adv[mine]).float()
 
         # 4. policy update, on the samples that train (--drop-zero-std, --mask-truncated leave some out)
         t1 = time.perf_counter()
-        train_rows = np.ones(len(levels), dtype=bool)
+        train_rows = np.ones(len(rewards), dtype=bool)
         if cfg.drop_zero_std:
-            train_rows &= np.isin(np.arange(len(levels)) // G, samples.informative_groups())
+            train_rows &= np.isin(np.arange(len(rewards)) // G, informative)
         if cfg.mask_truncated:
             train_rows &= samples.finished
         rows = np.flatnonzero(train_rows).tolist()
-        update = {}
-        if rows:
-            kept = samples.select(rows)
-            update = policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions,
-                                   advantages[rows], kept.sampler_logprobs, cfg, device, autocast, value_head)
+        kept = samples.select(rows)
+        update = update_with_oom_retry(policy, reference, optimizer, kept, advantages[rows], cfg, device,
+                                       autocast, value_head, dist_info, log)
         scheduler.step()
         update_seconds = time.perf_counter() - t1
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
+        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise SystemExit(f"error: non-finite gradients in {nonfinite_in_a_row} updates in a row (step "
+                             f"{step + 1}); lower --lr or check the model's dtype. Checkpoints are in {run_dir}")
+        if update["skipped_updates"]:
+            log(f"warning: step {step + 1}: non-finite gradient, update skipped")
 
-        # 5. log: one JSON line per step, one console line
-        rewards = samples.rewards
-        correct = np.array([task.is_correct(r) for r in rewards])
-        lengths = np.array([len(c) for c in samples.completions])
+        # 5. log: one JSON line per step (rank 0, over every rank's samples), one console line
+        per_sample = gather_lists([(float(r), int(k), len(c), bool(f)) for r, k, c, f in zip(
+            samples.rewards, samples.levels, samples.completions, samples.finished)], dist_info)
+        all_rewards, levels, lengths, finished = (np.array(column) for column in zip(*per_sample))
+        counts = gather_lists([len(informative), sampled_groups, len(rows), len(rewards)], dist_info)
+        correct = np.array([task.is_correct(r) for r in all_rewards])
+        rollout_seconds = max(gather_lists([rollout_seconds], dist_info))
         row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], **update,
-               "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
                "accuracy": float(correct.mean()), "level_probs": [round(p, 6) for p in level_p],
                "level_counts": [int((levels == k).sum() // G) for k in range(task.num_levels)],
-               "completion_length_mean": float(lengths.mean()),
-               "clipped_ratio": float((~samples.finished).mean()),
-               "frac_reward_zero_std": frac_zero_std, "resample_rounds": rounds,
-               "trained_fraction": len(rows) / len(levels),
+               "completion_length_mean": float(lengths.mean()), "clipped_ratio": float((~finished).mean()),
+               "frac_reward_zero_std": 1.0 - sum(counts[0::4]) / sum(counts[1::4]), "resample_rounds": rounds,
+               "trained_fraction": sum(counts[2::4]) / sum(counts[3::4]),
                "rollout_seconds": rollout_seconds, "update_seconds": update_seconds,
                "tokens_per_second": float(lengths.sum() / rollout_seconds)}
         if sequence_kl_values is not None:  # per-token mean, comparable with the in-loss KL metric
-            row["kl"] = float(sequence_kl_values.sum() / max(1, lengths.sum()))
+            kl_sums = gather_lists([float(sequence_kl_values.sum())], dist_info)
+            row["kl"] = sum(kl_sums) / max(1, int(lengths.sum()))
         for k in sorted(set(levels.tolist())):
-            row[f"reward/{names[k]}"] = float(rewards[levels == k].mean())
+            row[f"reward/{names[k]}"] = float(all_rewards[levels == k].mean())
             row[f"accuracy/{names[k]}"] = float(correct[levels == k].mean())
-        append_jsonl(run_dir / "metrics.jsonl", row)
-        if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
-            log_completions(run_dir, step + 1, samples)
+        if main_rank:
+            append_jsonl(run_dir / "metrics.jsonl", row)
+            if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
+                log_completions(run_dir, step + 1, samples)
         histogram = Counter(int(k) for k in levels[::G])
-        tqdm.write(f"step {step + 1:4d} | reward {row['reward_mean']:.3f} | acc "
-                   + " ".join(f"{names[k]} {row[f'accuracy/{names[k]}']:.2f}" for k in sorted(histogram))
-                   + f" | levels {dict(sorted(histogram.items()))} | kl {row.get('kl', 0):.4f} | clip "
-                   f"{row.get('clip_ratio', 0):.3f} | ent {row.get('entropy', 0):.2f} | "
-                   f"len {row['completion_length_mean']:.1f} | {row['tokens_per_second']:.0f} tok/s")
+        log(f"step {step + 1:4d} | reward {row['reward_mean']:.3f} | acc "
+            + " ".join(f"{names[k]} {row[f'accuracy/{names[k]}']:.2f}" for k in sorted(histogram))
+            + f" | levels {dict(sorted(histogram.items()))} | kl {row.get('kl', 0):.4f} | clip "
+            f"{row.get('clip_ratio', 0):.3f} | ent {row.get('entropy', 0):.2f} | "
+            f"len {row['completion_length_mean']:.1f} | {row['tokens_per_second']:.0f} tok/s")
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
 
         # 6. periodic evaluation and checkpoint
@@ -346,18 +429,54 @@ def main(argv: list[str] | None = None) -> dict:
     last_eval = run_eval(cfg.total_steps)
     checkpoint(cfg.total_steps)
     final_dir = run_dir / "final"
-    policy.save_pretrained(final_dir, safe_serialization=True)
-    tokenizer.save_pretrained(final_dir)
-    if first_eval:
-        print("held-out greedy accuracy, start -> end: " + "  ".join(
-            f"{k} {first_eval[k]['accuracy']:.1%} -> {last_eval[k]['accuracy']:.1%}" for k in last_eval))
-    print(f"saved final policy to {final_dir}")
+    if main_rank:
+        policy.save_pretrained(final_dir, safe_serialization=True)  # with LoRA: the adapter
+        tokenizer.save_pretrained(final_dir)
+        if cfg.lora_r and cfg.save_merged:
+            merged = copy.deepcopy(policy).merge_and_unload()
+            merged.save_pretrained(run_dir / "final-merged", safe_serialization=True)
+            tokenizer.save_pretrained(run_dir / "final-merged")
+        if first_eval:
+            print("held-out greedy accuracy, start -> end: " + "  ".join(
+                f"{k} {first_eval[k]['accuracy']:.1%} -> {last_eval[k]['accuracy']:.1%}" for k in last_eval))
+        print(f"saved final policy to {final_dir}")
+    barrier(dist_info)
     return {"first_eval": first_eval, "last_eval": last_eval, "run_dir": str(run_dir)}
+
+
+def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advantages, cfg: Config, device,
+                          autocast, value_head, dist_info: DistInfo, log) -> dict:
+    """policy_update; on a CUDA out-of-memory error, halve --micro-batch-size for the rest of the run and retry.
+
+    The retry is exact (the loss weights do not depend on the micro-batch size) as long as no optimizer step was
+    taken yet; an OOM in a later iteration of --num-iterations > 1 is re-raised.
+    """
+    while True:
+        steps_before = optimizer_steps(optimizer)
+        try:
+            return policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, advantages,
+                                 kept.sampler_logprobs, cfg, device, autocast, value_head, dist_info)
+        except torch.OutOfMemoryError:
+            if cfg.micro_batch_size == 1 or optimizer_steps(optimizer) != steps_before:
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            cfg.micro_batch_size = max(1, cfg.micro_batch_size // 2)
+            log(f"warning: out of memory in the update; retrying with --micro-batch-size {cfg.micro_batch_size}")
+
+
+def optimizer_steps(optimizer) -> int:
+    """How many steps the optimizer has taken (Adam keeps a per-parameter step count)."""
+    for state in optimizer.state.values():
+        return int(state.get("step", 0))
+    return 0
 
 
 # Fields that may differ when resuming: they change bookkeeping or speed, not what the run computes.
 RESUME_SAFE_FIELDS = {"resume", "out_dir", "eval_every", "eval_problems", "eval_max_new_tokens", "save_every",
-                      "keep_checkpoints", "log_completions_every", "device", "threads", "micro_batch_size"}
+                      "keep_checkpoints", "log_completions_every", "device", "threads", "micro_batch_size",
+                      "gradient_checkpointing", "max_nonfinite_steps", "save_merged"}
 
 
 def check_resume_config(saved: dict, cfg: Config) -> None:
@@ -402,8 +521,8 @@ def reference_sequence_kl(reference, samples: StepSamples, cfg: Config, device, 
     for rows in micro_batches(lengths, cfg.micro_batch_size):
         batch = {k: v.to(device) for k, v in pack_sequences([samples.prompt_ids[i] for i in rows],
                                                             [samples.completions[i] for i in rows], 0).items()}
-        with autocast():
-            ref, _ = completion_logprobs(reference, batch, cfg.temperature)
+        with autocast(), reference.context():
+            ref, _ = completion_logprobs(reference.model, batch, cfg.temperature)
         logp = torch.zeros_like(ref)
         for j, i in enumerate(rows):
             logp[j, :len(samples.sampler_logprobs[i])] = torch.tensor(samples.sampler_logprobs[i], device=device)

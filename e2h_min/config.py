@@ -79,6 +79,14 @@ class Config:
     vf_coef: float = _f(0.1, "ppo: weight of the value loss")
     cliprange_value: float = _f(0.2, "ppo: clip range of the value update around the old values")
     micro_batch_size: int = _f(16, "sequences per forward/backward pass (gradients do not depend on it)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    max_nonfinite_steps: int = _f(3, "abort after this many updates in a row with a non-finite gradient")
+    # --- LoRA (needs peft; the paper: r 32, alpha 64, dropout 0.1 on q_proj,v_proj) ---
+    lora_r: int = _f(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: float = _f(64.0, "LoRA alpha")
+    lora_dropout: float = _f(0.1, "LoRA dropout")
+    lora_targets: str = _f("q_proj,v_proj", "comma-separated module names that get adapters")
+    save_merged: bool = _f(False, "LoRA: also save the merged model to <out>/final-merged")
     # --- evaluation, logging, checkpoints ---
     eval_every: int = _f(100, "greedy held-out evaluation every N steps (0 = only at start and end)")
     eval_problems: int = _f(100, "held-out problems per level in periodic evaluation")
@@ -199,6 +207,9 @@ def validate(cfg: Config) -> None:
     need(cfg.schedule_beta >= 0, "--schedule-beta must be >= 0")
     need(cfg.eval_problems >= 1, "--eval-problems must be >= 1")
     need(min(cfg.eval_every, cfg.save_every, cfg.log_completions_every) >= 0, "--*-every flags must be >= 0")
+    need(cfg.lora_r >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1, "--lora-r must be >= 0, "
+         "--lora-alpha > 0 and --lora-dropout in [0, 1)")
+    need(cfg.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be >= 1")
     need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
     need(cfg.data is None or cfg.task in ("gsm8k", "math", "aqua"), f"--data is not used by task {cfg.task!r}")
     need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),

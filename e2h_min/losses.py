@@ -139,11 +139,19 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     return advantages, (advantages + values) * m
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (PPO's per-batch advantage normalisation); 0 at padding."""
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduce=None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (PPO's per-batch advantage normalisation); 0 at padding.
+
+    `reduce` (optional) sums a tensor over data-parallel ranks, so the moments are those of the global batch.
+    Computed from the moments sum(x), sum(x^2), count: var = E[x^2] - E[x]^2.
+    """
     m = mask.to(values.dtype)
-    mean = (values * m).sum() / m.sum().clamp(min=1.0)
-    var = (((values - mean) * m) ** 2).sum() / m.sum().clamp(min=1.0)
+    moments = torch.stack([(values * m).sum(), (values * values * m).sum(), m.sum()])
+    if reduce is not None:
+        moments = reduce(moments)
+    count = moments[2].clamp(min=1.0)
+    mean = moments[0] / count
+    var = (moments[1] / count - mean * mean).clamp(min=0.0)
     return (values - mean) * torch.rsqrt(var + eps) * m
 
 
@@ -157,8 +165,8 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
-def token_loss_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None
-                       ) -> torch.Tensor:
+def token_loss_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None,
+                       num_sequences: int | None = None, num_tokens: float | None = None) -> torch.Tensor:
     """Weights w [N, T] such that the step's loss is sum_{i,t} w_it * loss_it, computed once for the WHOLE step.
 
     grpo:    w_it = m_it / (|o_i| * N)      mean over each sequence's tokens, then over sequences (the paper);
@@ -166,16 +174,19 @@ def token_loss_weights(completion_mask: torch.Tensor, loss_type: str, max_comple
     dapo:    w_it = m_it / sum(m)           one mean over every completion token of the step.
     dr_grpo: w_it = m_it / (N * L_max)      sum divided by a constant, no length normalisation.
     Because the weights are fixed before micro-batching, summing sum(w * loss) over any split of the rows gives
-    exactly the full-step loss and gradient: the micro-batch size cannot change the update.
+    exactly the full-step loss and gradient: the micro-batch size cannot change the update. Under data
+    parallelism each rank holds some rows; passing the GLOBAL N (num_sequences) and token count (num_tokens)
+    makes the sum of the ranks' gradients equal the single-process gradient.
     completion_mask [N, T] bool/float -> [N, T] float32.
     Example: mask [[1,1],[1,0]]: grpo -> [[.25,.25],[.5,0]]; dapo -> [[1/3,1/3],[1/3,0]].
     """
     mask = completion_mask.float()
-    n_seq = mask.shape[0]
+    n_seq = num_sequences if num_sequences is not None else mask.shape[0]
+    total = num_tokens if num_tokens is not None else float(mask.sum())
     if loss_type == "grpo":
-        return mask / (mask.sum(dim=1, keepdim=True).clamp(min=1.0) * n_seq)
+        return mask / (mask.sum(dim=1, keepdim=True).clamp(min=1.0) * max(n_seq, 1))
     if loss_type == "dapo":
-        return mask / mask.sum().clamp(min=1.0)
+        return mask / max(total, 1.0)
     if loss_type == "dr_grpo":
         if not max_completion_length:
             raise ValueError("dr_grpo aggregation needs max_completion_length")

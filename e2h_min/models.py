@@ -6,10 +6,13 @@ directory inside the package, loaded through the very same `from_pretrained` cal
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -94,12 +97,49 @@ class ValueHead(torch.nn.Module):
         return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
 
 
-def frozen_copy(model):
+@dataclass
+class Reference:
+    """The frozen reference policy pi_ref: a model, and a context under which calling it gives pi_ref.
+
+    Full fine-tuning keeps a frozen copy (context does nothing). With LoRA the reference is the policy itself
+    with its adapter switched off (context = peft's disable_adapter), so no second copy of the weights exists.
+    """
+
+    model: torch.nn.Module
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def frozen_copy(model) -> Reference:
     """The reference policy: a frozen, eval-mode deep copy of the initial model (never updated)."""
     reference = copy.deepcopy(model)
     reference.eval()
     reference.requires_grad_(False)
-    return reference
+    return Reference(reference)
+
+
+def apply_lora(model, r: int, alpha: float, dropout: float, targets: str):
+    """Wrap the model with LoRA adapters (peft, an optional dependency); only adapter weights train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("--lora-r needs peft: pip install peft (or run without LoRA, --lora-r 0)") from None
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                        target_modules=[t.strip() for t in targets.split(",") if t.strip()])
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # e.g. target modules not found in this architecture
+        raise UserError(f"--lora-targets {targets!r}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def load_lora_checkpoint(base_model, path):
+    """Base model + the adapter saved in a checkpoint directory, trainable again (for --resume)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, path, is_trainable=True)
+
+
+def lora_reference(peft_model) -> Reference:
+    return Reference(peft_model, peft_model.disable_adapter)
 
 
 def _from_pretrained(auto_cls, path: str, name: str, **kwargs):
