@@ -38,7 +38,7 @@ from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_chec
 from e2h_min.config import Config, UserError, exit_on_user_error, parse_config, schedule_params
 from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed, sum_gradients
-from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, score_rollout
+from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
 from e2h_min.logprobs import completion_logprobs, pack_sequences
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
                             sequence_kl, token_loss_weights, whiten)
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
     stop_checker = StopChecker(tokenizer, [cfg.stop], device)
     eos, pad = eos_token_ids(tokenizer, policy), tokenizer.pad_token_id
-    eval_problems = [task.problem(level, i, "test") for level in task.eval_levels for i in range(cfg.eval_problems)]
+    eval_problems = held_out_problems(task, cfg.eval_problems)
     eval_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     G, names = cfg.num_generations, task.level_names()
 

@@ -37,6 +37,16 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def held_out_problems(task, per_level: int) -> list:
+    """The first `per_level` test-split problems of every level incl. OOD (fewer where a data file has fewer)."""
+    problems = []
+    for level in task.eval_levels:
+        available = task.num_problems(level, "test")
+        count = per_level if available is None else min(per_level, available)
+        problems += [task.problem(level, i, "test") for i in range(count)]
+    return problems
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, task, problems, max_new_tokens: int, stop_checker: StopChecker,
              batch_size: int = 256, autocast=None, progress: bool = True) -> tuple[dict, list[dict]]:

@@ -1,0 +1,96 @@
+"""The paper's comparison at laptop scale: hard-only, balanced, classic, cosine and gaussian E2H schedules, the same
+step and sample budget each, several seeds, then a Table-2-shaped summary and overlaid curves.
+
+    python scripts/e2h_sweep.py                 # 5 schedules x 3 seeds on the embedded tiny model (CPU)
+    python scripts/e2h_sweep.py --quick         # 1 seed, fewer steps: a first look in a few minutes
+    python scripts/e2h_sweep.py --model Qwen2.5-1.5B --jobs 1 -- --total-steps 1600   # paper scale on a GPU
+
+Each run is `python train.py --schedule S --seed N --out-dir OUT/S-sN ...` in its own process; `--jobs` runs
+that many at once, each with `--threads` torch threads (for the tiny model two single-thread runs use two cores
+better than one run with two threads). A finished run (OUT/S-sN/final exists) is not run again, so an
+interrupted sweep continues where it stopped. The summary is `python -m e2h_min.report` over every run, plus
+the expected number of prompts per level under each schedule (from e2h_min.curriculum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from e2h_min.curriculum import expected_level_counts  # noqa: E402
+
+SCHEDULES = ["hard", "balanced", "classic", "cosine", "gaussian"]
+
+
+def run_one(schedule: str, seed: int, out: Path, args, extra: list[str]) -> tuple[str, float, int]:
+    run_dir = out / f"{schedule}-s{seed}"
+    if (run_dir / "final").is_dir():
+        return str(run_dir), 0.0, 0
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--task", args.task, "--schedule",
+           schedule, "--seed", str(seed), "--out-dir", str(run_dir), "--threads", str(args.threads)]
+    if args.quick:
+        cmd += ["--total-steps", str(args.quick_steps)]
+    cmd += extra
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(run_dir / "train.log", "w") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return str(run_dir), time.perf_counter() - start, code
+
+
+def expected_table(schedules: list[str], total_steps: int, prompts: int, levels: int) -> str:
+    """Markdown: expected prompts per level over the run under each schedule (gaussian with its defaults)."""
+    lines = ["| schedule | " + " | ".join(f"L{k}" for k in range(levels)) + " |",
+             "|---|" + "---|" * levels]
+    for schedule in schedules:
+        counts = expected_level_counts(schedule, total_steps, prompts, levels)
+        lines.append(f"| {schedule} | " + " | ".join(f"{c:.0f}" for c in counts) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--task", default="countdown")
+    parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--quick", action="store_true", help="one seed, --quick-steps steps")
+    parser.add_argument("--quick-steps", type=int, default=40)
+    args, extra = parser.parse_known_args()
+    extra = [x for x in extra if x != "--"]
+    if args.quick:
+        args.seeds = args.seeds[:1]
+        args.out = args.out + "-quick"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(s, seed) for seed in args.seeds for s in args.schedules]
+    print(f"{len(jobs)} runs -> {out} ({args.jobs} at a time, {args.threads} thread(s) each)")
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for run_dir, seconds, code in pool.map(lambda j: run_one(j[0], j[1], out, args, extra), jobs):
+            status = "done" if code == 0 else f"FAILED (exit {code}, see {run_dir}/train.log)"
+            print(f"  {run_dir}: {status}" + (f" in {seconds / 60:.1f} min" if seconds else " (already there)"))
+            if code:
+                return code
+    runs = [str(out / f"{s}-s{seed}") for seed in args.seeds for s in args.schedules]
+    code = subprocess.call([sys.executable, "-m", "e2h_min.report", *runs, "--out", str(out / "report")],
+                           cwd=ROOT)
+    import json
+    config = json.loads((out / f"{args.schedules[0]}-s{args.seeds[0]}" / "config.json").read_text())
+    table = expected_table(args.schedules, config["total_steps"], config["prompts_per_step"], 4)
+    (out / "report" / "expected_levels.md").write_text(table + "\n")
+    print("\nexpected prompts per level over the run:\n" + table)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
