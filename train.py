@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
     stop_checker = StopChecker(tokenizer, [cfg.stop], device)
     eos, pad = eos_token_ids(tokenizer, policy), tokenizer.pad_token_id
     eval_problems = held_out_problems(task, cfg.eval_problems)
+    empty = [names for names, level in zip(task.level_names(), task.eval_levels)
+             if not any(p.level == level for p in eval_problems)]
+    if empty:
+        tqdm.write(f"note: no held-out test problems at level(s) {', '.join(empty)}; their accuracy is not evaluated")
     eval_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     G, names = cfg.num_generations, task.level_names()
 
@@ -375,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
         kept = samples.select(rows)
         update = update_with_oom_retry(policy, reference, optimizer, kept, advantages[rows], cfg, device,
                                        autocast, value_head, dist_info, log)
+        lr_used = scheduler.get_last_lr()[0]
         scheduler.step()
         update_seconds = time.perf_counter() - t1
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
@@ -391,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         counts = gather_lists([len(informative), sampled_groups, len(rows), len(rewards)], dist_info)
         correct = np.array([task.is_correct(r) for r in all_rewards])
         rollout_seconds = max(gather_lists([rollout_seconds], dist_info))
-        row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], **update,
+        row = {"step": step + 1, "lr": lr_used, **update,
                "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
                "accuracy": float(correct.mean()), "level_probs": [round(p, 6) for p in level_p],
                "level_counts": [int((levels == k).sum() // G) for k in range(task.num_levels)],

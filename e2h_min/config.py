@@ -163,6 +163,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         for key, value in DEMO_PRESET.items():
             if key not in given:
                 setattr(cfg, key, value)
+        if "warmup_steps" not in given:  # a short run asked for on the command line keeps a valid warmup
+            cfg.warmup_steps = min(cfg.warmup_steps, cfg.total_steps - 1)
     validate(cfg)
     return cfg
 

@@ -1,0 +1,372 @@
+"""A run's story at a glance, and several runs side by side: PNG plots and a Table-2-shaped markdown table.
+
+    python -m e2h_min.report runs/countdown-gaussian-s0                       # -> runs/countdown-gaussian-s0/report/
+    python -m e2h_min.report runs/countdown-balanced-s* runs/countdown-gaussian-s* --out report
+    python -m e2h_min.report RUN [RUN ...] --no-plots                         # the table only (no matplotlib needed)
+
+Reads what train.py writes into a run directory: config.json, metrics.jsonl (one line per optimizer step) and
+eval.jsonl (one line per greedy evaluation). Writes into --out:
+- accuracy.png   one panel per level (OOD included): greedy eval accuracy (solid, markers) and the accuracy of
+                 the training samples drawn at that level (dashed, moving average), one colour per run;
+- training.png   mean reward (training samples, and greedy eval as dots), completion length, KL to the reference
+                 and entropy over steps, raw (faint) and moving average;
+- curriculum.png one panel per run: the schedule's p_t as a stacked area, the share of prompts actually drawn per
+                 level (dashed, moving average) on top, and drawn vs expected counts in the legend;
+- table.md       final greedy accuracy per level (%), rows = runs labelled schedule + seed, plus mean ± std (sample
+                 std, ddof=1) over runs that differ only in their seed.
+matplotlib is optional: without it only --no-plots works, and the command says how to install it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from e2h_min.config import UserError, exit_on_user_error
+
+# Config fields that do not change what a run computes: runs differing only in these and the seed are replicates.
+BOOKKEEPING_FIELDS = {"seed", "out_dir", "resume", "device", "threads", "save_every", "keep_checkpoints",
+                      "log_completions_every", "micro_batch_size", "eval_every"}
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    metrics: list[dict]  # metrics.jsonl, one dict per optimizer step
+    evals: list[dict]  # eval.jsonl, one dict per evaluation
+    label: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading runs
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Parsed lines of a JSONL file; a torn last line (a run killed mid-write) is dropped, any other bad line is an
+    error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path}:{number}: not valid JSON; is this a train.py run directory?") from None
+    return rows
+
+
+def load_run(path: str | Path) -> Run:
+    """A train.py run directory: config.json and metrics.jsonl required, eval.jsonl optional."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run directory")
+    for name in ("config.json", "metrics.jsonl"):
+        if not (path / name).is_file():
+            raise UserError(f"{path}: no {name}; pass a run directory written by train.py")
+    evals = read_jsonl(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else []
+    run = Run(path, json.loads((path / "config.json").read_text()), read_jsonl(path / "metrics.jsonl"), evals)
+    if not run.metrics and not run.evals:
+        raise UserError(f"{path}: metrics.jsonl and eval.jsonl are empty; the run has not logged a step yet")
+    return run
+
+
+def run_label(config: dict) -> str:
+    """Schedule (with its parameters when it has any) and seed. Example: 'gaussian(β=0.5,σ=0.5) s1'."""
+    schedule = config.get("schedule", "?")
+    if schedule == "gaussian":
+        schedule += f"(β={config.get('schedule_beta')},σ={config.get('sigma')})"
+    return f"{schedule} s{config.get('seed', '?')}"
+
+
+def label_runs(runs: list[Run]) -> None:
+    """Give each run its label; runs whose labels clash get their directory name appended."""
+    labels = [run_label(r.config) for r in runs]
+    for run, label in zip(runs, labels):
+        run.label = label if labels.count(label) == 1 else f"{label} [{run.path.name}]"
+
+
+def replicate_key(config: dict) -> str:
+    """Everything that changes a run's result except the seed: runs with equal keys are seed replicates."""
+    return json.dumps({k: v for k, v in sorted(config.items()) if k not in BOOKKEEPING_FIELDS}, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Series and summaries (pure)
+
+
+def eval_level_names(evals: list[dict]) -> list[str]:
+    """Level names in the order eval.jsonl lists them. Example: [{"step": 0, "L0/accuracy": .5, ...}] -> ["L0"]."""
+    names = []
+    for row in evals:
+        for key in row:
+            if key.endswith("/accuracy") and key[:-len("/accuracy")] not in names:
+                names.append(key[:-len("/accuracy")])
+    return names
+
+
+def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of `key` over rows, NaN where a row lacks it. Example: [{step 1, a 2}, {step 2}] -> [1,2],
+    [2, nan]."""
+    steps = np.array([r["step"] for r in rows], dtype=float)
+    values = np.array([r.get(key, math.nan) if r.get(key) is not None else math.nan for r in rows], dtype=float)
+    return steps, values
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean of the finite values among the last `window` entries (NaN when there are none).
+
+    NaNs (steps where a level was not drawn) are skipped rather than counted as zero.
+    Example: moving_average([1, nan, 3, 5], 2) -> [1, 1, 3, 4].
+    """
+    values = np.asarray(values, dtype=float)
+    finite = np.isfinite(values)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(finite, values, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(finite)])
+    hi = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, hi - window)
+    n = counts[hi] - counts[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (sums[hi] - sums[lo]) / np.maximum(n, 1), math.nan)
+
+
+def drawn_shares(metrics: list[dict]) -> np.ndarray:
+    """Share of each step's prompts drawn at each level, [T, K], from level_counts. Example: [3, 1] -> [.75, .25]."""
+    counts = np.array([r["level_counts"] for r in metrics], dtype=float)
+    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+
+
+def final_accuracy(run: Run) -> tuple[int | None, dict[str, float]]:
+    """(step, {level name: accuracy}) of the run's last evaluation line; (None, {}) without one."""
+    if not run.evals:
+        return None, {}
+    last = run.evals[-1]
+    return last["step"], {name: last[f"{name}/accuracy"] for name in eval_level_names([last])}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value). Example: [1, 3] -> (2, 1.414...)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def accuracy_table(runs: list[Run]) -> str:
+    """Markdown table of final greedy accuracy (%) per level, runs as rows, Table 2 of the paper in shape.
+
+    Runs that differ only in their seed are grouped together, followed by a 'mean ± std (n seeds)' row when the
+    group has several runs evaluated at the same final step. Missing figures show as '–'.
+    """
+    levels = []
+    for run in runs:
+        levels += [name for name in eval_level_names(run.evals) if name not in levels]
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(replicate_key(run.config), []).append(run)
+
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.1f}"
+
+    lines = ["| run | step | " + " | ".join(levels) + " |", "|---|---:|" + "---:|" * len(levels)]
+    for members in groups.values():
+        finals = [final_accuracy(run) for run in members]
+        for run, (step, acc) in zip(members, finals):
+            lines.append(f"| {run.label} | {'–' if step is None else step} | "
+                         + " | ".join(cell(acc.get(name)) for name in levels) + " |")
+        steps = {step for step, _ in finals}
+        if len(members) > 1 and len(steps) == 1 and None not in steps:
+            cells = []
+            for name in levels:
+                values = [acc[name] for _, acc in finals if name in acc]
+                mean, std = mean_std(values) if len(values) == len(members) else (None, None)
+                cells.append("–" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}")
+            name = run_label(members[0].config).rsplit(" s", 1)[0]
+            lines.append(f"| **{name}** mean ± std ({len(members)} seeds) | {steps.pop()} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots (matplotlib imported inside: it is optional)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _run_colors(n: int) -> list:
+    return [_pyplot().get_cmap("tab10")(i % 10) for i in range(n)]
+
+
+def plot_accuracy(runs: list[Run], path: Path, window: int) -> None:
+    """One panel per level: greedy eval accuracy (solid, markers) and smoothed training-sample accuracy (dashed)."""
+    plt = _pyplot()
+    levels = []
+    for run in runs:
+        levels += [name for name in eval_level_names(run.evals) if name not in levels]
+    levels = levels or sorted({k.split("/")[1] for r in runs for row in r.metrics for k in row
+                               if k.startswith("accuracy/")})
+    fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.2), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], levels):
+        for run, color in zip(runs, _run_colors(len(runs))):
+            if run.metrics:
+                steps, train_acc = series(run.metrics, f"accuracy/{name}")
+                if np.isfinite(train_acc).any():
+                    ax.plot(steps, 100 * moving_average(train_acc, window), "--", color=color, alpha=0.6, lw=1)
+            if run.evals:
+                steps, acc = series(run.evals, f"{name}/accuracy")
+                ax.plot(steps, 100 * acc, "o-", color=color, ms=3, label=run.label)
+        ax.set(title=name, xlabel="optimizer step", ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    handles += [Line2D([], [], color="gray", marker="o", ms=3), Line2D([], [], color="gray", ls="--")]
+    labels += ["greedy eval (held-out)", f"training samples (avg over {window} steps)"]
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(runs: list[Run], path: Path, window: int) -> None:
+    """Reward, completion length, KL and entropy over steps: raw (faint) and moving average, one colour per run.
+
+    The reward panel also shows each greedy evaluation's reward averaged over its levels (dots).
+    """
+    plt = _pyplot()
+    panels = [("reward_mean", "mean reward"), ("completion_length_mean", "completion length"),
+              ("kl", "KL(policy || reference)"), ("entropy", "entropy per token")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, (key, title) in zip(axes.flat, panels):
+        drawn = False
+        for run, color in zip(runs, _run_colors(len(runs))):
+            if key == "kl" and run.config.get("beta") == 0:  # no reference model: train.py logs a placeholder 0
+                continue
+            steps, values = series(run.metrics, key) if run.metrics else (np.array([]), np.array([]))
+            if not np.isfinite(values).any():
+                continue
+            drawn = True
+            ax.plot(steps, values, color=color, alpha=0.2, lw=0.8)
+            ax.plot(steps, moving_average(values, window), color=color, lw=1.5, label=run.label)
+            if key == "reward_mean" and run.evals:  # greedy held-out reward, averaged over the evaluated levels
+                names = eval_level_names(run.evals)
+                eval_steps = [row["step"] for row in run.evals]
+                eval_reward = [np.mean([row[f"{n}/reward"] for n in names]) for row in run.evals]
+                ax.plot(eval_steps, eval_reward, "o:", color=color, ms=3, lw=1)
+        if not drawn:
+            note = "not computed (beta = 0: no reference model)" if key == "kl" else "not logged"
+            ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set(title=title, xlabel="optimizer step")
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if any(run.evals for run in runs):
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="gray", marker="o", ms=3, ls=":"))
+        labels.append("greedy eval reward (mean over levels)")
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curriculum(runs: list[Run], path: Path, window: int) -> None:
+    """Per run: p_t over levels as a stacked area; the drawn shares' cumulative boundaries as dashed lines."""
+    plt = _pyplot()
+    runs = [r for r in runs if r.metrics]
+    cols = min(3, len(runs))
+    rows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.4 * rows), squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.axis("off")
+    for ax, run in zip(axes.flat, runs):
+        steps = np.array([r["step"] for r in run.metrics])
+        probs = np.array([r["level_probs"] for r in run.metrics])  # [T, K]
+        counts = np.array([r["level_counts"] for r in run.metrics])  # [T, K]
+        expected = (probs * counts.sum(axis=1, keepdims=True)).sum(axis=0)
+        k = probs.shape[1]
+        colors = [plt.get_cmap("viridis")(0.15 + 0.75 * i / max(1, k - 1)) for i in range(k)]
+        labels = [f"L{i}: {counts[:, i].sum()} drawn / {expected[i]:.0f} expected" for i in range(k)]
+        ax.stackplot(steps, probs.T, colors=colors, alpha=0.75, labels=labels)
+        shares = np.stack([moving_average(col, window) for col in drawn_shares(run.metrics).T], axis=1)
+        for i, boundary in enumerate(np.cumsum(shares, axis=1)[:, :-1].T):
+            ax.plot(steps, boundary, "--", color="black", lw=1,
+                    label=f"drawn share (avg over {window} steps)" if i == 0 else None)
+        ax.set(title=run.label, xlabel="optimizer step", ylabel="p(level)", ylim=(0, 1),
+               xlim=(steps.min(), steps.max()))
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints the whole usage block; one line is enough
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    parser = _OneLineParser(prog="python -m e2h_min.report", description="Plots and a table of train.py runs.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by train.py")
+    parser.add_argument("--out", help="output directory (default RUN_DIR/report for one run, ./report for several)")
+    parser.add_argument("--smooth", type=int, default=0,
+                        help="moving-average window in steps (0 = steps/25, at least 5)")
+    parser.add_argument("--no-plots", action="store_true", help="write only the table (no matplotlib needed)")
+    args = parser.parse_args(argv)
+    if not args.no_plots and not matplotlib_available():
+        raise UserError("plots need matplotlib: pip install matplotlib (or pass --no-plots for the table only)")
+    if args.smooth < 0:
+        raise UserError(f"--smooth must be >= 0, got {args.smooth}")
+    runs = [load_run(path) for path in args.runs]
+    label_runs(runs)
+    out = Path(args.out) if args.out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
+    out.mkdir(parents=True, exist_ok=True)
+    table = accuracy_table(runs)
+    (out / "table.md").write_text(table)
+    written = [out / "table.md"]
+    if not args.no_plots:
+        longest = max(len(r.metrics) for r in runs)
+        # a step draws only a few prompts, so per-step shares are noisy: smooth over at least 5 steps
+        window = args.smooth or min(max(longest, 1), max(5, round(longest / 25)))
+        for name, plot in (("accuracy.png", plot_accuracy), ("training.png", plot_training),
+                           ("curriculum.png", plot_curriculum)):
+            if name == "curriculum.png" and not any(r.metrics for r in runs):
+                continue
+            plot(runs, out / name, window)
+            written.append(out / name)
+    print(table, end="")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return {"table": table, "files": [str(p) for p in written]}
+
+
+if __name__ == "__main__":
+    main()
