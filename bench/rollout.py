@@ -1,0 +1,261 @@
+"""Rollout benchmark: e2h_min.rollout.generate against transformers' model.generate(num_return_sequences=G).
+
+Both sides get the same model, prompts, G and max_new_tokens in the same run: one warm-up call each, then
+`--repeats` timed calls alternating ours / theirs (so load changes hit both), median seconds per call. Throughput
+is generated tokens per second, counting each side's own completions (sampling at T=1 makes lengths differ run
+to run; rows that stop early are not counted as if they had run to the end).
+
+Cases
+  a  the embedded tiny model (e2h_min/assets/tiny-countdown) on Countdown prompts rendered by the chat template,
+     16 prompts x G=8, max_new_tokens 64, stopping at EOS and after "</answer>" on both sides.
+  b  a randomly initialised Qwen2.5-0.5B-shaped model (24 layers, hidden 896, MLP 4864, 14 heads, 2 KV heads,
+     vocab 151,936, tied embeddings; --b-size 1.5B for the 1.5B shape) with 4 Countdown-length prompts of random
+     ids (100-150 tokens), G=8, max_new_tokens 32 and no stopping (a random model rarely emits EOS; both sides
+     produce exactly P*G*M tokens). Also reports decode's share of the measured memory bandwidth.
+
+The last line is `speedup X.XX`: the smaller of the cases' speed-ups.
+
+  python bench/rollout.py                            # both cases, CPU or the GPU if there is one
+  python bench/rollout.py --case b --repeats 5 --device cuda   # bf16 on CUDA, fp32 on CPU
+  python bench/rollout.py --case b --b-size 1.5B --b-prompts 16 --b-max-new-tokens 256 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from e2h_min.rollout import StopChecker, generate, left_pad  # noqa: E402
+
+TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "e2h_min" / "assets" / "tiny-countdown"
+_QWEN25_COMMON = dict(num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,
+                      rms_norm_eps=1e-6, max_position_embeddings=32768)
+QWEN25_SHAPES = {  # the published configs' shapes (Qwen2.5-0.5B / -1.5B); weights are random
+    "0.5B": dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                 **_QWEN25_COMMON),
+    "1.5B": dict(num_hidden_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+                 **_QWEN25_COMMON),
+}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def case_a(device, dtype, n_prompts: int, seed: int, model_dir: Path = TINY_MODEL_DIR) -> dict:
+    """Tiny model + real Countdown prompts; stop at EOS or after </answer>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from e2h_min.tasks.countdown import CountdownTask
+
+    if not (model_dir / "config.json").exists():
+        raise SystemExit(f"case a needs the embedded tiny model at {model_dir}; build it with "
+                         f"python scripts/build_tiny_model.py, or run --case b")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    task = CountdownTask(seed)
+    problems = [task.problem(level=i % task.num_levels, index=i) for i in range(n_prompts)]
+    texts = [tokenizer.apply_chat_template(task.messages(p), tokenize=False, continue_final_message=True)
+             for p in problems]
+    prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    eos = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return dict(name=f"a: {model_dir.name}, Countdown prompts", model=model, tokenizer=tokenizer, prompts=prompts,
+                eos=eos, pad=pad, stop_strings=["</answer>"])
+
+
+def case_b(device, dtype, n_prompts: int, seed: int, size: str = "0.5B") -> dict:
+    """Random Qwen2.5-shaped model, random prompts of Countdown length (100-150 tokens), no stopping."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    shape = QWEN25_SHAPES[size]
+    model = Qwen2ForCausalLM(Qwen2Config(**shape)).to(device=device, dtype=dtype).eval()
+    rng = torch.Generator().manual_seed(seed)
+    lengths = torch.linspace(100, 150, max(n_prompts, 2)).round().long()[:n_prompts].tolist()
+    prompts = [torch.randint(0, shape["vocab_size"], (n,), generator=rng).tolist() for n in lengths]
+    return dict(name=f"b: random Qwen2.5-{size} shape, random prompts", model=model, tokenizer=None,
+                prompts=prompts, eos=[], pad=0, stop_strings=[])
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def run_ours(case: dict, group: int, max_new_tokens: int, seed: int, stop_checker) -> int:
+    device = next(case["model"].parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rollout = generate(case["model"], case["prompts"], group, max_new_tokens, eos_token_ids=case["eos"],
+                       pad_id=case["pad"], stop_checker=stop_checker, temperature=1.0, generator=generator,
+                       **case.get("options", {}))
+    return int(rollout.lengths.sum())
+
+
+def run_theirs(case: dict, group: int, max_new_tokens: int, seed: int) -> int:
+    model = case["model"]
+    device = next(model.parameters()).device
+    ids, attention = left_pad(case["prompts"], case["pad"], device)
+    torch.manual_seed(seed)
+    stop = dict(stop_strings=case["stop_strings"], tokenizer=case["tokenizer"]) if case["stop_strings"] else {}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=max_new_tokens, num_return_sequences=group,
+                             eos_token_id=case["eos"] or None, pad_token_id=case["pad"], **stop)
+    completions = out[:, ids.shape[1]:]
+    # A finished row is filled with pad after its last token: count up to the last non-pad token.
+    real = completions != case["pad"]
+    positions = torch.arange(1, completions.shape[1] + 1, device=device)
+    return int((real * positions).amax(dim=1).sum())
+
+
+def time_call(fn, device) -> tuple[float, int]:
+    synchronize(device)
+    start = time.perf_counter()
+    tokens = fn()
+    synchronize(device)
+    return time.perf_counter() - start, tokens
+
+
+def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: int) -> float:
+    device = next(case["model"].parameters()).device
+    stop_checker = StopChecker(case["tokenizer"], case["stop_strings"], device) if case["stop_strings"] else None
+    ours = lambda r: run_ours(case, group, max_new_tokens, seed + r, stop_checker)  # noqa: E731
+    theirs = lambda r: run_theirs(case, group, max_new_tokens, seed + r)  # noqa: E731
+    # Warm-up (allocator, kernels, lazy imports) on a short call, so case b does not pay a full extra run; a
+    # compiled step is warmed up on the real shapes (one graph per shape).
+    warm = dict(case, prompts=case["prompts"][:2])
+    if case.get("options", {}).get("compile_step"):
+        run_ours(case, group, max_new_tokens, seed, stop_checker)
+    else:
+        run_ours(warm, group, min(4, max_new_tokens), seed, stop_checker)
+    run_theirs(warm, group, min(4, max_new_tokens), seed)
+    results = {"ours": [], "model.generate": []}
+    for r in range(repeats):
+        results["ours"].append(time_call(lambda: ours(r), device))
+        results["model.generate"].append(time_call(lambda: theirs(r), device))
+    n_rows = len(case["prompts"]) * group
+    print(f"\n== case {case['name']}: {len(case['prompts'])} prompts x G={group}, max_new_tokens {max_new_tokens}, "
+          f"prompt tokens {min(map(len, case['prompts']))}-{max(map(len, case['prompts']))}, device {device}")
+    rates = {}
+    for name, runs in results.items():
+        seconds = statistics.median(t for t, _ in runs)
+        rate = statistics.median(n / t for t, n in runs)
+        tokens = statistics.median(n for _, n in runs)
+        rates[name] = rate
+        print(f"  {name:15s} median {seconds:7.3f} s/call  {rate:9.1f} generated tokens/s  "
+              f"(median {tokens:.0f} tokens = {tokens / n_rows:.1f} per row; runs: "
+              + ", ".join(f"{t:.2f}s/{n}" for t, n in runs) + ")")
+    speedup = rates["ours"] / rates["model.generate"]
+    print(f"  speed-up (tokens/s ours / model.generate): {speedup:.2f}x")
+    return speedup
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
+    """Measured device memory bandwidth in bytes/s: a large tensor copy reads and writes every byte once."""
+    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(3):
+        seconds, _ = time_call(lambda: target.copy_(source), device)
+        times.append(seconds)
+    return 2 * source.numel() * 4 / min(times)
+
+
+def decode_bandwidth_report(case: dict, group: int, max_new_tokens: int, seed: int, repeats: int) -> None:
+    """How close our decode steps come to the memory-bandwidth limit (case b: every row runs every step).
+
+    A decode step must at least read every weight once and each row's KV cache, so
+    bytes/step = parameter bytes + layers * rows * kv_heads * head_dim * 2 (K and V) * dtype bytes * mean length.
+    Decode time = a full call minus a call with max_new_tokens=1 (prefill + first token).
+    """
+    model = case["model"]
+    device = next(model.parameters()).device
+    config = model.config
+    full = statistics.median(time_call(lambda: run_ours(case, group, max_new_tokens, seed, None), device)[0]
+                             for _ in range(repeats))
+    first = statistics.median(time_call(lambda: run_ours(case, group, 1, seed, None), device)[0]
+                              for _ in range(repeats))
+    steps, rows = max_new_tokens - 1, len(case["prompts"]) * group
+    dtype_bytes = next(model.parameters()).element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    mean_length = max(map(len, case["prompts"])) + max_new_tokens / 2
+    kv_bytes = config.num_hidden_layers * rows * config.num_key_value_heads * head_dim * 2 * dtype_bytes * mean_length
+    per_step = (full - first) / steps
+    achieved, peak = (weight_bytes + kv_bytes) / per_step, copy_bandwidth(device)
+    print(f"  decode: {per_step * 1e3:.1f} ms/step for {rows} rows; weights {weight_bytes / 1e9:.2f} GB + KV "
+          f"{kv_bytes / 1e9:.3f} GB per step -> {achieved / 1e9:.1f} GB/s = {100 * achieved / peak:.0f}% of the "
+          f"measured copy bandwidth ({peak / 1e9:.1f} GB/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=["a", "b", "both"], default="both")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (after one warm-up)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile-step", action="store_true",
+                        help="ours: static-shape decode step under torch.compile / CUDA graphs (meant for CUDA)")
+    parser.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=True,
+                        help="case b: also report decode's share of the measured memory bandwidth")
+    # case a
+    parser.add_argument("--a-model-dir", type=Path, default=TINY_MODEL_DIR, help="the tiny model's folder")
+    parser.add_argument("--a-prompts", type=int, default=16)
+    parser.add_argument("--a-group", type=int, default=8)
+    parser.add_argument("--a-max-new-tokens", type=int, default=64)
+    # case b
+    parser.add_argument("--b-size", choices=sorted(QWEN25_SHAPES), default="0.5B", help="Qwen2.5 shape")
+    parser.add_argument("--b-prompts", type=int, default=4)
+    parser.add_argument("--b-group", type=int, default=8)
+    parser.add_argument("--b-max-new-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"torch {torch.__version__}, device {device}, dtype {dtype}, CPU threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    if device.type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        print("note: the CPUs are busy with other work; multi-threaded matmuls then stall at every barrier while a "
+              "thread waits for a core, and timings swing 10x between runs. --threads 1 gives stable figures.")
+    speedups = {}
+    if args.case in ("a", "both"):
+        case = case_a(device, dtype, args.a_prompts, args.seed, args.a_model_dir)
+        case["options"] = dict(compile_step=args.compile_step)
+        speedups["a"] = bench_case(case, args.a_group, args.a_max_new_tokens, args.repeats, args.seed)
+        del case
+    if args.case in ("b", "both"):
+        case = case_b(device, dtype, args.b_prompts, args.seed, args.b_size)
+        case["options"] = dict(compile_step=args.compile_step)
+        speedups["b"] = bench_case(case, args.b_group, args.b_max_new_tokens, args.repeats, args.seed)
+        if args.bandwidth:
+            decode_bandwidth_report(case, args.b_group, args.b_max_new_tokens, args.seed, repeats=2)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+    worst = min(speedups, key=speedups.get)
+    print("\n" + ", ".join(f"case {k}: {v:.2f}x" for k, v in speedups.items())
+          + (f"; the figure below is the smaller one (case {worst})" if len(speedups) > 1 else ""))
+    print(f"speedup {speedups[worst]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
