@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from e2h_min.checkpoint import latest_checkpoint
-from e2h_min.config import UserError, exit_on_user_error
+from e2h_min.config import OneLineErrorParser, UserError, exit_on_user_error
 from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, score_rollout
 from e2h_min.models import load_model, load_tokenizer, pick_device, resolve_model_name
 from e2h_min.passk import mean_pass_at_k
@@ -43,14 +43,8 @@ from e2h_min.tasks import TASKS, make_task
 FALLBACKS = {"task": "countdown", "data": None, "seed": 0, "n": 100, "max_new_tokens": 512, "stop": "</answer>"}
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints the whole usage block; one line is enough
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python eval.py", description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(prog="python eval.py", description=__doc__.split("\n\n")[0])
     # --- what to evaluate (None = from the run's config.json, else FALLBACKS)
     p.add_argument("--model", required=True, help="run directory, checkpoint directory, local model, hub id or alias")
     p.add_argument("--task", help=f"task: {', '.join(sorted(TASKS))} (default: the run's, else countdown)")

@@ -122,7 +122,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
     Defaults are suppressed in the namespace so that `parse_config` knows which flags the user actually gave.
     """
-    parser = _OneLineErrorParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = OneLineErrorParser(description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         kind = _base_type(f)
         spellings = [_flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
@@ -135,8 +135,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints the whole usage block on a bad flag; we print the one line that matters."""
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on a bad flag; every entry point prints the one line that matters
+    (and exits with code 2)."""
 
     def error(self, message: str):
         print(f"error: {message} (see --help)", file=sys.stderr)

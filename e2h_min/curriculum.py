@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from e2h_min.config import OneLineErrorParser
 from e2h_min.tasks.base import Problem, Task
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,11 +338,6 @@ class LevelSampler:
 TABLE_POINTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints usage + error; we want one line, exit code 2
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _params_for(schedule: str, args: argparse.Namespace) -> dict:
     return {"beta": args.beta, "sigma": args.sigma, "min_prob": args.min_prob} if schedule == "gaussian" else {}
 
@@ -395,7 +391,7 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog="python -m e2h_min.curriculum",
+    parser = OneLineErrorParser(prog="python -m e2h_min.curriculum",
                             description="Print the E2H level schedule p_t and the expected prompts per level.")
     parser.add_argument("--schedule", default="gaussian", choices=TIME_SCHEDULES + ("all",))
     parser.add_argument("--levels", type=int, default=4, help="K, the number of training levels")

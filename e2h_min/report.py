@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from e2h_min.config import UserError, exit_on_user_error
+from e2h_min.config import OneLineErrorParser, UserError, exit_on_user_error
 
 # Config fields that do not change what a run computes: runs differing only in these and the seed are replicates.
 BOOKKEEPING_FIELDS = {"seed", "out_dir", "resume", "device", "threads", "save_every", "keep_checkpoints",
@@ -319,12 +319,6 @@ def plot_curriculum(runs: list[Run], path: Path, window: int) -> None:
 # CLI
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints the whole usage block; one line is enough
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def matplotlib_available() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -335,7 +329,7 @@ def matplotlib_available() -> bool:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    parser = _OneLineParser(prog="python -m e2h_min.report", description="Plots and a table of train.py runs.")
+    parser = OneLineErrorParser(prog="python -m e2h_min.report", description="Plots and a table of train.py runs.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by train.py")
     parser.add_argument("--out", help="output directory (default RUN_DIR/report for one run, ./report for several)")
     parser.add_argument("--smooth", type=int, default=0,

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from e2h_min.config import UserError, exit_on_user_error
+from e2h_min.config import OneLineErrorParser, UserError, exit_on_user_error
 from e2h_min.evaluation import encode_prompts, eos_token_ids
 from e2h_min.models import load_model, load_tokenizer, pick_device
 from e2h_min.rollout import StopChecker, generate
@@ -189,14 +189,8 @@ def sample_error_rates(model, tokenizer, task: Task, problems: list[Problem], sa
 # Command line
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints the whole usage block; one line is enough
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m e2h_min.tasks.label_difficulty", description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(prog="python -m e2h_min.tasks.label_difficulty", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the base model whose error rate defines difficulty (alias, "
                                                   "local directory or hub id)")
     p.add_argument("--data", required=True, help="input rows (JSONL, Parquet or hf:NAME[:CONFIG][@SPLIT])")
