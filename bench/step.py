@@ -1,0 +1,353 @@
+"""One full GRPO training step, timed phase by phase: rollout, reward, reference log-probs, update.
+
+The step is assembled from the real code, in train.py's order: LevelSampler -> encode_prompts -> rollout.generate
+-> score_rollout -> compute_advantages -> train.policy_update (whose reference pass, with --beta > 0, is a
+models.Reference from frozen_copy). Only the sampler differs between the columns, all in the same run:
+  hf     generate(decoder="hf"): the generic path, one model(...) call per token with a transformers DynamicCache,
+         close to the sampler before issue 3's work;
+  lean   generate(decoder="auto"): the lean in-place KV-cache decoder (what train.py uses);
+  old    the sampler as it was before issue 3 (e2h_min/rollout.py at --old-commit, read with `git show` and
+         imported from a temporary file; skipped with a note when git or that commit is not at hand).
+
+Protocol: one warm-up step per column, then the policy and AdamW state are snapshotted and restored before every
+timed step, so each column runs from the same weights on the same prompts and seed. Timed steps alternate the
+columns (load changes hit them all); medians are reported. Phases:
+  rollout    encode_prompts + generate (+ the token/log-prob lists train.py builds)
+  reward     score_rollout (decode + grade) + group advantages
+  reference  the reference model's log-prob passes inside policy_update (0 with --beta 0: no reference model)
+  update     the rest of policy_update: forward + backward + clip + AdamW step
+
+Model FLOPs (the MFU convention: useful work only, not padding, recomputation or finished rows still in the batch).
+N_t = weights of the Linear layers of the trunk, N_h = LM-head weights (counted even when tied to the embedding),
+A = 4 * layers * heads * head_dim (one query's QK^T and AV against one key). Per row with prompt length p and
+completion length n (S = p + n):
+  rollout   prefill (once per prompt)  2 N_t p + 2 N_h + A p(p+1)/2
+            decode (n - 1 fed tokens)  sum_j [2 N_t + 2 N_h + A (p + j + 1)],  j = 0 .. n-2
+  reference forward                    2 N_t S + 2 N_h n + A S(S+1)/2
+  update    forward + backward         3 x the reference figure (6 N_t S + 6 N_h n + 3 A S(S+1)/2)
+The matmul terms match torch.utils.flop_counter.FlopCounterMode on completion_logprobs exactly (forward, and
+forward + backward up to the LM head's checkpoint recompute, 2 N_h n, which is not model FLOPs).
+MFU = model FLOPs / step seconds / peak, peak = a large fp32 matmul timed on the same device and threads (on CUDA
+also a bf16 one, since training runs under bf16 autocast there).
+
+    python bench/step.py                          # CPU, 1 thread, the demo settings
+    python bench/step.py --beta 0.001 --steps 5   # with a reference model
+    python bench/step.py --device cuda
+
+The last line is `step_speedup X.XX`: median step seconds with decoder="hf" / with decoder="auto".
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402  (policy_update, seed_step: the trainer's own step code)
+from e2h_min.config import UserError, parse_config, schedule_params  # noqa: E402
+from e2h_min.curriculum import LevelSampler  # noqa: E402
+from e2h_min.decoders import lean_decoder_unsupported_reason  # noqa: E402
+from e2h_min.evaluation import encode_prompts, eos_token_ids, score_rollout  # noqa: E402
+from e2h_min.losses import compute_advantages  # noqa: E402
+from e2h_min.models import Reference, frozen_copy, load_model, load_tokenizer, pick_device  # noqa: E402
+from e2h_min.rollout import StopChecker, generate  # noqa: E402
+from e2h_min.tasks import make_task  # noqa: E402
+
+PHASES = ("rollout", "reward", "reference", "update")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Wall-clock seconds accumulated inside `with timer:` blocks (device synchronised at both ends).
+
+    Used as a Reference's context, it times exactly the reference model's passes inside policy_update.
+    Example: t = PhaseTimer(cpu); with t: work(); t.seconds -> seconds spent in work()
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self._start = device, 0.0, 0.0
+
+    def __enter__(self):
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+
+def load_old_sampler(commit: str):
+    """e2h_min/rollout.py as of `commit`, imported as a module of its own; (None, why) when unavailable."""
+    try:
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:e2h_min/rollout.py"], check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return None, f"git show {commit}:e2h_min/rollout.py failed ({str(exc).strip()[:120]})"
+    name = f"e2h_rollout_{commit}"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # an old file that no longer imports: the bench runs without that column
+            del sys.modules[name]
+            return None, f"importing it failed ({type(exc).__name__}: {str(exc)[:120]})"
+    return module, None
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` [size, size] @ [size, size] matmuls (2 size^3 FLOPs), after a warm-up."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def model_shape(model) -> dict:
+    """N_t (trunk Linear weights), N_h (LM-head weights), A (attention FLOPs per query-key pair, forward)."""
+    trunk = model.get_decoder()
+    n_trunk = sum(m.weight.numel() for m in trunk.modules() if isinstance(m, torch.nn.Linear))
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"n_trunk": n_trunk, "n_head": model.get_output_embeddings().weight.numel(),
+            "attention": 4 * config.num_hidden_layers * config.num_attention_heads * head_dim}
+
+
+def step_flops(shape: dict, prompt_lengths: list[int], group: int, completion_lengths: list[int],
+               with_reference: bool) -> dict:
+    """Model FLOPs of one step's phases (formulas in the module docstring); reference 0 without a reference model.
+
+    prompt_lengths: P distinct prompts; completion_lengths: N = P * group, row i from prompt i // group.
+    Example: N_t = 10, N_h = 2, A = 0, one prompt of 3 tokens, G = 1, one completion of 2 tokens ->
+             rollout 2*10*3 + 2*2 + (2*10 + 2*2) * 1 = 88, reference 2*10*5 + 2*2*2 = 108, update 324.
+    """
+    nt, nh, a = shape["n_trunk"], shape["n_head"], shape["attention"]
+    rollout = sum(2 * nt * p + 2 * nh + a * p * (p + 1) / 2 for p in prompt_lengths)
+    reference = 0.0
+    for i, n in enumerate(completion_lengths):
+        p, fed = prompt_lengths[i // group], max(0, n - 1)
+        rollout += fed * (2 * nt + 2 * nh) + a * (fed * (p + 1) + fed * (fed - 1) / 2)
+        s = p + n
+        reference += 2 * nt * s + 2 * nh * n + a * s * (s + 1) / 2
+    return {"rollout": rollout, "reference": reference if with_reference else 0.0, "update": 3 * reference}
+
+
+def run_step(ctx: dict, variant: dict, index: int) -> dict:
+    """One GRPO step as train.py runs it, with `variant`'s sampler; returns seconds per phase and the lengths."""
+    cfg, device, policy = ctx["cfg"], ctx["device"], ctx["policy"]
+    G = cfg.num_generations
+    train.seed_step(cfg.seed, 0, index, ctx["generator"])
+    sampler = LevelSampler(ctx["task"], cfg.schedule, cfg.total_steps, seed=cfg.seed + index, **schedule_params(cfg))
+    problems = sampler.sample(ctx["curriculum_step"], cfg.prompts_per_step)
+    seconds = {}
+
+    with PhaseTimer(device) as t:
+        prompt_ids = encode_prompts(ctx["tokenizer"], ctx["task"], problems)
+        policy.eval()
+        with ctx["autocast"]():
+            rollout = variant["generate"](policy, prompt_ids, G, cfg.max_new_tokens, ctx["eos"], ctx["pad"],
+                                          stop_checker=variant["stop_checker"], temperature=cfg.temperature,
+                                          generator=ctx["generator"], **variant["options"])
+        policy.train()
+        completions = rollout.completion_token_lists()
+        sampler_logprobs = [lp[:len(c)].tolist() for lp, c in zip(rollout.logprobs, completions)]
+    seconds["rollout"] = t.seconds
+
+    with PhaseTimer(device) as t:
+        _, rewards = score_rollout(ctx["task"], problems, ctx["tokenizer"], rollout)
+        advantages = compute_advantages(cfg.advantage, torch.tensor(rewards, dtype=torch.float64), G,
+                                        cfg.scale_rewards).float()
+    seconds["reward"] = t.seconds
+
+    reference_timer = PhaseTimer(device)
+    reference = (Reference(ctx["reference_model"], lambda: reference_timer) if ctx["reference_model"] is not None
+                 else None)
+    with PhaseTimer(device) as t:
+        train.policy_update(policy, reference, ctx["optimizer"], [p for p in prompt_ids for _ in range(G)],
+                            completions, advantages, sampler_logprobs, cfg, device, ctx["autocast"])
+    seconds["reference"] = reference_timer.seconds
+    seconds["update"] = t.seconds - reference_timer.seconds
+    seconds["step"] = sum(seconds[k] for k in PHASES)
+    lengths = [len(c) for c in completions]
+    rows = [len(prompt_ids[i // G]) + n for i, n in enumerate(lengths)]
+    padded = sum(len(b) * max(rows[i] for i in b) for b in train.micro_batches(rows, cfg.micro_batch_size))
+    return {"seconds": seconds, "tokens": sum(lengths), "prompt_tokens": [len(p) for p in prompt_ids],
+            "flops": step_flops(ctx["shape"], [len(p) for p in prompt_ids], G, lengths, reference is not None),
+            "update_tokens": (sum(rows), padded), "mean_reward": float(np.mean(rewards))}
+
+
+def build_variants(args, tokenizer, cfg, device, policy) -> tuple[list[dict], list[str]]:
+    """The samplers to compare: hf (generic), lean (auto) and, if it loads, the pre-issue-3 one."""
+    stops = [cfg.stop] if cfg.stop else []
+    checker = StopChecker(tokenizer, stops, device)
+    lean_why_not = lean_decoder_unsupported_reason(policy)
+    auto_label = "lean" if lean_why_not is None else "auto->hf"
+    variants = [
+        {"name": "hf", "generate": generate, "stop_checker": checker, "options": {"decoder": "hf"}},
+        {"name": auto_label, "generate": generate, "stop_checker": checker, "options": {"decoder": "auto"}},
+    ]
+    notes = ["hf: generate(decoder='hf'), the generic path (model(...) per token, DynamicCache), close to the "
+             "pre-issue-3 sampler",
+             "lean: generate(decoder='auto'), what train.py uses" if lean_why_not is None
+             else f"auto: the lean decoder does not support this model ({lean_why_not}); auto runs the generic path"]
+    if args.old_commit:
+        old, why = load_old_sampler(args.old_commit)
+        if old is None:
+            notes.append(f"old: skipped: {why}")
+        else:
+            variants.append({"name": f"old {args.old_commit}", "generate": old.generate,
+                             "stop_checker": old.StopChecker(tokenizer, stops, device), "options": {}})
+            notes.append(f"old {args.old_commit}: e2h_min/rollout.py as of commit {args.old_commit}, the sampler "
+                         f"before issue 3 (unchanged until then), imported via git show")
+    return variants, notes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="hub id, local directory or alias (default: the tiny model)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per column, after one warm-up step")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a busy 2-core machine 2 threads are erratic)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient; > 0 adds the reference model")
+    parser.add_argument("--prompts", type=int, default=16, help="distinct prompts per step")
+    parser.add_argument("--generations", type=int, default=8, help="G, completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--micro-batch-size", type=int, default=128)
+    parser.add_argument("--curriculum-step", type=int, default=None,
+                        help="curriculum step whose level mix the prompts follow (default: the middle of the "
+                             "demo run, total_steps // 2)")
+    parser.add_argument("--old-commit", default="7c0f032",
+                        help="commit of the pre-issue-3 sampler for the third column ('' to skip)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.steps < 1 or args.threads < 1:
+        raise SystemExit("error: --steps and --threads must be >= 1")
+
+    try:
+        cfg = parse_config(["--model", args.model, "--beta", str(args.beta), "--prompts-per-step", str(args.prompts),
+                            "--num-generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
+                            "--micro-batch-size", str(args.micro_batch_size), "--seed", str(args.seed),
+                            "--device", args.device])
+        torch.set_num_threads(args.threads)
+        device = pick_device(cfg.device)
+        tokenizer = load_tokenizer(cfg.model)
+        policy = load_model(cfg.model, device)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+    def autocast():  # as in train.py: bf16 compute on CUDA, fp32 elsewhere
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    ctx = {"cfg": cfg, "device": device, "policy": policy, "tokenizer": tokenizer, "autocast": autocast,
+           "task": make_task(cfg.task, seed=cfg.seed, data=cfg.data),
+           "generator": torch.Generator(device=device), "eos": eos_token_ids(tokenizer, policy),
+           "pad": tokenizer.pad_token_id, "shape": model_shape(policy),
+           "reference_model": frozen_copy(policy).model if cfg.beta > 0 else None,
+           "curriculum_step": cfg.total_steps // 2 if args.curriculum_step is None else args.curriculum_step,
+           "optimizer": torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                          weight_decay=cfg.weight_decay)}
+    variants, notes = build_variants(args, tokenizer, cfg, device, policy)
+    load = os.getloadavg()
+    print(f"torch {torch.__version__}, device {device}, CPU threads {torch.get_num_threads()}, load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(f"model {cfg.model}: {n_params / 1e6:.2f}M params (N_t {ctx['shape']['n_trunk'] / 1e6:.3f}M trunk matmul "
+          f"weights, N_h {ctx['shape']['n_head'] / 1e6:.3f}M LM head) | task {cfg.task} | {cfg.prompts_per_step} "
+          f"prompts x G={cfg.num_generations}, max_new_tokens {cfg.max_new_tokens}, micro_batch_size "
+          f"{cfg.micro_batch_size}, beta {cfg.beta} ({'reference model' if cfg.beta > 0 else 'no reference model'}),"
+          f" curriculum step {ctx['curriculum_step']} of {cfg.total_steps}")
+    for note in notes:
+        print("  " + note)
+
+    # Warm-up, then every timed step starts from this snapshot (weights + Adam moments after the warm-up steps).
+    for v in variants:
+        run_step(ctx, v, index=0)
+    policy_state = copy.deepcopy(policy.state_dict())
+    optimizer_state = copy.deepcopy(ctx["optimizer"].state_dict())
+    results = {v["name"]: [] for v in variants}
+    for index in range(1, args.steps + 1):
+        for v in variants:
+            policy.load_state_dict(policy_state)
+            ctx["optimizer"].load_state_dict(optimizer_state)
+            results[v["name"]].append(run_step(ctx, v, index))
+
+    peaks = {"fp32": matmul_peak(device, torch.float32, 2048 if device.type == "cpu" else 8192)}
+    if device.type == "cuda":
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16, 8192)
+    report(results, peaks, args.steps)
+
+
+def report(results: dict, peaks: dict, steps: int) -> None:
+    """Median seconds per phase and column, model FLOPs, achieved FLOP/s and MFU, speed-ups (last line hf/lean)."""
+    names = list(results)
+
+    def row(label: str, value, fmt: str = "16.3f") -> None:
+        """One table line: the median over timed steps of value(step result), per column."""
+        print(f"{label:24s}" + "".join(format(statistics.median(value(r) for r in results[n]), fmt) for n in names))
+
+    def rate(phase: str):
+        return lambda r: r["flops"][phase] / r["seconds"][phase] / 1e9 if r["seconds"][phase] > 0 else 0.0
+
+    print(f"\nmedian of {steps} timed steps per column (each after one warm-up step); seconds")
+    print(f"{'':24s}" + "".join(f"{n:>16s}" for n in names))
+    for phase in (*PHASES, "step"):
+        row(phase, lambda r: r["seconds"][phase])
+    for phase in PHASES:
+        row(f"  share {phase} %", lambda r: 100 * r["seconds"][phase] / r["seconds"]["step"], "16.0f")
+    first = results[names[0]][0]["prompt_tokens"]
+    print(f"prompt tokens {min(first)}-{max(first)} (first timed step; every column gets the same prompts)")
+    row("generated tokens", lambda r: r["tokens"], "16.0f")
+    row("update tokens real", lambda r: r["update_tokens"][0], "16.0f")
+    row("  padded to", lambda r: r["update_tokens"][1], "16.0f")
+    row("rollout tokens/s", lambda r: r["tokens"] / r["seconds"]["rollout"], "16.0f")
+    row("mean reward", lambda r: r["mean_reward"])
+    row("model GFLOP / step", lambda r: sum(r["flops"].values()) / 1e9, "16.2f")
+    for phase in ("rollout", "reference", "update"):
+        row(f"  {phase} GFLOP/s", rate(phase), "16.2f")
+    row("step GFLOP/s", lambda r: sum(r["flops"].values()) / r["seconds"]["step"] / 1e9, "16.2f")
+    for kind, peak in peaks.items():
+        row(f"MFU vs {kind} peak %", lambda r: 100 * sum(r["flops"].values()) / r["seconds"]["step"] / peak, "16.2f")
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items())
+          + " (best of 5 square matmuls, same device and threads)")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    step = {n: statistics.median(r["seconds"]["step"] for r in results[n]) for n in names}
+    fast = names[1]
+    for n in [*names[2:], "hf"]:
+        label = f"{n} (generic path)" if n == "hf" else n
+        print(f"step speed-up {label} -> {fast}: {step[n] / step[fast]:.2f}x (median step {step[n]:.3f} s -> "
+              f"{step[fast]:.3f} s)")
+    print(f"step_speedup {step['hf'] / step[fast]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
