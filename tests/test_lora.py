@@ -51,3 +51,15 @@ def test_unknown_lora_target_is_a_one_line_user_error():
     from e2h_min.config import UserError
     with pytest.raises(UserError, match="--lora-targets"):
         apply_lora(random_model(), r=4, alpha=8, dropout=0.0, targets="no_such_proj")
+
+
+def test_lora_run_end_to_end_on_the_tiny_model_saves_adapter_and_a_reloadable_merged_model(tmp_path):
+    from tests.test_train import TINY_ARGS, requires_tiny
+    if requires_tiny.args[0]:
+        pytest.skip(requires_tiny.kwargs["reason"])
+    train.main(TINY_ARGS + ["--total-steps", "2", "--save-every", "0", "--lora-r", "4", "--lora-alpha", "8",
+                            "--save-merged", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+    assert (tmp_path / "checkpoints" / "step_000002" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final-merged")
+    assert merged.config.model_type == "qwen2" and not hasattr(merged, "peft_config")

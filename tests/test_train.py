@@ -239,3 +239,24 @@ def test_resume_with_a_changed_config_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         train.main(TINY_ARGS + ["--total-steps", "2", "--lr", "0.1", "--resume", str(tmp_path)])
     assert exc.value.code == 2 and "lr was" in capsys.readouterr().err
+
+
+@requires_tiny
+@pytest.mark.parametrize("flags, keys", [
+    (["--advantage", "ppo", "--beta", "0.01", "--kl-in-reward"], {"value_loss", "explained_variance", "kl"}),
+    (["--loss-type", "dapo", "--epsilon-high", "0.28", "--dynamic-sampling", "--max-resample-rounds", "2"],
+     {"resample_rounds", "clip_ratio/clipped_high", "clip_ratio/region"}),
+    (["--advantage", "rloo", "--drop-zero-std", "--mask-truncated", "--importance-sampling-level", "sequence",
+      "--num-iterations", "2"], {"trained_fraction", "approx_kl_old"}),
+])
+def test_algorithm_variants_run_end_to_end_with_their_diagnostics(tmp_path, flags, keys):
+    train.main(TINY_ARGS + ["--total-steps", "2", "--save-every", "0", "--out-dir", str(tmp_path)] + flags)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    always = {"frac_reward_zero_std", "clipped_ratio", "trained_fraction", "resample_rounds"}
+    from_update = {"entropy", "approx_kl_old", "clip_ratio", "logprob_mismatch", "grad_norm"} | keys - always
+    for row in rows:
+        assert always <= set(row)
+        if row["trained_fraction"] > 0:  # --drop-zero-std may leave nothing to train on in a step
+            assert from_update <= set(row), from_update - set(row)
+        assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
