@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
         # 4. policy update, on the samples that train (--drop-zero-std, --mask-truncated leave some out)
         t1 = time.perf_counter()
         train_rows = np.ones(len(rewards), dtype=bool)
-        if cfg.drop_zero_std:
-            train_rows &= np.isin(np.arange(len(rewards)) // G, informative)
+        if cfg.drop_zero_std:  # group indices of the samples kept (dynamic sampling may have reordered them)
+            train_rows &= np.isin(np.arange(len(rewards)) // G, samples.informative_groups())
         if cfg.mask_truncated:
             train_rows &= samples.finished
         rows = np.flatnonzero(train_rows).tolist()
