@@ -461,18 +461,29 @@ def hostile_completions(text: str) -> list[str]:
     return [text, formatted(text), formatted("\\boxed{" + text + "}"), " t</think><answer>" + text]
 
 
+def fastest_of_three(call):
+    """(result, seconds) of the fastest of three calls: the inputs are deterministic, so a slow grader is slow
+    every time, while a preemption by another process on a shared machine only hits one of the three."""
+    best, result = float("inf"), None
+    for _ in range(3):
+        start = time.perf_counter()
+        result = call()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
 def test_hostile_inputs_give_valid_rewards_quickly(tasks):
     worst = {"gsm8k": 0.0, "aqua": 0.0, "math": 0.0}
     for text in HOSTILE:
         for completion in hostile_completions(text):
             for name, score in (("gsm8k", lambda c: gsm8k_reward(c, 72.0)), ("aqua", lambda c: aqua_reward(c, "C"))):
-                start = time.perf_counter()
-                assert score(completion) in REWARDS
-                worst[name] = max(worst[name], time.perf_counter() - start)
+                reward, seconds = fastest_of_three(lambda: score(completion))
+                assert reward in REWARDS
+                worst[name] = max(worst[name], seconds)
             for gold in MATH_GOLDS:
-                start = time.perf_counter()
-                assert math_reward(completion, gold) in REWARDS
-                worst["math"] = max(worst["math"], time.perf_counter() - start)
+                reward, seconds = fastest_of_three(lambda: math_reward(completion, gold))
+                assert reward in REWARDS
+                worst["math"] = max(worst["math"], seconds)
     assert worst["gsm8k"] < 0.05 and worst["aqua"] < 0.05, worst
     assert worst["math"] < 1.0, worst
 
