@@ -3,7 +3,7 @@ step and sample budget each, several seeds, then a Table-2-shaped summary and ov
 
     python scripts/e2h_sweep.py                 # 5 schedules x 3 seeds on the embedded tiny model (CPU)
     python scripts/e2h_sweep.py --quick         # 1 seed, fewer steps: a first look in a few minutes
-    python scripts/e2h_sweep.py --model Qwen2.5-1.5B --jobs 1 -- --total-steps 1600   # paper scale on a GPU
+    python scripts/e2h_sweep.py --model Qwen2.5-1.5B --jobs 1 --threads 0   # paper settings on a GPU
 
 Each run is `python train.py --schedule S --seed N --out-dir OUT/S-sN ...` in its own process; `--jobs` runs
 that many at once, each with `--threads` torch threads (for the tiny model two single-thread runs use two cores
