@@ -45,6 +45,7 @@ from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advan
 from e2h_min.models import (ValueHead, apply_lora, frozen_copy, load_lora_checkpoint, load_model, load_tokenizer,
                             lora_reference, pick_device, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
+from e2h_min.runlog import append_jsonl, check_resume_config, log_completions, truncate_jsonl
 from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
 
@@ -476,46 +477,6 @@ def optimizer_steps(optimizer) -> int:
     for state in optimizer.state.values():
         return int(state.get("step", 0))
     return 0
-
-
-# Fields that may differ when resuming: they change bookkeeping or speed, not what the run computes.
-RESUME_SAFE_FIELDS = {"resume", "out_dir", "eval_every", "eval_problems", "eval_max_new_tokens", "save_every",
-                      "keep_checkpoints", "log_completions_every", "device", "threads", "micro_batch_size",
-                      "gradient_checkpointing", "max_nonfinite_steps", "save_merged"}
-
-
-def check_resume_config(saved: dict, cfg: Config) -> None:
-    """Refuse to resume with a changed config unless every changed field is bookkeeping (RESUME_SAFE_FIELDS)."""
-    current = dataclasses.asdict(cfg)
-    changed = [k for k in current if k not in RESUME_SAFE_FIELDS and saved.get(k) != current[k]]
-    if changed:
-        k = changed[0]
-        raise UserError(f"--resume: {k} was {saved.get(k)!r} in the saved run but is {current[k]!r} now; "
-                        f"resume with the same value (only {', '.join(sorted(RESUME_SAFE_FIELDS))} may change)")
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
-
-
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Keep only lines of steps <= `step` (work after the checkpoint is redone by the resumed run)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
-def log_completions(run_dir: Path, step: int, samples: StepSamples, per_level: int = 2) -> None:
-    """A few sampled completions per level drawn this step (the first sample of each chosen prompt)."""
-    seen = Counter()
-    for i in range(0, len(samples.problems), samples.group_size):
-        problem = samples.problems[i]
-        if seen[problem.level] < per_level:
-            seen[problem.level] += 1
-            append_jsonl(run_dir / "completions.jsonl", {
-                "step": step, "level": problem.level, "prompt": problem.user_prompt,
-                "completion": samples.texts[i], "reward": float(samples.rewards[i])})
 
 
 @torch.no_grad()

@@ -19,10 +19,8 @@ matplotlib is optional: without it only --no-plots works, and the command says h
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
