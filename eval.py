@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from e2h_min.checkpoint import latest_checkpoint
 from e2h_min.config import OneLineErrorParser, UserError, exit_on_user_error
-from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, score_rollout
+from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
 from e2h_min.models import load_model, load_tokenizer, pick_device, resolve_model_name
 from e2h_min.passk import mean_pass_at_k
 from e2h_min.rollout import StopChecker, generate
@@ -183,7 +183,7 @@ def select_problems(task, levels: list[int], n: int, explicit_levels: bool) -> l
         if count < n:
             print(f"note: level {names[level]} has {count} test problems; using "
                   f"{'all of them' if count else 'none (skipped)'}", file=sys.stderr)
-    return [task.problem(level, i, "test") for level in levels for i in range(counts[level])]
+    return held_out_problems(task, n, levels)
 
 
 @torch.no_grad()

@@ -37,10 +37,11 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def held_out_problems(task, per_level: int) -> list:
-    """The first `per_level` test-split problems of every level incl. OOD (fewer where a data file has fewer)."""
+def held_out_problems(task, per_level: int, levels: list[int] | None = None) -> list:
+    """The first `per_level` test-split problems of each level (default: every level incl. OOD), level by level;
+    fewer where a data file has fewer. train.py's periodic evaluation and eval.py both use exactly this list."""
     problems = []
-    for level in task.eval_levels:
+    for level in task.eval_levels if levels is None else levels:
         available = task.num_problems(level, "test")
         count = per_level if available is None else min(per_level, available)
         problems += [task.problem(level, i, "test") for i in range(count)]

@@ -20,12 +20,8 @@ PAD, EOS = 0, 1
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These matrices are tiny: on a shared 2-core machine, thread hand-offs cost more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="module")

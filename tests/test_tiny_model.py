@@ -29,13 +29,8 @@ build = _load_build_script()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # On a shared 2-core machine, 2 threads made this file's generation ~60x slower (OpenMP barriers wait on a
-    # descheduled thread); restore the setting for the rest of the session.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="module")
