@@ -39,7 +39,8 @@ from e2h_min.config import Config, UserError, exit_on_user_error, parse_config, 
 from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed, sum_gradients
 from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
-from e2h_min.logprobs import completion_logprobs, pack_sequences
+from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_batches,
+                              shared_prompts_unsupported_reason)
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
                             sequence_kl, token_loss_weights, whiten)
 from e2h_min.models import (ValueHead, apply_lora, frozen_copy, load_lora_checkpoint, load_model, load_tokenizer,
@@ -60,10 +61,22 @@ def lr_multiplier(step: int, cfg: Config) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
-    """Sample indices sorted by length, cut into chunks of `size`: similar lengths share a batch, less padding."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + size] for i in range(0, len(order), size)]
+def shared_prompts_for(model, prompt_ids: list[list[int]], cfg: Config, rows: list[int] | None = None
+                       ) -> SharedPrompts | None:
+    """The distinct prompts of the samples `rows` (default all), for the shared-prompt layout; None where the
+    whole-sequence layout is used."""
+    if not cfg.share_prompt_forward or not prompt_ids or (rows is not None and not rows):
+        return None
+    if shared_prompts_unsupported_reason(model, cfg.gradient_checkpointing) is not None:
+        return None
+    return SharedPrompts.from_rows(prompt_ids, rows)
+
+
+def samples_to_run(advantages: torch.Tensor, cfg: Config, kl_in_loss: bool) -> list[int]:
+    """Indices of the samples the update must run: all, or with --skip-zero-advantage (when the loss has no KL
+    term and no value loss) those whose advantage is not exactly 0; the others add exactly 0 to the gradient."""
+    skip = cfg.skip_zero_advantage and cfg.advantage != "ppo" and not kl_in_loss
+    return [i for i, a in enumerate(advantages.tolist()) if not skip or a != 0]
 
 
 def policy_update(policy, reference, optimizer, prompt_ids, completions, advantages, sampler_logprobs, cfg,
@@ -77,6 +90,13 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
     Loss per token: -min(rho A, clip(rho) A) [+ beta * KL_k(pi || pi_ref)] [+ vf_coef * value loss], weighted by
     token_loss_weights, which are fixed for the whole step (global counts across ranks), so neither the
     micro-batch size nor the number of ranks changes the gradient.
+    Two savings that leave the gradient unchanged:
+    - samples whose advantage is exactly 0 (every sample of a group with equal rewards) add exactly 0 to the loss
+      and its gradient when the loss has no KL term and no value loss, so they are not run at all
+      (--no-skip-zero-advantage runs them); their tokens still count in the loss weights. The diagnostics
+      (entropy, clip ratios, approx_kl_old, logprob_mismatch) then cover the samples that were run.
+    - each distinct prompt runs through the model once per iteration, not once per sample
+      (logprobs.SharedPrompts), unless --no-share-prompt-forward or gradient checkpointing is on.
     """
     n = len(completions)
     width = max([1] + [len(c) for c in completions])
@@ -86,31 +106,43 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
     reduce = lambda t: all_reduce_sum(t, dist_info)  # noqa: E731  (identity in a single process)
     counts = reduce(torch.tensor([float(n), float(mask.sum())], device=device)).tolist()
     weights = token_loss_weights(mask, cfg.loss_type, cfg.max_new_tokens, int(counts[0]), counts[1])  # [N, T]
-    batches = micro_batches([len(p) + len(c) for p, c in zip(prompt_ids, completions)], cfg.micro_batch_size)
-    # Packed once, reused by every iteration. The pad id is arbitrary: masks come from lengths.
-    packed = [{k: v.to(device) for k, v in pack_sequences([prompt_ids[i] for i in rows],
-                                                          [completions[i] for i in rows], pad_id=0).items()}
-              for rows in batches]
     eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
     kl_in_loss = reference is not None and not cfg.kl_in_reward
+    active = samples_to_run(advantages, cfg, kl_in_loss)
+    shared = shared_prompts_for(policy, prompt_ids, cfg, active)
+    # Packed once, reused by every iteration.
+    batches, packed = zip(*pack_micro_batches(prompt_ids, completions, cfg.micro_batch_size, cfg.micro_batch_tokens,
+                                              shared, device, active)) if active else ((), ())
     old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old (before any update of this step)
     ref_logprobs: dict[int, torch.Tensor] = {}  # the reference is frozen: computed once, reused by iterations
+    ref_prompt_kv = []  # the reference model's prompt keys/values, computed on first use
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stats = defaultdict(float)
+
+    def prompt_kv(model):  # the prompts' keys/values for the shared layout (graph kept under autograd)
+        if shared is None:
+            return None
+        with autocast():
+            return shared.keys_values(model)
 
     def reference_logprobs(b: int, batch) -> torch.Tensor:
         if b not in ref_logprobs:
             with torch.no_grad(), autocast(), reference.context():
-                ref_logprobs[b], _ = completion_logprobs(reference.model, batch, cfg.temperature)
+                if not ref_prompt_kv:
+                    ref_prompt_kv.append(prompt_kv(reference.model))
+                ref_logprobs[b], _ = completion_logprobs(reference.model, batch, cfg.temperature,
+                                                         prompt_kv=ref_prompt_kv[0])
         return ref_logprobs[b]
 
     if cfg.advantage == "ppo":  # GAE needs V_old at every token before the first gradient step
         old_values = torch.zeros((n, width), device=device)
         token_rewards = torch.zeros((n, width), device=device)
         with torch.no_grad():
+            kv = prompt_kv(policy)
             for b, (rows, batch) in enumerate(zip(batches, packed)):
                 with autocast():
-                    logp, _, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True)
+                    logp, _, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True,
+                                                          prompt_kv=kv)
                     old_values[rows, :logp.shape[1]] = value_head(hidden) * batch["completion_mask"]
                 old_logprobs[b] = logp
                 if cfg.kl_in_reward and reference is not None:  # per-token reward penalty -beta * k1
@@ -131,14 +163,17 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
         explained_variance = float(1 - var_residual / var_returns.clamp(min=1e-8))  # already global
 
     skipped = 0
+    stats["active_samples"] = float(len(active))
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         last = iteration == cfg.num_iterations - 1
+        kv = prompt_kv(policy)  # the prompts' forward, once per iteration; micro-batches attend to it
         for b, (rows, batch) in enumerate(zip(batches, packed)):
             tokens = batch["completion_mask"]
             t_mb = tokens.shape[1]
             with autocast():
-                logp, entropy, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True)
+                logp, entropy, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True,
+                                                            prompt_kv=kv)
             old = old_logprobs.setdefault(b, logp.detach())  # first pass: ratio exactly 1
             adv = token_advantages[rows, :t_mb] if cfg.advantage == "ppo" else advantages[rows].to(device)
             loss_tok, flags = clipped_surrogate(logp, old, adv, cfg.epsilon, eps_high, tokens,
@@ -172,6 +207,11 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
                 for j, i in enumerate(rows):
                     sampled[j, :len(sampler_logprobs[i])] = torch.tensor(sampler_logprobs[i], device=device)
                 stats["logprob_mismatch"] += float(((sampled - old).abs() * tokens).sum())
+        if kv is not None:
+            kv.backward()  # the micro-batches' gradient on the prompts' keys/values, through the prompt forward
+        for p in params:  # a parameter no sample reached has gradient 0, not None: AdamW still steps its moments
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         sum_gradients(params, dist_info)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         if torch.isfinite(grad_norm):
@@ -183,7 +223,8 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
     totals = dict(zip(keys, reduce(torch.tensor([stats[k] for k in keys], device=device,
                                                 dtype=torch.float64)).tolist())) if keys else {}
     tokens = max(totals.pop("tokens", 0.0), 1.0)
-    out = {"loss": totals.pop("loss", 0.0), "grad_norm": float(grad_norm), "skipped_updates": skipped}
+    out = {"loss": totals.pop("loss", 0.0), "grad_norm": float(grad_norm), "skipped_updates": skipped,
+           "update_sample_share": totals.pop("active_samples", 0.0) / max(counts[0], 1.0)}
     if cfg.advantage == "ppo":
         out["explained_variance"] = explained_variance
     out.update({k: v / tokens for k, v in totals.items()})
@@ -259,7 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     policy, reference, value_head = build_models(cfg, device, resume_from)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     trainable += list(value_head.parameters()) if value_head else []
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters on CPU and CUDA (4.7x faster than the per-tensor loop on the tiny model)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type in ("cpu", "cuda") or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
     sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
     stop_checker = StopChecker(tokenizer, [cfg.stop], device)
@@ -452,7 +495,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advantages, cfg: Config, device,
                           autocast, value_head, dist_info: DistInfo, log) -> dict:
-    """policy_update; on a CUDA out-of-memory error, halve --micro-batch-size for the rest of the run and retry.
+    """policy_update; on a CUDA out-of-memory error, halve --micro-batch-size (and --micro-batch-tokens, if set)
+    for the rest of the run and retry.
 
     The retry is exact (the loss weights do not depend on the micro-batch size) as long as no optimizer step was
     taken yet; an OOM in a later iteration of --num-iterations > 1 is re-raised.
@@ -469,7 +513,9 @@ def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advan
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             cfg.micro_batch_size = max(1, cfg.micro_batch_size // 2)
-            log(f"warning: out of memory in the update; retrying with --micro-batch-size {cfg.micro_batch_size}")
+            cfg.micro_batch_tokens //= 2
+            log(f"warning: out of memory in the update; retrying with --micro-batch-size {cfg.micro_batch_size}"
+                + (f" --micro-batch-tokens {cfg.micro_batch_tokens}" if cfg.micro_batch_tokens else ""))
 
 
 def optimizer_steps(optimizer) -> int:
@@ -483,12 +529,14 @@ def optimizer_steps(optimizer) -> int:
 def reference_sequence_kl(reference, samples: StepSamples, cfg: Config, device, autocast) -> torch.Tensor:
     """sum_t KL_t(pi || pi_ref) per sample [N] (float64), from the sampler's log-probs, for --kl-in-reward."""
     out = torch.zeros(len(samples.completions), dtype=torch.float64)
-    lengths = [len(p) + len(c) for p, c in zip(samples.prompt_ids, samples.completions)]
-    for rows in micro_batches(lengths, cfg.micro_batch_size):
-        batch = {k: v.to(device) for k, v in pack_sequences([samples.prompt_ids[i] for i in rows],
-                                                            [samples.completions[i] for i in rows], 0).items()}
+    shared = shared_prompts_for(reference.model, samples.prompt_ids, cfg)
+    kv = None
+    for rows, batch in pack_micro_batches(samples.prompt_ids, samples.completions, cfg.micro_batch_size,
+                                          cfg.micro_batch_tokens, shared, device):
         with autocast(), reference.context():
-            ref, _ = completion_logprobs(reference.model, batch, cfg.temperature)
+            if shared is not None and kv is None:
+                kv = shared.keys_values(reference.model)
+            ref, _ = completion_logprobs(reference.model, batch, cfg.temperature, prompt_kv=kv)
         logp = torch.zeros_like(ref)
         for j, i in enumerate(rows):
             logp[j, :len(samples.sampler_logprobs[i])] = torch.tensor(samples.sampler_logprobs[i], device=device)

@@ -2,12 +2,18 @@
 
 The step is assembled from the real code, in train.py's order: LevelSampler -> encode_prompts -> rollout.generate
 -> score_rollout -> compute_advantages -> train.policy_update (whose reference pass, with --beta > 0, is a
-models.Reference from frozen_copy). Only the sampler differs between the columns, all in the same run:
-  hf     generate(decoder="hf"): the generic path, one model(...) call per token with a transformers DynamicCache,
-         close to the sampler before issue 3's work;
-  lean   generate(decoder="auto"): the lean in-place KV-cache decoder (what train.py uses);
-  old    the sampler as it was before issue 3 (e2h_min/rollout.py at --old-commit, read with `git show` and
-         imported from a temporary file; skipped with a note when git or that commit is not at hand).
+models.Reference from frozen_copy). The columns, all in the same run, differ in the sampler and the update:
+  before       the step before issue 3: the sampler as it was (e2h_min/rollout.py at --old-commit, read with
+               `git show` and imported from a temporary file; skipped with a note when git or that commit is not
+               at hand) and the update as it was: every sample, whole prompt + completion rows, micro-batches cut
+               by rows only (--no-share-prompt-forward --micro-batch-tokens 0 --no-skip-zero-advantage)
+  lean+whole   today's sampler, the update as before
+  lean+shared  today's sampler and update, but every sample run (--no-skip-zero-advantage)
+  hf           generate(decoder="hf"): the generic sampler, one model(...) call per token with a transformers
+               DynamicCache; today's update
+  lean         what train.py runs: generate(decoder="auto") (the lean in-place KV-cache decoder) and today's
+               update (zero-advantage samples skipped, each prompt run once, micro-batches under a token budget)
+The optimizer is fused AdamW (as train.py) in every column, so "before" is slightly faster than it really was.
 
 Protocol: one warm-up step per column, then the policy and AdamW state are snapshotted and restored before every
 timed step, so each column runs from the same weights on the same prompts and seed. Timed steps alternate the
@@ -17,16 +23,19 @@ columns (load changes hit them all); medians are reported. Phases:
   reference  the reference model's log-prob passes inside policy_update (0 with --beta 0: no reference model)
   update     the rest of policy_update: forward + backward + clip + AdamW step
 
-Model FLOPs (the MFU convention: useful work only, not padding, recomputation or finished rows still in the batch).
+Model FLOPs (the MFU convention: useful work only, not padding, recomputation or finished rows still in the batch),
+counted for the work each column's algorithm does: a column that skips work has fewer FLOPs, not a higher MFU.
 N_t = weights of the Linear layers of the trunk, N_h = LM-head weights (counted even when tied to the embedding),
 A = 4 * layers * heads * head_dim (one query's QK^T and AV against one key). Per row with prompt length p and
 completion length n (S = p + n):
   rollout   prefill (once per prompt)  2 N_t p + 2 N_h + A p(p+1)/2
             decode (n - 1 fed tokens)  sum_j [2 N_t + 2 N_h + A (p + j + 1)],  j = 0 .. n-2
-  reference forward                    2 N_t S + 2 N_h n + A S(S+1)/2
-  update    forward + backward         3 x the reference figure (6 N_t S + 6 N_h n + 3 A S(S+1)/2)
+  reference forward, whole layout      2 N_t S + 2 N_h n + A S(S+1)/2
+            shared-prompt layout       per prompt 2 N_t (p-1) + A (p-1)p/2, per row sum_j [2 N_t + 2 N_h + A (p+j)]
+  update    forward + backward         3 x the forward figure, over the rows it runs (train.samples_to_run)
 The matmul terms match torch.utils.flop_counter.FlopCounterMode on completion_logprobs exactly (forward, and
-forward + backward up to the LM head's checkpoint recompute, 2 N_h n, which is not model FLOPs).
+forward + backward, which adds the LM head's checkpoint recompute, 2 N_h n, when the logits are big enough to be
+checkpointed; that recompute is not model FLOPs).
 MFU = model FLOPs / step seconds / peak, peak = a large fp32 matmul timed on the same device and threads (on CUDA
 also a bf16 one, since training runs under bf16 autocast there).
 
@@ -34,13 +43,14 @@ also a bf16 one, since training runs under bf16 autocast there).
     python bench/step.py --beta 0.001 --steps 5   # with a reference model
     python bench/step.py --device cuda
 
-The last line is `step_speedup X.XX`: median step seconds with decoder="hf" / with decoder="auto".
+The last line is `step_speedup X.XX`: median step seconds before issue 3 / now (hf / now without the old column).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib.util
 import os
 import statistics
@@ -61,6 +71,7 @@ from e2h_min.config import UserError, parse_config, schedule_params  # noqa: E40
 from e2h_min.curriculum import LevelSampler  # noqa: E402
 from e2h_min.decoders import lean_decoder_unsupported_reason  # noqa: E402
 from e2h_min.evaluation import encode_prompts, eos_token_ids, score_rollout  # noqa: E402
+from e2h_min.logprobs import micro_batches  # noqa: E402
 from e2h_min.losses import compute_advantages  # noqa: E402
 from e2h_min.models import Reference, frozen_copy, load_model, load_tokenizer, pick_device  # noqa: E402
 from e2h_min.rollout import StopChecker, generate  # noqa: E402
@@ -143,22 +154,37 @@ def model_shape(model) -> dict:
 
 
 def step_flops(shape: dict, prompt_lengths: list[int], group: int, completion_lengths: list[int],
-               with_reference: bool) -> dict:
+               with_reference: bool, run: list[int], shared: bool) -> dict:
     """Model FLOPs of one step's phases (formulas in the module docstring); reference 0 without a reference model.
 
     prompt_lengths: P distinct prompts; completion_lengths: N = P * group, row i from prompt i // group.
+    run: the rows the update runs (train.samples_to_run); shared: the update uses the shared-prompt layout.
+    The reference pass runs every row (a KL term in the loss means no row is skipped).
     Example: N_t = 10, N_h = 2, A = 0, one prompt of 3 tokens, G = 1, one completion of 2 tokens ->
-             rollout 2*10*3 + 2*2 + (2*10 + 2*2) * 1 = 88, reference 2*10*5 + 2*2*2 = 108, update 324.
+             rollout 2*10*3 + 2*2 + (2*10 + 2*2) * 1 = 88; whole layout: reference 2*10*5 + 2*2*2 = 108,
+             update 324; shared layout: reference 2*10*2 + (2*10 + 2*2)*2 = 88, update 264.
     """
     nt, nh, a = shape["n_trunk"], shape["n_head"], shape["attention"]
     rollout = sum(2 * nt * p + 2 * nh + a * p * (p + 1) / 2 for p in prompt_lengths)
-    reference = 0.0
     for i, n in enumerate(completion_lengths):
         p, fed = prompt_lengths[i // group], max(0, n - 1)
         rollout += fed * (2 * nt + 2 * nh) + a * (fed * (p + 1) + fed * (fed - 1) / 2)
-        s = p + n
-        reference += 2 * nt * s + 2 * nh * n + a * s * (s + 1) / 2
-    return {"rollout": rollout, "reference": reference if with_reference else 0.0, "update": 3 * reference}
+
+    def forward(rows: list[int]) -> float:
+        if not shared:  # every row: its whole prompt + completion
+            return sum(2 * nt * (p + n) + 2 * nh * n + a * (p + n) * (p + n + 1) / 2
+                       for p, n in ((prompt_lengths[i // group], completion_lengths[i]) for i in rows))
+        prompts = {i // group for i in rows}  # each prompt minus its last token, once
+        total = sum(2 * nt * (prompt_lengths[q] - 1) + a * (prompt_lengths[q] - 1) * prompt_lengths[q] / 2
+                    for q in prompts)
+        for i in rows:  # suffix token j attends to p + j keys
+            p, n = prompt_lengths[i // group], completion_lengths[i]
+            total += (2 * nt + 2 * nh) * n + a * (n * p + n * (n - 1) / 2)
+        return total
+
+    every_row = list(range(len(completion_lengths)))
+    return {"rollout": rollout, "reference": forward(every_row) if with_reference else 0.0,
+            "update": 3 * forward(run)}
 
 
 def run_step(ctx: dict, variant: dict, index: int) -> dict:
@@ -191,43 +217,80 @@ def run_step(ctx: dict, variant: dict, index: int) -> dict:
     reference_timer = PhaseTimer(device)
     reference = (Reference(ctx["reference_model"], lambda: reference_timer) if ctx["reference_model"] is not None
                  else None)
+    update_cfg = dataclasses.replace(cfg, **variant["update"])
     with PhaseTimer(device) as t:
         train.policy_update(policy, reference, ctx["optimizer"], [p for p in prompt_ids for _ in range(G)],
-                            completions, advantages, sampler_logprobs, cfg, device, ctx["autocast"])
+                            completions, advantages, sampler_logprobs, update_cfg, device, ctx["autocast"])
     seconds["reference"] = reference_timer.seconds
     seconds["update"] = t.seconds - reference_timer.seconds
     seconds["step"] = sum(seconds[k] for k in PHASES)
     lengths = [len(c) for c in completions]
-    rows = [len(prompt_ids[i // G]) + n for i, n in enumerate(lengths)]
-    padded = sum(len(b) * max(rows[i] for i in b) for b in train.micro_batches(rows, cfg.micro_batch_size))
     return {"seconds": seconds, "tokens": sum(lengths), "prompt_tokens": [len(p) for p in prompt_ids],
-            "flops": step_flops(ctx["shape"], [len(p) for p in prompt_ids], G, lengths, reference is not None),
-            "update_tokens": (sum(rows), padded), "mean_reward": float(np.mean(rewards))}
+            **update_work(ctx["shape"], prompt_ids, G, completions, advantages, update_cfg, policy,
+                          with_reference=reference is not None),
+            "mean_reward": float(np.mean(rewards))}
+
+
+def update_work(shape: dict, prompt_ids: list[list[int]], group: int, completions: list[list[int]], advantages, cfg,
+                policy, with_reference: bool) -> dict:
+    """Model FLOPs per phase ("flops") and (token positions the update's forward runs on, the same with padding)
+    ("update_tokens") for one iteration.
+
+    Only the samples train.samples_to_run keeps. Whole-sequence layout: each one's prompt + completion, padded
+    per micro-batch. Shared-prompt layout: their distinct prompts minus the last token (padded to the longest),
+    then each sample's completion-length suffix.
+    """
+    rows = [p for p in prompt_ids for _ in range(group)]
+    active = train.samples_to_run(advantages, cfg, kl_in_loss=with_reference and not cfg.kl_in_reward)
+    shared = train.shared_prompts_for(policy, rows, cfg, active)
+    if shared is None:
+        lengths = [len(rows[i]) + len(completions[i]) for i in active]
+        real, padded = sum(lengths), 0
+    else:
+        lengths = [len(completions[i]) for i in active]
+        real = sum(lengths) + int(shared.prefix_mask.sum())
+        padded = shared.prefix_mask.numel()
+    for batch in micro_batches(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens):
+        padded += len(batch) * max(lengths[i] for i in batch)
+    flops = step_flops(shape, [len(p) for p in prompt_ids], group, [len(c) for c in completions], with_reference,
+                       active, shared is not None)
+    return {"flops": flops, "update_tokens": (real, padded), "update_rows": len(active)}
+
+
+# The update before issue 3: every sample, whole sequences, micro-batches cut by rows only.
+WHOLE_SEQUENCE_UPDATE = {"share_prompt_forward": False, "micro_batch_tokens": 0, "skip_zero_advantage": False}
 
 
 def build_variants(args, tokenizer, cfg, device, policy) -> tuple[list[dict], list[str]]:
-    """The samplers to compare: hf (generic), lean (auto) and, if it loads, the pre-issue-3 one."""
+    """The columns: the step before issue 3, the lean sampler with the old update, hf and lean with the new one."""
     stops = [cfg.stop] if cfg.stop else []
     checker = StopChecker(tokenizer, stops, device)
     lean_why_not = lean_decoder_unsupported_reason(policy)
     auto_label = "lean" if lean_why_not is None else "auto->hf"
-    variants = [
-        {"name": "hf", "generate": generate, "stop_checker": checker, "options": {"decoder": "hf"}},
-        {"name": auto_label, "generate": generate, "stop_checker": checker, "options": {"decoder": "auto"}},
+    lean = {"generate": generate, "stop_checker": checker, "options": {"decoder": "auto"}}
+    variants, notes = [], []
+    old, why = load_old_sampler(args.old_commit) if args.old_commit else (None, "--old-commit ''")
+    if old is not None:
+        variants.append({"name": "before", "generate": old.generate, "options": {},
+                         "stop_checker": old.StopChecker(tokenizer, stops, device), "update": WHOLE_SEQUENCE_UPDATE})
+        notes.append(f"before: the step before issue 3: e2h_min/rollout.py as of commit {args.old_commit} (imported "
+                     "via git show) and the update as it was (--no-share-prompt-forward --micro-batch-tokens 0 "
+                     "--no-skip-zero-advantage)")
+    else:
+        notes.append(f"before: skipped ({why})")
+    variants += [
+        {"name": f"{auto_label}+whole", **lean, "update": WHOLE_SEQUENCE_UPDATE},
+        {"name": f"{auto_label}+shared", **lean, "update": {"skip_zero_advantage": False}},
+        {"name": "hf", "generate": generate, "stop_checker": checker, "options": {"decoder": "hf"}, "update": {}},
+        {"name": auto_label, **lean, "update": {}},
     ]
-    notes = ["hf: generate(decoder='hf'), the generic path (model(...) per token, DynamicCache), close to the "
-             "pre-issue-3 sampler",
-             "lean: generate(decoder='auto'), what train.py uses" if lean_why_not is None
-             else f"auto: the lean decoder does not support this model ({lean_why_not}); auto runs the generic path"]
-    if args.old_commit:
-        old, why = load_old_sampler(args.old_commit)
-        if old is None:
-            notes.append(f"old: skipped: {why}")
-        else:
-            variants.append({"name": f"old {args.old_commit}", "generate": old.generate,
-                             "stop_checker": old.StopChecker(tokenizer, stops, device), "options": {}})
-            notes.append(f"old {args.old_commit}: e2h_min/rollout.py as of commit {args.old_commit}, the sampler "
-                         f"before issue 3 (unchanged until then), imported via git show")
+    notes += [f"{auto_label}+whole: today's sampler, the update as before issue 3",
+              f"{auto_label}+shared: today's sampler and update, but every sample run (--no-skip-zero-advantage)",
+              "hf: generate(decoder='hf'), the generic sampler (model(...) per token, DynamicCache), today's update",
+              f"{auto_label}: generate(decoder='auto') and today's update, what train.py runs (shared-prompt forward, "
+              f"--micro-batch-size {cfg.micro_batch_size} --micro-batch-tokens {cfg.micro_batch_tokens})"]
+    if lean_why_not is not None:
+        notes.append(f"auto: the lean decoder does not support this model ({lean_why_not}); auto runs the generic path")
     return variants, notes
 
 
@@ -242,7 +305,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="distinct prompts per step")
     parser.add_argument("--generations", type=int, default=8, help="G, completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--micro-batch-size", type=int, default=128)
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the model's preset / config")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None, help="default: the model's preset / config")
     parser.add_argument("--curriculum-step", type=int, default=None,
                         help="curriculum step whose level mix the prompts follow (default: the middle of the "
                              "demo run, total_steps // 2)")
@@ -256,7 +320,10 @@ def main() -> None:
     try:
         cfg = parse_config(["--model", args.model, "--beta", str(args.beta), "--prompts-per-step", str(args.prompts),
                             "--num-generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
-                            "--micro-batch-size", str(args.micro_batch_size), "--seed", str(args.seed),
+                            *(["--micro-batch-size", str(args.micro_batch_size)] if args.micro_batch_size else []),
+                            *(["--micro-batch-tokens", str(args.micro_batch_tokens)]
+                              if args.micro_batch_tokens is not None else []),
+                            "--seed", str(args.seed),
                             "--device", args.device])
         torch.set_num_threads(args.threads)
         device = pick_device(cfg.device)
@@ -275,7 +342,8 @@ def main() -> None:
            "reference_model": frozen_copy(policy).model if cfg.beta > 0 else None,
            "curriculum_step": cfg.total_steps // 2 if args.curriculum_step is None else args.curriculum_step,
            "optimizer": torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
-                                          weight_decay=cfg.weight_decay)}
+                                          weight_decay=cfg.weight_decay,
+                                          fused=device.type in ("cpu", "cuda") or None)}  # as train.py, every column
     variants, notes = build_variants(args, tokenizer, cfg, device, policy)
     load = os.getloadavg()
     print(f"torch {torch.__version__}, device {device}, CPU threads {torch.get_num_threads()}, load average "
@@ -327,6 +395,7 @@ def report(results: dict, peaks: dict, steps: int) -> None:
     first = results[names[0]][0]["prompt_tokens"]
     print(f"prompt tokens {min(first)}-{max(first)} (first timed step; every column gets the same prompts)")
     row("generated tokens", lambda r: r["tokens"], "16.0f")
+    row("update samples run", lambda r: r["update_rows"], "16.0f")
     row("update tokens real", lambda r: r["update_tokens"][0], "16.0f")
     row("  padded to", lambda r: r["update_tokens"][1], "16.0f")
     row("rollout tokens/s", lambda r: r["tokens"] / r["seconds"]["rollout"], "16.0f")
@@ -341,12 +410,12 @@ def report(results: dict, peaks: dict, steps: int) -> None:
           + " (best of 5 square matmuls, same device and threads)")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     step = {n: statistics.median(r["seconds"]["step"] for r in results[n]) for n in names}
-    fast = names[1]
-    for n in [*names[2:], "hf"]:
-        label = f"{n} (generic path)" if n == "hf" else n
-        print(f"step speed-up {label} -> {fast}: {step[n] / step[fast]:.2f}x (median step {step[n]:.3f} s -> "
-              f"{step[fast]:.3f} s)")
-    print(f"step_speedup {step['hf'] / step[fast]:.2f}")
+    now = names[-1]
+    for n in names[:-1]:
+        print(f"step speed-up {n} -> {now}: {step[n] / step[now]:.2f}x (median step {step[n]:.3f} s -> "
+              f"{step[now]:.3f} s)")
+    base = "before" if "before" in step else "hf"
+    print(f"step_speedup {step[base] / step[now]:.2f}")
 
 
 if __name__ == "__main__":

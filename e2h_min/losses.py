@@ -16,10 +16,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     rewards [N] -> [N]. `scale`: "group" divides by the std of the sample's own group (the paper), "batch" by the
     std of all N rewards (less noisy for small groups), "none" does not divide (Dr. GRPO's unbiased form).
     std is the unbiased (Bessel-corrected) standard deviation, as in TRL and the paper's code.
+    A group whose rewards are all equal gets exactly 0 (its mean can round off its values, which would otherwise
+    leave a spurious +-1e-4 advantage in float32); the trainer relies on this to skip such samples.
     Example: rewards [1, 0, 0, 0], G=4, eps 0 -> mean .25, std .5 -> [1.5, -.5, -.5, -.5].
     """
     grouped = rewards.view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
+    centered = centered.masked_fill(_constant_groups(grouped), 0.0)
     if scale == "group":
         centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
@@ -32,11 +35,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """REINFORCE leave-one-out: A_i = r_i - mean_{j != i, same group} r_j = G/(G-1) * (r_i - mean_g(r)).
 
-    rewards [N] -> [N]. Example: [1, 0, 0, 0] -> [1, -1/3, -1/3, -1/3].
+    rewards [N] -> [N]; exactly 0 for a group whose rewards are all equal. Example: [1, 0, 0, 0] -> [1, -1/3, -1/3,
+    -1/3].
     """
     grouped = rewards.view(-1, group_size)
     others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - others_mean).reshape(-1)
+    return (grouped - others_mean).masked_fill(_constant_groups(grouped), 0.0).reshape(-1)
+
+
+def _constant_groups(grouped: torch.Tensor) -> torch.Tensor:
+    """grouped [P, G] -> [P, 1] bool: True where every reward of the group equals its first."""
+    return (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
 
 
 def compute_advantages(name: str, rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import train
 from e2h_min.config import Config
-from e2h_min.logprobs import completion_logprobs, pack_sequences
+from e2h_min.logprobs import completion_logprobs, micro_batches, pack_sequences
 from e2h_min.models import TINY_MODEL_DIR, ValueHead, frozen_copy
 from e2h_min.rollout import generate
 
@@ -152,7 +152,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
 
 
 def test_micro_batches_sort_by_length_and_cover_every_sample():
-    batches = train.micro_batches([5, 1, 9, 3, 7], 2)
+    batches = micro_batches([5, 1, 9, 3, 7], 2)
     assert batches == [[1, 3], [0, 4], [2]]
 
 
