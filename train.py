@@ -15,6 +15,9 @@ Design choices, in brief:
   on the first on-policy iteration and no extra forward pass is spent. The sampler's own log-probs are compared
   with them as a numerics check (logprob_mismatch).
 - Training log-probs use the sampling temperature, computed in chunks only at completion positions.
+- The update runs only what the gradient needs: samples with advantage exactly 0 are not run (they add exactly 0
+  when the loss has no KL or value term), each distinct prompt runs once per iteration for all its samples
+  (logprobs.SharedPrompts), and micro-batches are cut by rows and padded tokens after sorting by length.
 - fp32 master weights under AdamW; bf16 autocast on CUDA, fp32 on CPU; one code path for both.
 """
 
@@ -513,7 +516,8 @@ def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advan
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             cfg.micro_batch_size = max(1, cfg.micro_batch_size // 2)
-            cfg.micro_batch_tokens //= 2
+            if cfg.micro_batch_tokens:  # 0 means no cap; a set budget halves but stays a cap
+                cfg.micro_batch_tokens = max(1, cfg.micro_batch_tokens // 2)
             log(f"warning: out of memory in the update; retrying with --micro-batch-size {cfg.micro_batch_size}"
                 + (f" --micro-batch-tokens {cfg.micro_batch_tokens}" if cfg.micro_batch_tokens else ""))
 

@@ -4,6 +4,7 @@ Each saving is checked against the plain computation it replaces: whole prompt +
 run, micro-batches cut by rows only.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,3 +178,38 @@ def test_pack_micro_batches_returns_sample_rows_of_the_subset():
     assert sorted(i for chosen, _ in packed for i in chosen) == subset
     for chosen, batch in packed:
         assert batch["completion_mask"].sum(-1).tolist() == [len(completions[i]) for i in chosen]
+
+
+def test_out_of_memory_in_the_update_halves_the_budgets_and_retries_to_the_same_result(monkeypatch):
+    from e2h_min.samples import StepSamples
+
+    rows, completions = grouped_batch()
+    samples = StepSamples(3, [None] * len(rows), rows, completions, [[0.0] * len(c) for c in completions],
+                          [""] * len(rows), np.zeros(len(rows)), np.ones(len(rows), dtype=bool))
+    advantages = torch.randn(len(rows), generator=torch.Generator().manual_seed(7))
+
+    def run(fail_first: bool):
+        policy = random_model()
+        optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+        cfg = Config(micro_batch_size=8, micro_batch_tokens=40, beta=0.0, max_new_tokens=8, max_grad_norm=0.0,
+                     num_generations=3)
+        real_update, calls, logged = train.policy_update, [], []
+
+        def flaky_update(*args, **kwargs):
+            calls.append((cfg.micro_batch_size, cfg.micro_batch_tokens))
+            if fail_first and len(calls) == 1:
+                raise torch.OutOfMemoryError("simulated")
+            return real_update(*args, **kwargs)
+
+        monkeypatch.setattr(train, "policy_update", flaky_update)
+        before = [p.detach().clone() for p in policy.parameters()]
+        train.update_with_oom_retry(policy, None, optimizer, samples, advantages, cfg, CPU, NO_AUTOCAST, None,
+                                    train.DistInfo(), logged.append)
+        delta = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, policy.parameters())])
+        return delta, calls, logged
+
+    retried, calls, logged = run(fail_first=True)
+    assert calls == [(8, 40), (4, 20)]
+    assert logged and "--micro-batch-size 4 --micro-batch-tokens 20" in logged[0]
+    direct, _, _ = run(fail_first=False)
+    assert torch.allclose(retried, direct, atol=1e-6)
