@@ -63,7 +63,7 @@ class Config:
     kl_estimator: str = _f("k3", "KL estimator: k1 (-d), k2 (d^2/2), k3 (exp(d)-d-1), d = logp_ref - logp")
     epsilon: float = _f(0.2, "PPO clip range (lower side, and upper unless --epsilon-high)")
     epsilon_high: Optional[float] = _f(None, "upper clip range (clip-higher, DAPO); default = epsilon")
-    num_iterations: int = _f(1, "updates per rollout batch (>1 reuses the sampler's log-probs as old)")
+    num_iterations: int = _f(1, "updates per rollout batch (pi_old = the first pass's log-probs, kept for all)")
     advantage: str = _f("grpo", f"advantage estimator: {', '.join(ADVANTAGES)}")
     scale_rewards: str = _f("group", "grpo advantage scale: group std, batch std, or none")
     loss_type: str = _f("grpo", f"loss aggregation: {', '.join(LOSS_TYPES)}")
