@@ -118,7 +118,7 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
                                               shared, device, active)) if active else ((), ())
     old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old (before any update of this step)
     ref_logprobs: dict[int, torch.Tensor] = {}  # the reference is frozen: computed once, reused by iterations
-    ref_prompt_kv = []  # the reference model's prompt keys/values, computed on first use
+    ref_kv = None  # the reference model's prompt keys/values (shared layout), computed on first use
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stats = defaultdict(float)
 
@@ -129,12 +129,12 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
             return shared.keys_values(model)
 
     def reference_logprobs(b: int, batch) -> torch.Tensor:
+        nonlocal ref_kv
         if b not in ref_logprobs:
             with torch.no_grad(), autocast(), reference.context():
-                if not ref_prompt_kv:
-                    ref_prompt_kv.append(prompt_kv(reference.model))
-                ref_logprobs[b], _ = completion_logprobs(reference.model, batch, cfg.temperature,
-                                                         prompt_kv=ref_prompt_kv[0])
+                if ref_kv is None:
+                    ref_kv = prompt_kv(reference.model)
+                ref_logprobs[b], _ = completion_logprobs(reference.model, batch, cfg.temperature, prompt_kv=ref_kv)
         return ref_logprobs[b]
 
     if cfg.advantage == "ppo":  # GAE needs V_old at every token before the first gradient step
