@@ -55,10 +55,14 @@ def test_chunked_completion_logprobs_match_full_forward():
     assert entropy[0, 0].item() == pytest.approx(-(first.exp() * first).sum().item(), abs=1e-4)
 
 
-def test_chunking_does_not_change_gradients():
+@pytest.mark.parametrize("checkpoint_bytes", [0, 2 ** 62])  # every chunk checkpointed / none (the default here)
+def test_chunking_and_checkpointing_do_not_change_gradients(monkeypatch, checkpoint_bytes):
+    import e2h_min.logprobs
+
     prompts, completions = sample_batch()
     grads = []
-    for chunk in (1000, 4):
+    for chunk, threshold in ((1000, 2 ** 62), (4, checkpoint_bytes)):  # reference: one chunk, no checkpoint
+        monkeypatch.setattr(e2h_min.logprobs, "CHECKPOINT_LOGITS_BYTES", threshold)
         model = random_model()
         logp, _ = completion_logprobs(model, pack_sequences(prompts, completions, 0), 1.0, chunk_rows=chunk)
         logp.sum().backward()
