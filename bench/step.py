@@ -71,7 +71,7 @@ from e2h_min.config import UserError, parse_config, schedule_params  # noqa: E40
 from e2h_min.curriculum import LevelSampler  # noqa: E402
 from e2h_min.decoders import lean_decoder_unsupported_reason  # noqa: E402
 from e2h_min.evaluation import encode_prompts, eos_token_ids, score_rollout  # noqa: E402
-from e2h_min.logprobs import micro_batches  # noqa: E402
+from e2h_min.logprobs import pack_micro_batches  # noqa: E402
 from e2h_min.losses import compute_advantages  # noqa: E402
 from e2h_min.models import Reference, frozen_copy, load_model, load_tokenizer, pick_device  # noqa: E402
 from e2h_min.rollout import StopChecker, generate  # noqa: E402
@@ -234,7 +234,7 @@ def run_step(ctx: dict, variant: dict, index: int) -> dict:
 def update_work(shape: dict, prompt_ids: list[list[int]], group: int, completions: list[list[int]], advantages, cfg,
                 policy, with_reference: bool) -> dict:
     """Model FLOPs per phase ("flops") and (token positions the update's forward runs on, the same with padding)
-    ("update_tokens") for one iteration.
+    ("update_tokens") for one iteration, read off the batches train.policy_update packs for this config.
 
     Only the samples train.samples_to_run keeps. Whole-sequence layout: each one's prompt + completion, padded
     per micro-batch. Shared-prompt layout: their distinct prompts minus the last token (padded to the longest),
@@ -243,15 +243,13 @@ def update_work(shape: dict, prompt_ids: list[list[int]], group: int, completion
     rows = [p for p in prompt_ids for _ in range(group)]
     active = train.samples_to_run(advantages, cfg, kl_in_loss=with_reference and not cfg.kl_in_reward)
     shared = train.shared_prompts_for(policy, rows, cfg, active)
-    if shared is None:
-        lengths = [len(rows[i]) + len(completions[i]) for i in active]
-        real, padded = sum(lengths), 0
-    else:
-        lengths = [len(completions[i]) for i in active]
-        real = sum(lengths) + int(shared.prefix_mask.sum())
-        padded = shared.prefix_mask.numel()
-    for batch in micro_batches(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens):
-        padded += len(batch) * max(lengths[i] for i in batch)
+    real = int(shared.prefix_mask.sum()) if shared is not None else 0
+    padded = shared.prefix_mask.numel() if shared is not None else 0
+    packed = pack_micro_batches(rows, completions, cfg.micro_batch_size, cfg.micro_batch_tokens, shared, "cpu",
+                                active) if active else []
+    for _, batch in packed:  # a suffix row feeds its completion length; a whole row its prompt + completion
+        real += int(batch["completion_mask" if shared is not None else "attention_mask"].sum())
+        padded += batch["input_ids"].numel()
     flops = step_flops(shape, [len(p) for p in prompt_ids], group, [len(c) for c in completions], with_reference,
                        active, shared is not None)
     return {"flops": flops, "update_tokens": (real, padded), "update_rows": len(active)}
