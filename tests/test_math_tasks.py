@@ -129,11 +129,6 @@ def test_math_pairs(prediction, gold, expected):
     assert math_answers_equivalent(gold, prediction) is expected  # the relation is symmetric
 
 
-def test_math_table_is_large_and_balanced():
-    assert len(MATH_PAIRS) >= 40
-    assert sum(not expected for _, _, expected in MATH_PAIRS) >= 15
-
-
 @pytest.mark.parametrize("text, expected", [
     (r"so the answer is \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
     (r"\boxed{1} then \boxed{2}", "2"),

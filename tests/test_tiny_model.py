@@ -146,7 +146,16 @@ def test_greedy_generation_solves_some_level0_problems_and_padding_does_not_matt
         assert build.greedy_completions(model, tokenizer, [prompts[i]], max_new_tokens=48) == [batched[i]]
 
 
-def test_build_info_records_settings_and_accuracies():
+def test_build_info_describes_the_committed_weights_and_the_script_s_settings(model, tokenizer):
+    """build_info.json must describe the weights next to it and the recipe in scripts/build_tiny_model.py: a
+    rebuilt model, a changed script constant or a renamed level without a rebuild fails here."""
     info = json.loads((ARTIFACT / "build_info.json").read_text())
-    assert set(info["eval"]["accuracy"]) == {"L0", "L1", "L2", "L3", "OOD"}
-    assert info["parameters"] > 1_000_000 and info["eval"]["problems_per_level"] == 200
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["vocab_size"] == len(tokenizer) == model.config.vocab_size
+    assert info["model_shape"] == {k: getattr(model.config, k) for k in info["model_shape"]} == build.MODEL_SHAPE
+    assert (info["batch_size"], info["peak_lr"], info["warmup_steps"]) == (build.BATCH_SIZE, build.PEAK_LR,
+                                                                         build.WARMUP_STEPS)
+    assert info["eval"]["problems_per_level"] == build.EVAL_PROBLEMS_PER_LEVEL
+    assert info["eval"]["max_new_tokens"] == build.EVAL_MAX_NEW_TOKENS
+    assert list(info["eval"]["accuracy"]) == CountdownTask(seed=0).level_names()
+    assert all(0.0 <= a <= 1.0 for a in info["eval"]["accuracy"].values())
