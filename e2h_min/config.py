@@ -137,8 +137,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         if kind is bool:  # --flag / --no-flag
             parser.add_argument(*spellings, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(*spellings, dest=f.name, type=_parse_value(kind), metavar=kind.__name__.upper(),
-                                help=help_text)
+            optional = str(f.type).startswith("Optional[")  # only these take 'none' (--scale-rewards none is a str)
+            parser.add_argument(*spellings, dest=f.name, type=_parse_value(kind, optional),
+                                metavar=kind.__name__.upper(), help=help_text)
     return parser
 
 
@@ -155,9 +156,9 @@ def _base_type(f: dataclasses.Field) -> type:
     return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type).removeprefix("Optional[").rstrip("]")]
 
 
-def _parse_value(kind: type):
+def _parse_value(kind: type, optional: bool):
     def parse(text: str):
-        if text.lower() == "none":
+        if optional and text.lower() == "none":
             return None
         try:
             return kind(text)

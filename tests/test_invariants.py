@@ -140,6 +140,7 @@ def make_cfg(**overrides):
     {"loss_type": "grpo", "beta": 0.3, "kl_estimator": "k3"},
     {"loss_type": "dapo", "beta": 0.3, "kl_estimator": "k1"},
     {"loss_type": "dr_grpo", "beta": 0.3, "kl_estimator": "k2", "share_prompt_forward": False},
+    {"loss_type": "grpo", "beta": 0.3, "gradient_checkpointing": True},
 ])
 def test_update_gradient_equals_a_plain_per_sample_reference(overrides):
     """EOS is trained, padding is not, a one-token completion gets its gradient, the KL in the loss pulls toward
@@ -148,7 +149,10 @@ def test_update_gradient_equals_a_plain_per_sample_reference(overrides):
     prompts, completions = batch_with_eos()
     advantages = torch.tensor([1.0, -0.5, 0.0, 0.0, 2.0, -1.5, -0.7, 0.7])  # one group with A = 0 (skippable)
     reference = frozen_copy(random_model(seed=5)) if cfg.beta else None
-    delta, _, _ = run_policy_update(random_model(), reference, prompts, completions, advantages, cfg)
+    policy = random_model()
+    if cfg.gradient_checkpointing:  # as train.build_models sets it up; the update then packs whole sequences
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    delta, _, _ = run_policy_update(policy, reference, prompts, completions, advantages, cfg)
     plain = random_model()
     expected = gradient(plain, reference_grpo_loss(plain, reference and reference.model, prompts, completions,
                                                    advantages, cfg))
@@ -183,6 +187,30 @@ def test_padding_and_other_rows_do_not_leak_into_a_sample_s_gradient():
                                      torch.cat([advantages, torch.zeros(1)]), cfg)
     tokens = sum(len(c) for c in completions)
     assert torch.allclose(padded, alone * tokens / (tokens + len(long)), atol=1e-7, rtol=1e-5)
+
+
+def test_a_non_finite_gradient_skips_the_step_and_leaves_the_weights_unchanged():
+    prompts, completions = batch_with_eos()
+    advantages = torch.tensor([1.0, -0.5, float("nan"), 0.3, 2.0, -1.5, -0.7, 0.7])
+    policy = random_model()
+    delta, stats, _ = run_policy_update(policy, None, prompts, completions, advantages, make_cfg(num_iterations=2))
+    assert stats["skipped_updates"] == 2 and torch.all(delta == 0)
+
+
+def test_none_is_a_choice_of_scale_rewards_and_unsets_only_optional_flags():
+    """--scale-rewards none (Dr. GRPO's unscaled advantages) was parsed as None and then refused."""
+    from e2h_min.config import parse_config
+
+    cfg = parse_config(["--scale-rewards", "none", "--epsilon-high", "none", "--model", "x"])
+    assert cfg.scale_rewards == "none" and cfg.epsilon_high is None
+
+
+@pytest.mark.parametrize("schedule, expected", [("cosine", [0.25, 0.5, 1.0, 0.5, 0.0]),
+                                                ("constant", [0.25, 0.5, 1.0, 1.0, 1.0])])
+def test_lr_multiplier_warms_up_then_follows_the_schedule(schedule, expected):
+    cfg = Config(total_steps=6, warmup_steps=4, lr_schedule=schedule)  # decay over steps 4..6
+    steps = [0, 1, 3, 5, 6]
+    assert [train.lr_multiplier(s, cfg) for s in steps] == pytest.approx(expected, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- signs of the reward-shaping terms
