@@ -124,6 +124,52 @@ def test_mask_truncated_trains_exactly_the_finished_samples_and_each_ends_in_eos
         assert completion[-1] == tokenizer.eos_token_id or text.rstrip().endswith(cfg["stop"]), text
 
 
+def plain_advantages(rewards, group_size, estimator, scale):
+    """GRPO / Dr. GRPO / RLOO advantages written out group by group (std: Bessel-corrected, eps 1e-4)."""
+    def std(values):
+        mean = sum(values) / len(values)
+        return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start:start + group_size]
+        mean = sum(group) / group_size
+        for r in group:
+            if estimator == "rloo":
+                out.append(r - (sum(group) - r) / (group_size - 1))
+            elif estimator == "dr_grpo" or scale == "none":
+                out.append(r - mean)
+            else:
+                out.append((r - mean) / ((std(group) if scale == "group" else std(rewards)) + 1e-4))
+    return out
+
+
+@pytest.mark.parametrize("estimator, scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                              ("dr_grpo", "group"), ("rloo", "group")])
+def test_the_update_receives_the_advantages_of_its_estimator(tmp_path, monkeypatch, estimator, scale):
+    rewards = [0.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.1, 0.1, 1.0, 0.0, 0.0, 0.0]
+    recorder = Recorder(monkeypatch, rewards=[rewards])
+    run(tmp_path, "--prompts-per-step", "3", "--num-generations", "4", "--advantage", estimator,
+        "--scale-rewards", scale)
+    (kept, advantages), = recorder.updates
+    assert kept.rewards.tolist() == rewards
+    assert advantages.tolist() == pytest.approx(plain_advantages(rewards, 4, estimator, scale), abs=1e-5)
+
+
+def test_non_finite_gradients_skip_updates_and_stop_the_run_after_max_nonfinite_steps(tmp_path, monkeypatch):
+    real = train.update_with_oom_retry
+
+    def poisoned(policy, reference, optimizer, kept, advantages, *args, **kwargs):  # NaN advantages -> NaN grads
+        return real(policy, reference, optimizer, kept, advantages * float("nan"), *args, **kwargs)
+
+    monkeypatch.setattr(train, "update_with_oom_retry", poisoned)
+    with pytest.raises(SystemExit, match="non-finite gradients in 2 updates in a row"):
+        run(tmp_path, "--prompts-per-step", "2", "--num-generations", "2", "--total-steps", "3",
+            "--max-nonfinite-steps", "2")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_updates"]) for r in rows] == [(1, 1)]
+
+
 # ----------------------------------------------------------------------------- the adaptive schedule's signal
 def test_sec_schedule_is_fed_the_mean_absolute_advantage_of_each_level(tmp_path, monkeypatch):
     g = np.random.default_rng(0)
