@@ -244,7 +244,7 @@ MUTANTS = [
       "pass@k product over one factor too many", ["tests/test_eval.py", "-k", "pass_at_k and not tiny"]),
     m("checkpoint-sampling-rng", "e2h_min/checkpoint.py",
       "\"sampling\": generator.get_state() if generator is not None else None,", "\"sampling\": None,",
-      "the rollout generator's state is not checkpointed", ["tests/test_train.py", "-k", "resumes"]),
+      "the rollout generator's state is not checkpointed", ["tests/test_checkpoint.py"]),
     m("checkpoint-keeps-oldest", "e2h_min/checkpoint.py",
       "for old in list_checkpoints(run_dir)[:-keep]:", "for old in list_checkpoints(run_dir)[keep:]:",
       "keep=N deletes the newest checkpoints instead of the oldest", ["tests/test_checkpoint.py"]),
