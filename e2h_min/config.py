@@ -189,8 +189,8 @@ def combination_warnings(cfg: Config) -> list[str]:
                    "(grad KL(pi||ref))")
     if cfg.beta > 0 and cfg.kl_in_reward and estimator != "k1":
         out.append(f"--kl-estimator {estimator} in the reward does not push along grad KL(pi||ref) (k3: grad "
-                   f"KL(pi||ref) - grad KL(ref||pi), a few percent of it near the reference); k1, the default "
-                   f"with --kl-in-reward, gives exactly grad KL(pi||ref)")
+                   f"KL(pi||ref) - grad KL(ref||pi), small and partly pointing away); k1, the default with "
+                   f"--kl-in-reward, gives exactly grad KL(pi||ref)")
     if cfg.importance_sampling_level == "sequence" and cfg.loss_type != "grpo":
         out.append(f"--importance-sampling-level sequence with --loss-type {cfg.loss_type} weighs each "
                    f"sequence's ratio term by its token count, so long completions dominate; GSPO weighs "
