@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/kl_to_reference.py`
 from e2h_min.evaluation import encode_prompts, eos_token_ids, held_out_problems
 from e2h_min.logprobs import pack_sequences
 from e2h_min.models import load_model, load_tokenizer

@@ -14,7 +14,7 @@ from e2h_min.kl_gradients import (OPTIONS, categorical_setup, compare, expected_
                                   target_gradient)
 from e2h_min.losses import compute_advantages, rloo_advantages
 from e2h_min.models import TINY_MODEL_DIR
-from tests.test_train import run_update
+from tests.test_train import random_model, run_update, sample_batch
 
 requires_tiny = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),
                                    reason="tiny model not built (python scripts/make_tiny_model.py)")
@@ -172,3 +172,22 @@ def test_training_step_subtracts_the_kl_after_normalising_the_verifier_rewards(t
     assert (0.5 * rloo_advantages(seen["kl"], 4)).abs().max() > 1e-3  # the KL term is not negligible
     assert torch.allclose(seen["advantages"], expected.float(), atol=1e-6)
 
+
+
+def test_kl_to_reference_script_sums_the_exact_per_position_kl():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kl_to_reference", "scripts/kl_to_reference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    policy, reference = random_model(seed=0).eval(), random_model(seed=5).eval()
+    prompts, completions = sample_batch(n=3)
+    assert script.token_kl(policy, policy, prompts, completions, 0.7, 0) == (0.0, sum(map(len, completions)))
+    total, tokens = script.token_kl(policy, reference, prompts, completions, 0.7, 0)
+    expected = 0.0
+    with torch.no_grad():
+        for p, c in zip(prompts, completions):  # one unpadded sequence at a time, position by position
+            ids = torch.tensor([p + c])
+            logp, ref = (torch.log_softmax(m(input_ids=ids).logits[0] / 0.7, -1) for m in (policy, reference))
+            for t in range(len(p) - 1, len(p) - 1 + len(c)):
+                expected += float((logp[t].exp() * (logp[t] - ref[t])).sum())
+    assert tokens == sum(map(len, completions)) and total == pytest.approx(expected, rel=1e-5)
