@@ -91,7 +91,7 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
     log-probs from the sampler. advantages [N]: one per sequence (grpo, dr_grpo, rloo), or, with --advantage ppo,
     the sequence rewards [N], turned here into per-token GAE advantages with the value head.
     reference: a models.Reference or None (beta = 0).
-    Loss per token: -min(rho A, clip(rho) A) [+ beta * KL_k(pi || pi_ref)] [+ vf_coef * value loss], weighted by
+    Loss per token: -min(rho A, clip(rho) A) [+ beta * losses.kl_loss_term] [+ vf_coef * value loss], weighted by
     token_loss_weights, which are fixed for the whole step (global counts across ranks), so neither the
     micro-batch size nor the number of ranks changes the gradient.
     Two savings that leave the gradient unchanged:
