@@ -164,7 +164,8 @@ def test_training_step_subtracts_the_kl_after_normalising_the_verifier_rewards(t
     monkeypatch.setattr(train, "reference_sequence_kl", record_kl)
     monkeypatch.setattr(train, "update_with_oom_retry", record_update)
     # step 2 samples from a policy that step 1 moved away from the reference (a large lr makes the KL visible)
-    train.main(["--total-steps", "2", "--lr", "0.01", "--prompts-per-step", "2", "--num-generations", "4", "--max-new-tokens", "16",
+    train.main(["--total-steps", "2", "--lr", "0.01", "--prompts-per-step", "2", "--num-generations", "4",
+                "--max-new-tokens", "16",
                 "--eval-problems", "1", "--eval-every", "0", "--save-every", "0", "--log-completions-every", "0",
                 "--threads", "1", "--beta", "0.5", "--kl-in-reward", "--out-dir", str(tmp_path)])
     rewards = torch.tensor(seen["rewards"], dtype=torch.float64)
