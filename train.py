@@ -38,14 +38,15 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
-from e2h_min.config import Config, UserError, exit_on_user_error, parse_config, schedule_params
+from e2h_min.config import (Config, UserError, combination_warnings, exit_on_user_error, kl_estimator_for,
+                            parse_config, schedule_params)
 from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed, sum_gradients
 from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
 from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_batches,
                               shared_prompts_unsupported_reason)
-from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
-                            sequence_kl, token_loss_weights, whiten)
+from e2h_min.losses import (clipped_value_loss, compute_advantages, gae_advantages, kl_penalised_advantages,
+                            kl_penalty, policy_token_loss, sequence_kl, token_loss_weights, whiten)
 from e2h_min.models import (ValueHead, apply_lora, frozen_copy, load_lora_checkpoint, load_model, load_tokenizer,
                             lora_reference, pick_device, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
@@ -90,7 +91,7 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
     log-probs from the sampler. advantages [N]: one per sequence (grpo, dr_grpo, rloo), or, with --advantage ppo,
     the sequence rewards [N], turned here into per-token GAE advantages with the value head.
     reference: a models.Reference or None (beta = 0).
-    Loss per token: -min(rho A, clip(rho) A) [+ beta * KL_k(pi || pi_ref)] [+ vf_coef * value loss], weighted by
+    Loss per token: -min(rho A, clip(rho) A) [+ beta * losses.kl_loss_term] [+ vf_coef * value loss], weighted by
     token_loss_weights, which are fixed for the whole step (global counts across ranks), so neither the
     micro-batch size nor the number of ranks changes the gradient.
     Two savings that leave the gradient unchanged:
@@ -148,9 +149,9 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
                                                           prompt_kv=kv)
                     old_values[rows, :logp.shape[1]] = value_head(hidden) * batch["completion_mask"]
                 old_logprobs[b] = logp
-                if cfg.kl_in_reward and reference is not None:  # per-token reward penalty -beta * k1
-                    k1 = kl_penalty(logp, reference_logprobs(b, batch), "k1") * batch["completion_mask"]
-                    token_rewards[rows, :logp.shape[1]] -= cfg.beta * k1
+                if cfg.kl_in_reward and reference is not None:  # per-token reward penalty -beta * k (default k1)
+                    kl = kl_penalty(logp, reference_logprobs(b, batch), kl_estimator_for(cfg))
+                    token_rewards[rows, :logp.shape[1]] -= cfg.beta * kl * batch["completion_mask"]
         valid = mask.to(device)
         if n:
             lengths = mask.sum(-1).to(device)
@@ -179,13 +180,12 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
                                                             prompt_kv=kv)
             old = old_logprobs.setdefault(b, logp.detach())  # first pass: ratio exactly 1
             adv = token_advantages[rows, :t_mb] if cfg.advantage == "ppo" else advantages[rows].to(device)
-            loss_tok, flags = clipped_surrogate(logp, old, adv, cfg.epsilon, eps_high, tokens,
-                                                cfg.importance_sampling_level)
-            if kl_in_loss:
-                kl = kl_penalty(logp, reference_logprobs(b, batch), cfg.kl_estimator)
-                loss_tok = loss_tok + cfg.beta * kl
-                if last:
-                    stats["kl"] += float((kl.detach() * tokens).sum())
+            loss_tok, kl, flags = policy_token_loss(
+                logp, old, adv, tokens, cfg.epsilon, eps_high, cfg.importance_sampling_level,
+                reference_logprobs(b, batch) if kl_in_loss else None, cfg.beta, kl_estimator_for(cfg),
+                cfg.use_bias_correction_kl)
+            if kl is not None and last:
+                stats["kl"] += float((kl.detach() * tokens).sum())
             if cfg.advantage == "ppo":
                 with autocast():
                     values = value_head(hidden)
@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "numbers of extra prompts); run without torchrun or without it")
     main_rank = dist_info.is_main
     log = tqdm.write if main_rank else (lambda *_: None)
+    for warning in combination_warnings(cfg):
+        log(f"warning: {warning}")
     generator = torch.Generator(device=device)
     seed_step(cfg.seed, dist_info.rank, 0, generator)
 
@@ -401,11 +403,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 3. advantages over the whole step (every rank's samples): group-relative, in float64;
         #    ppo gets the raw rewards and builds per-token GAE advantages in the update
+        #    --kl-in-reward: the KL penalty is subtracted after the normalisation (losses.kl_penalised_advantages)
         rewards = torch.tensor(samples.rewards, dtype=torch.float64)
         sequence_kl_values = None
         if cfg.kl_in_reward and reference is not None and cfg.advantage != "ppo":
             sequence_kl_values = reference_sequence_kl(reference, samples, cfg, device, autocast)
-            rewards = rewards - cfg.beta * sequence_kl_values
         step_rewards = torch.tensor(gather_lists(rewards.tolist(), dist_info), dtype=torch.float64)
         step_levels = np.array(gather_lists(samples.levels.tolist(), dist_info), dtype=np.int64)
         group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, step_rewards, G,
@@ -413,7 +415,10 @@ def main(argv: list[str] | None = None) -> dict:
         sampler.update({int(k): float(group_adv[torch.from_numpy(step_levels == k)].abs().mean())
                         for k in set(step_levels.tolist())})
         mine = slice(dist_info.rank * len(rewards), (dist_info.rank + 1) * len(rewards))
-        advantages = (rewards if cfg.advantage == "ppo" else group_adv[mine]).float()
+        advantages = rewards if cfg.advantage == "ppo" else group_adv[mine]
+        if sequence_kl_values is not None:  # groups are rank-local: each rank penalises its own samples
+            advantages = kl_penalised_advantages(advantages, sequence_kl_values, cfg.beta, G)
+        advantages = advantages.float()
 
         # 4. policy update, on the samples that train (--drop-zero-std, --mask-truncated leave some out)
         t1 = time.perf_counter()
@@ -544,7 +549,7 @@ def reference_sequence_kl(reference, samples: StepSamples, cfg: Config, device, 
         logp = torch.zeros_like(ref)
         for j, i in enumerate(rows):
             logp[j, :len(samples.sampler_logprobs[i])] = torch.tensor(samples.sampler_logprobs[i], device=device)
-        out[rows] = sequence_kl(logp, ref, batch["completion_mask"], cfg.kl_estimator).double().cpu()
+        out[rows] = sequence_kl(logp, ref, batch["completion_mask"], kl_estimator_for(cfg)).double().cpu()
     return out
 
 

@@ -60,7 +60,10 @@ class Config:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     beta: float = _f(0.001, "KL coefficient to the frozen reference model (0 = no reference model loaded)")
-    kl_estimator: str = _f("k3", "KL estimator: k1 (-d), k2 (d^2/2), k3 (exp(d)-d-1), d = logp_ref - logp")
+    kl_estimator: Optional[str] = _f(None, "KL estimator: k1 (-d), k2 (d^2/2), k3 (exp(d)-d-1), d = logp_ref - "
+                                           "logp; default: k3 in the loss, k1 with --kl-in-reward (README: KL)")
+    use_bias_correction_kl: bool = _f(False, "multiply the in-loss KL by the importance ratio pi/pi_old (TRL's "
+                                             "name): k3 then pushes along grad KL(pi||ref), not grad KL(ref||pi)")
     epsilon: float = _f(0.2, "PPO clip range (lower side, and upper unless --epsilon-high)")
     epsilon_high: Optional[float] = _f(None, "upper clip range (clip-higher, DAPO); default = epsilon")
     num_iterations: int = _f(1, "updates per rollout batch (pi_old = the first pass's log-probs, kept for all)")
@@ -168,6 +171,34 @@ def _parse_value(kind: type, optional: bool):
     return parse
 
 
+def kl_estimator_for(cfg: Config) -> str:
+    """The KL estimator a run uses: the one given, else the one whose expected gradient is grad KL(pi||ref) or
+    the paper's where it sits: k1 in the reward (InstructGPT), k3 in the loss (DeepSeekMath). README: KL."""
+    if cfg.kl_estimator is not None:
+        return cfg.kl_estimator
+    return "k1" if cfg.kl_in_reward else "k3"
+
+
+def combination_warnings(cfg: Config) -> list[str]:
+    """Accepted combinations whose expected gradient is zero or not what their names suggest, each with what it
+    does instead (measured exactly by `python -m e2h_min.kl_gradients`; README: KL)."""
+    out = []
+    estimator = kl_estimator_for(cfg)
+    if cfg.beta > 0 and not cfg.kl_in_reward and estimator == "k1" and not cfg.use_bias_correction_kl:
+        out.append("--kl-estimator k1 in the loss has zero expected gradient (E_pi[grad log pi] = 0): the KL term "
+                   "only adds noise; use k3 (pushes along grad KL(ref||pi)), k2 or --use-bias-correction-kl "
+                   "(grad KL(pi||ref))")
+    if cfg.beta > 0 and cfg.kl_in_reward and estimator != "k1":
+        out.append(f"--kl-estimator {estimator} in the reward does not push along grad KL(pi||ref) (k3: grad "
+                   f"KL(pi||ref) - grad KL(ref||pi), small and partly pointing away); k1, the default with "
+                   f"--kl-in-reward, gives exactly grad KL(pi||ref)")
+    if cfg.importance_sampling_level == "sequence" and cfg.loss_type != "grpo":
+        out.append(f"--importance-sampling-level sequence with --loss-type {cfg.loss_type} weighs each "
+                   f"sequence's ratio term by its token count, so long completions dominate; GSPO weighs "
+                   f"sequences equally (--loss-type grpo)")
+    return out
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     """Parse the command line into a validated Config (demo preset applied for the tiny model)."""
     given = vars(build_parser().parse_args(argv))
@@ -179,6 +210,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         if "warmup_steps" not in given:  # a short run asked for on the command line keeps a valid warmup
             cfg.warmup_steps = min(cfg.warmup_steps, cfg.total_steps - 1)
     validate(cfg)
+    cfg.kl_estimator = kl_estimator_for(cfg)  # config.json records the estimator used
     return cfg
 
 
@@ -194,7 +226,7 @@ def validate(cfg: Config) -> None:
     need(cfg.schedule in SCHEDULES, f"unknown --schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     need(cfg.advantage in ADVANTAGES, f"unknown --advantage {cfg.advantage!r}; choose one of {', '.join(ADVANTAGES)}")
     need(cfg.loss_type in LOSS_TYPES, f"unknown --loss-type {cfg.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-    need(cfg.kl_estimator in KL_ESTIMATORS,
+    need(cfg.kl_estimator is None or cfg.kl_estimator in KL_ESTIMATORS,
          f"unknown --kl-estimator {cfg.kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
     need(cfg.scale_rewards in ("group", "batch", "none"), "--scale-rewards must be group, batch or none")
     need(cfg.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant")
@@ -209,6 +241,8 @@ def validate(cfg: Config) -> None:
     need(cfg.lr > 0, "--lr must be > 0")
     need(0 <= cfg.warmup_steps < cfg.total_steps, "--warmup-steps must be in [0, total_steps)")
     need(cfg.beta >= 0, "--beta (KL coefficient) must be >= 0")
+    need(not (cfg.use_bias_correction_kl and cfg.kl_in_reward), "--use-bias-correction-kl weights the KL in the "
+         "loss; with --kl-in-reward it has no effect: drop one of the two")
     need(cfg.epsilon > 0, "--epsilon must be > 0")
     need(cfg.epsilon_high is None or cfg.epsilon_high >= cfg.epsilon, "--epsilon-high must be >= --epsilon")
     need(cfg.num_iterations >= 1, "--num-iterations must be >= 1")

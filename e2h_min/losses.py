@@ -118,10 +118,60 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return loss, flags
 
 
+def kl_loss_term(logp: torch.Tensor, ref_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
+                 estimator: str = "k3", bias_correction: bool = False, level: str = "token") -> torch.Tensor:
+    """The per-token KL term [N, T] the update adds to the loss (times beta) when the KL sits in the loss.
+
+    Plain: k(d). The loss's gradient is the estimator's own gradient at samples of pi, whose expectation is
+    (exactly, tests/test_kl_gradients.py): k1 -> 0 (E_pi[grad log pi] = 0: noise only); k2 -> grad KL(pi||ref);
+    k3 -> grad KL(ref||pi) (DeepSeekMath's choice).
+    bias_correction (TRL's use_bias_correction_kl): rho * k(d), rho = exp(importance_log_ratio) as in the
+    surrogate (not clipped), so E_{pi_old}[rho k] = E_pi[k] and the gradient is that of the KL the estimator
+    estimates: k1 and k3 -> grad KL(pi||ref).
+    logp, ref_logp, old_logp [N, T]; mask [N, T] (real tokens, for the sequence-level ratio).
+    Example: on-policy (old = logp), rho = 1 in value, so both forms print the same loss; only gradients differ.
+    """
+    kl = kl_penalty(logp, ref_logp, estimator)
+    if bias_correction:
+        kl = torch.exp(importance_log_ratio(logp, old_logp, mask, level)) * kl
+    return kl
+
+
+def policy_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      epsilon_low: float, epsilon_high: float, level: str = "token",
+                      ref_logp: torch.Tensor | None = None, beta: float = 0.0, kl_estimator: str = "k3",
+                      kl_bias_correction: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The update's per-token policy loss [N, T]: clipped surrogate + beta * kl_loss_term (KL in the loss, when
+    ref_logp is given). Returns (loss, kl [N, T] or None, clip flags). The KL is ADDED: descending it moves pi
+    toward pi_ref. train.policy_update and the exact-gradient table (e2h_min/kl_gradients.py) both use it.
+    """
+    loss, flags = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, mask, level)
+    kl = None
+    if ref_logp is not None:
+        kl = kl_loss_term(logp, ref_logp, old_logp, mask, kl_estimator, kl_bias_correction, level)
+        loss = loss + beta * kl
+    return loss, kl, flags
+
+
 def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k1"
                 ) -> torch.Tensor:
-    """Per-sequence KL estimate sum_t KL_t [N], for --kl-in-reward: r_i <- r_i - beta * sequence_kl_i."""
+    """Per-sequence KL estimate sum_t KL_t [N], for --kl-in-reward (see kl_penalised_advantages)."""
     return (kl_penalty(logp, ref_logp, estimator) * mask.to(logp.dtype)).sum(-1)
+
+
+def kl_penalised_advantages(advantages: torch.Tensor, sequence_kl_values: torch.Tensor, beta: float,
+                            group_size: int) -> torch.Tensor:
+    """--kl-in-reward for group advantages: A_i <- A_i - beta * (KL_i - mean_{j != i, same group} KL_j).
+
+    advantages [N] are those of the verifier rewards alone (normalised by compute_advantages); the KL penalty is
+    subtracted AFTER the normalisation, so its size is beta's, whatever the group's reward spread: a group whose
+    rewards are all equal gets -beta * (its centred KL), not a unit-scale advantage made of KL alone. The
+    leave-one-out baseline leaves the expectation unchanged: with k1, E[gradient] = beta * grad KL(pi||ref)
+    exactly, for any group size (tests/test_kl_gradients.py). sequence_kl_values [N] -> [N].
+    Example: A = [0, 0], KL = [.3, .1], beta .1 -> [-.02, .02].
+    """
+    return advantages - beta * rloo_advantages(sequence_kl_values.to(advantages.dtype), group_size)
 
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

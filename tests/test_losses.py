@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages,
-                            group_advantages, importance_log_ratio, kl_penalty, masked_mean, sequence_kl, whiten,
-                            rloo_advantages, token_loss_weights)
+                            group_advantages, importance_log_ratio, kl_loss_term, kl_penalised_advantages,
+                            kl_penalty, masked_mean, policy_token_loss, sequence_kl, whiten, rloo_advantages,
+                            token_loss_weights)
 
 torch.manual_seed(0)
 
@@ -233,3 +234,54 @@ def test_clip_region_flags_both_sides_regardless_of_advantage_sign():
     assert flags["region"].tolist() == [[True, False, True]]
     assert flags["clipped_low"].tolist() == [[False, False, False]]  # A > 0: the low side is not clipped
     assert flags["clipped_high"].tolist() == [[False, False, True]]
+
+
+def test_kl_penalised_advantages_match_naive_loop():
+    advantages = torch.randn(8, dtype=torch.float64)
+    kl = torch.rand(8, dtype=torch.float64)
+    out = kl_penalised_advantages(advantages, kl, 0.1, 4)
+    for i in range(8):
+        others = [kl[j].item() for j in range(8) if j // 4 == i // 4 and j != i]
+        assert out[i].item() == pytest.approx(advantages[i].item() - 0.1 * (kl[i].item() - sum(others) / 3))
+    assert kl_penalised_advantages(torch.zeros(2), torch.tensor([.3, .1]), 0.1, 2).tolist() == pytest.approx(
+        [-0.02, 0.02])
+
+
+def test_kl_in_reward_keeps_beta_as_the_penalty_size():
+    """A group whose verifier rewards are all equal gets a KL advantage proportional to beta, and an informative
+    group keeps its verifier-reward normalisation, whatever beta."""
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    kl = torch.tensor([0.5, 0.1, 0.2, 0.9, 0.3, 0.3, 0.8, 0.0], dtype=torch.float64)
+    reward_only = compute_advantages("grpo", rewards, 4)
+    small, large = (kl_penalised_advantages(reward_only, kl, beta, 4) for beta in (0.001, 0.05))
+    assert torch.all(reward_only[:4] == 0) and small[:4].abs().max() > 0
+    assert torch.allclose(large[:4], 50 * small[:4], rtol=1e-12)  # size set by beta, not by a std of KL alone
+    assert large[:4].abs().max() < 0.05  # beta x centred KL (KL spread < 1 here), not unit-scale z-scores
+    assert torch.allclose(large[4:] + 0.05 * rloo_advantages(kl, 4)[4:], reward_only[4:], rtol=1e-12)
+
+
+def test_kl_loss_term_values_and_bias_corrected_gradient():
+    logp = torch.log(torch.tensor([[0.5, 0.2]])).requires_grad_(True)
+    ref = torch.log(torch.tensor([[0.25, 0.4]]))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    plain = kl_loss_term(logp, ref, logp.detach(), mask, "k3")
+    corrected = kl_loss_term(logp, ref, logp.detach(), mask, "k3", bias_correction=True)
+    assert torch.allclose(plain, corrected) and torch.allclose(plain, kl_penalty(logp, ref, "k3"))
+    (grad_plain,) = torch.autograd.grad(plain.sum(), logp)
+    (grad_corrected,) = torch.autograd.grad(corrected.sum(), logp)
+    # d(rho k)/d logp at rho = 1: k + dk/dlogp, with dk3/dlogp = 1 - exp(d)
+    d = (ref - logp).detach()
+    assert torch.allclose(grad_plain, 1 - d.exp())
+    assert torch.allclose(grad_corrected, (d.exp() - d - 1) + 1 - d.exp())
+
+
+def test_policy_token_loss_adds_beta_times_the_kl_term():
+    logp, old, ref = torch.randn(3, 4) * 0.1, torch.randn(3, 4) * 0.1, torch.randn(3, 4) * 0.1
+    mask, adv = torch.ones(3, 4, dtype=torch.bool), torch.randn(3)
+    surrogate, flags = clipped_surrogate(logp, old, adv, 0.2, 0.3, mask)
+    loss, kl, same_flags = policy_token_loss(logp, old, adv, mask, 0.2, 0.3, ref_logp=ref, beta=0.1,
+                                             kl_estimator="k2", kl_bias_correction=True)
+    assert torch.allclose(kl, torch.exp(logp - old) * kl_penalty(logp, ref, "k2"))
+    assert torch.allclose(loss, surrogate + 0.1 * kl) and all(torch.equal(flags[k], same_flags[k]) for k in flags)
+    no_kl, none, _ = policy_token_loss(logp, old, adv, mask, 0.2, 0.3, beta=0.1)
+    assert none is None and torch.equal(no_kl, surrogate)
