@@ -29,7 +29,7 @@ import json
 import math
 import random
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +120,17 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
     ref_logprobs: dict[int, torch.Tensor] = {}  # the reference is frozen: computed once, reused by iterations
     ref_kv = None  # the reference model's prompt keys/values (shared layout), computed on first use
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    stats = defaultdict(float)
+    # Token sums of the diagnostics, all_reduced at the end. The keys depend on the config only, never on what
+    # this rank ran: a rank with no sample to run (every advantage 0) reduces the same keys, as zeros, or the
+    # ranks' all_reduce sizes would differ (a gloo "size mismatch" or a hang). A plain dict: a new key must be
+    # added here, not appear on one rank only.
+    stat_keys = ["loss", "tokens", "entropy", "approx_kl_old", "logprob_mismatch", "active_samples",
+                 "clip_ratio/clipped_low", "clip_ratio/clipped_high", "clip_ratio/region"]
+    stat_keys += ["kl"] if kl_in_loss else []
+    stat_keys += ["value_loss"] if cfg.advantage == "ppo" else []
+    if reference is not None and (kl_in_loss or (cfg.advantage == "ppo" and cfg.kl_in_reward)):
+        stat_keys.append("kl_reference")  # the micro-batches' reference log-probs exist on these paths
+    stats = dict.fromkeys(stat_keys, 0.0)
 
     def prompt_kv(model):  # the prompts' keys/values for the shared layout (graph kept under autograd)
         if shared is None:
@@ -222,9 +232,10 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
         else:  # a NaN/inf gradient would poison the weights and Adam's moments: skip this step
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
-    keys = sorted(stats)
-    totals = dict(zip(keys, reduce(torch.tensor([stats[k] for k in keys], device=device,
-                                                dtype=torch.float64)).tolist())) if keys else {}
+    totals = dict(zip(stat_keys, reduce(torch.tensor([stats[k] for k in stat_keys], device=device,
+                                                     dtype=torch.float64)).tolist()))
+    if totals["tokens"] == 0:  # no rank ran a sample: no per-token diagnostics to report
+        totals = {k: totals[k] for k in ("loss", "active_samples")}
     tokens = max(totals.pop("tokens", 0.0), 1.0)
     out = {"loss": totals.pop("loss", 0.0), "grad_norm": float(grad_norm), "skipped_updates": skipped,
            "update_sample_share": totals.pop("active_samples", 0.0) / max(counts[0], 1.0)}
@@ -286,9 +297,6 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.prompts_per_step % dist_info.world_size:
             raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the "
                             f"{dist_info.world_size} ranks (each rank rolls out an equal share)")
-        if cfg.dynamic_sampling:
-            raise UserError("--dynamic-sampling is single-process only for now (ranks would draw different "
-                            "numbers of extra prompts); run without torchrun or without it")
     main_rank = dist_info.is_main
     log = tqdm.write if main_rank else (lambda *_: None)
     generator = torch.Generator(device=device)
@@ -384,19 +392,31 @@ def main(argv: list[str] | None = None) -> dict:
         level_p = sampler.probs(step)
         problems = dist_info.shard(sampler.sample(step, cfg.prompts_per_step))
 
-        # 2. rollout and rewards; --dynamic-sampling redraws prompts (same p_t) until every group is informative
+        # 2. rollout and rewards; --dynamic-sampling redraws prompts (same p_t) until every group is informative.
+        #    Each of this rank's groups keeps its place in the step's draws, (round, slot): the decisions below
+        #    are taken on every rank's groups in that order, so they are the same on every rank and the same as
+        #    one process holding the whole batch.
         t0 = time.perf_counter()
         samples = collect(problems)
+        slots = [(0, dist_info.shard_start(cfg.prompts_per_step) + j) for j in range(len(problems))]
         rounds = 0
-        while (cfg.dynamic_sampling and len(samples.informative_groups()) < cfg.prompts_per_step
-               and rounds < cfg.max_resample_rounds):
-            missing = cfg.prompts_per_step - len(samples.informative_groups())
-            samples, rounds = samples.concat(collect(sampler.sample(step, missing))), rounds + 1
+        while cfg.dynamic_sampling and rounds < cfg.max_resample_rounds:
+            missing = cfg.prompts_per_step - sum(gather_lists([len(samples.informative_groups())], dist_info))
+            if missing <= 0:
+                break
+            rounds += 1
+            extra = dist_info.shard(sampler.sample(step, missing))  # every rank draws, each keeps its share
+            if extra:
+                samples = samples.concat(collect(extra))
+            slots += [(rounds, dist_info.shard_start(missing) + j) for j in range(len(extra))]
         informative = samples.informative_groups()
         sampled_groups = samples.num_groups
         if cfg.dynamic_sampling:  # informative groups first, topped up with the others if retries ran out
-            rest = [g for g in range(samples.num_groups) if g not in set(informative)]
-            samples = samples.select(samples.group_rows(sorted((informative + rest)[:cfg.prompts_per_step])))
+            step_groups = sorted(gather_lists([(slot, g in set(informative)) for g, slot in enumerate(slots)],
+                                              dist_info))
+            ranked = [s for s, useful in step_groups if useful] + [s for s, useful in step_groups if not useful]
+            chosen = set(ranked[:cfg.prompts_per_step])
+            samples = samples.select(samples.group_rows([g for g, slot in enumerate(slots) if slot in chosen]))
         rollout_seconds = time.perf_counter() - t0
 
         # 3. advantages over the whole step (every rank's samples): group-relative, in float64;
@@ -412,7 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
                                        cfg.scale_rewards)
         sampler.update({int(k): float(group_adv[torch.from_numpy(step_levels == k)].abs().mean())
                         for k in set(step_levels.tolist())})
-        mine = slice(dist_info.rank * len(rewards), (dist_info.rank + 1) * len(rewards))
+        start = sum(gather_lists([len(rewards)], dist_info)[:dist_info.rank])  # ranks may hold unequal shares
+        mine = slice(start, start + len(rewards))
         advantages = (rewards if cfg.advantage == "ppo" else group_adv[mine]).float()
 
         # 4. policy update, on the samples that train (--drop-zero-std, --mask-truncated leave some out)
@@ -502,7 +523,9 @@ def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advan
     for the rest of the run and retry.
 
     The retry is exact (the loss weights do not depend on the micro-batch size) as long as no optimizer step was
-    taken yet; an OOM in a later iteration of --num-iterations > 1 is re-raised.
+    taken yet; an OOM in a later iteration of --num-iterations > 1 is re-raised. Under torchrun it is re-raised
+    too: the other ranks are already waiting in the update's next collective, and a retry on one rank alone
+    would start its collectives over out of step with them (a mismatch or a hang).
     """
     while True:
         steps_before = optimizer_steps(optimizer)
@@ -510,7 +533,7 @@ def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advan
             return policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, advantages,
                                  kept.sampler_logprobs, cfg, device, autocast, value_head, dist_info)
         except torch.OutOfMemoryError:
-            if cfg.micro_batch_size == 1 or optimizer_steps(optimizer) != steps_before:
+            if cfg.micro_batch_size == 1 or optimizer_steps(optimizer) != steps_before or dist_info.enabled:
                 raise
             optimizer.zero_grad(set_to_none=True)
             if torch.cuda.is_available():

@@ -10,6 +10,7 @@ no-op, so the single-process path is the same code.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -31,10 +32,15 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def shard_start(self, n: int) -> int:
+        """Where this rank's contiguous share of n items starts: the first n % world_size ranks hold one more.
+        Example: n = 5, 2 ranks -> rank 0 holds items 0-2, rank 1 items 3-4 (starts 0 and 3)."""
+        return self.rank * (n // self.world_size) + min(self.rank, n % self.world_size)
+
     def shard(self, items: list) -> list:
-        """This rank's contiguous slice of a list whose length the world size divides."""
-        per_rank = len(items) // self.world_size
-        return items[self.rank * per_rank:(self.rank + 1) * per_rank]
+        """This rank's contiguous share of `items` (equal shares when the world size divides its length)."""
+        start, stop = self.shard_start(len(items)), self.shard_start(len(items)) + len(items) // self.world_size
+        return items[start:stop + (self.rank < len(items) % self.world_size)]
 
 
 def init_distributed(device_type: str) -> DistInfo:
@@ -44,6 +50,7 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        atexit.register(shutdown_distributed)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
@@ -79,3 +86,15 @@ def gather_lists(local: list, info: DistInfo) -> list:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group while the interpreter is fully alive (registered with atexit on init).
+
+    A process that exits with its gloo group still alive tears the group down during interpreter finalization,
+    while gloo's worker threads may still hold finished work objects whose tensors reference Python objects;
+    freeing them then takes the GIL of a dying interpreter and the rank aborts (SIGABRT, exit code -6) after it
+    already did all its work: the flaky torchrun failure. Idempotent; a no-op without a process group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
