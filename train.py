@@ -41,7 +41,7 @@ from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_chec
 from e2h_min.config import Config, UserError, exit_on_user_error, parse_config, schedule_params
 from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed, sum_gradients
-from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
+from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate_sharded, held_out_problems, score_rollout
 from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_batches,
                               shared_prompts_unsupported_reason)
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
@@ -270,10 +270,13 @@ def build_models(cfg: Config, device, resume_from: Path | None):
 
 
 def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> None:
-    """Seed every RNG from (seed, rank, step): a resumed or multi-rank run draws exactly what it would have."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(2)
+    """Seed every RNG from (seed, rank, step): a resumed or multi-rank run draws exactly what it would have.
+    The rollout generator is seeded from (seed, step) alone, the same on every rank: the ranks draw the random
+    numbers of the whole step's samples and each keeps its own rows' (see collect in main), so a sample is the
+    same whichever rank rolls it out and however many ranks there are."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(1)
     random.seed(int(state[0])), np.random.seed(int(state[0])), torch.manual_seed(int(state[0]))
-    generator.manual_seed(int(state[1]))
+    generator.manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
 
 @exit_on_user_error
@@ -346,16 +349,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"| {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained")
 
-    def run_eval(step: int) -> dict | None:
-        """Greedy held-out evaluation on rank 0 (the others wait: the weights are the same everywhere)."""
-        summary = None
+    def run_eval(step: int) -> dict:
+        """Greedy held-out evaluation, each rank on its contiguous share of the problems (the weights are the
+        same everywhere); the records are gathered in problem order, so the summary is one process's."""
+        summary, _ = evaluate_sharded(policy, tokenizer, task, eval_problems, eval_tokens, stop_checker, dist_info,
+                                      autocast=autocast)
         if main_rank:
-            summary, _ = evaluate(policy, tokenizer, task, eval_problems, eval_tokens, stop_checker,
-                                  autocast=autocast)
             append_jsonl(run_dir / "eval.jsonl", {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
                                                                    for m in ("accuracy", "reward", "format_rate")}})
             log(f"eval step {step}: " + "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items()))
-        barrier(dist_info)
         return summary
 
     def checkpoint(step: int) -> None:
@@ -366,13 +368,22 @@ def main(argv: list[str] | None = None) -> dict:
                             extra_modules={"value_head": value_head} if value_head else None)
         barrier(dist_info)
 
-    def collect(problems) -> StepSamples:
-        """Roll out G samples for each problem in one batched decode and score them (rewards in float64)."""
+    def collect(draw) -> StepSamples:
+        """Roll out G samples for this rank's share of the problems `draw` (the same list on every rank) in one
+        batched decode and score them (rewards in float64). The sampling noise is drawn for the whole draw on
+        every rank and each rank decodes with its own rows' slice of it: the samples do not depend on how the
+        draw is split across ranks, so a torchrun run rolls out what one process would."""
+        problems = dist_info.shard(draw)
+        uniforms = torch.rand((len(draw) * G, cfg.max_new_tokens), generator=generator, dtype=torch.float64,
+                              device=device)
+        start = dist_info.shard_start(len(draw)) * G
+        if not problems:  # an uneven --dynamic-sampling redraw can leave a rank nothing to roll out
+            return StepSamples(G, [], [], [], [], [], np.zeros(0), np.zeros(0, dtype=bool))
         prompt_ids = encode_prompts(tokenizer, task, problems)
         policy.eval()
         with autocast():
             rollout = generate(policy, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,
-                               temperature=cfg.temperature, generator=generator)
+                               temperature=cfg.temperature, uniforms=uniforms[start:start + len(problems) * G])
         policy.train()
         texts, rewards = score_rollout(task, problems, tokenizer, rollout)
         completions = rollout.completion_token_lists()
@@ -390,25 +401,24 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 1. curriculum: p_t over levels, then each prompt slot's level and problem (this rank's share)
         level_p = sampler.probs(step)
-        problems = dist_info.shard(sampler.sample(step, cfg.prompts_per_step))
+        draw = sampler.sample(step, cfg.prompts_per_step)  # the same on every rank; each rolls out its share
 
         # 2. rollout and rewards; --dynamic-sampling redraws prompts (same p_t) until every group is informative.
         #    Each of this rank's groups keeps its place in the step's draws, (round, slot): the decisions below
         #    are taken on every rank's groups in that order, so they are the same on every rank and the same as
         #    one process holding the whole batch.
         t0 = time.perf_counter()
-        samples = collect(problems)
-        slots = [(0, dist_info.shard_start(cfg.prompts_per_step) + j) for j in range(len(problems))]
+        samples = collect(draw)
+        slots = [(0, dist_info.shard_start(len(draw)) + j) for j in range(samples.num_groups)]
         rounds = 0
         while cfg.dynamic_sampling and rounds < cfg.max_resample_rounds:
             missing = cfg.prompts_per_step - sum(gather_lists([len(samples.informative_groups())], dist_info))
             if missing <= 0:
                 break
             rounds += 1
-            extra = dist_info.shard(sampler.sample(step, missing))  # every rank draws, each keeps its share
-            if extra:
-                samples = samples.concat(collect(extra))
-            slots += [(rounds, dist_info.shard_start(missing) + j) for j in range(len(extra))]
+            extra = collect(sampler.sample(step, missing))  # every rank draws, each rolls out its share
+            samples = samples.concat(extra)
+            slots += [(rounds, dist_info.shard_start(missing) + j) for j in range(extra.num_groups)]
         informative = samples.informative_groups()
         sampled_groups = samples.num_groups
         if cfg.dynamic_sampling:  # informative groups first, topped up with the others if retries ran out
