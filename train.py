@@ -31,6 +31,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,8 +41,10 @@ from tqdm.auto import tqdm
 from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from e2h_min.config import Config, UserError, exit_on_user_error, parse_config, schedule_params
 from e2h_min.curriculum import LevelSampler
-from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed, sum_gradients
+from e2h_min.distributed import (DistInfo, all_reduce_max, all_reduce_sum, barrier, gather_lists, init_distributed,
+                                 sum_gradients)
 from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate_sharded, held_out_problems, score_rollout
+from e2h_min.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
 from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_batches,
                               shared_prompts_unsupported_reason)
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
@@ -68,8 +71,8 @@ def shared_prompts_for(model, prompt_ids: list[list[int]], cfg: Config, rows: li
                        ) -> SharedPrompts | None:
     """The distinct prompts of the samples `rows` (default all), for the shared-prompt layout; None where the
     whole-sequence layout is used."""
-    if not cfg.share_prompt_forward or not prompt_ids or (rows is not None and not rows):
-        return None
+    if not cfg.share_prompt_forward or not prompt_ids or (rows is not None and not rows) or is_sharded(model):
+        return None  # (FSDP2: the prompts' backward would run through each layer once more after its own)
     if shared_prompts_unsupported_reason(model, cfg.gradient_checkpointing) is not None:
         return None
     return SharedPrompts.from_rows(prompt_ids, rows)
@@ -116,6 +119,10 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
     # Packed once, reused by every iteration.
     batches, packed = zip(*pack_micro_batches(prompt_ids, completions, cfg.micro_batch_size, cfg.micro_batch_tokens,
                                               shared, device, active)) if active else ((), ())
+    if is_sharded(policy):  # each FSDP forward all-gathers: every rank runs as many micro-batches as the most
+        most = int(all_reduce_max(torch.tensor([len(batches)], device=device), dist_info))
+        filler = pack_micro_batches([[0]], [[0]], 1, 0, None, device)[0][1]  # one token, no loss weight
+        batches, packed = batches + (None,) * (most - len(batches)), packed + (filler,) * (most - len(batches))
     old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old (before any update of this step)
     ref_logprobs: dict[int, torch.Tensor] = {}  # the reference is frozen: computed once, reused by iterations
     ref_kv = None  # the reference model's prompt keys/values (shared layout), computed on first use
@@ -182,6 +189,10 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
         last = iteration == cfg.num_iterations - 1
         kv = prompt_kv(policy)  # the prompts' forward, once per iteration; micro-batches attend to it
         for b, (rows, batch) in enumerate(zip(batches, packed)):
+            if rows is None:  # an FSDP filler: this rank's part of the collectives, a zero gradient
+                with autocast():
+                    (completion_logprobs(policy, batch, cfg.temperature)[0].sum() * 0.0).backward()
+                continue
             tokens = batch["completion_mask"]
             t_mb = tokens.shape[1]
             with autocast():
@@ -312,6 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
     tokenizer = load_tokenizer(cfg.model)
     policy, reference, value_head = build_models(cfg, device, resume_from)
+    sampling_model = policy  # the model that rolls out, evaluates and is saved: the policy, or under FSDP a copy
+    if cfg.parallel == "fsdp" and dist_info.enabled:
+        sampling_model = shard_policy(policy)  # full weights on every rank, refreshed after each update
     trainable = [p for p in policy.parameters() if p.requires_grad]
     trainable += list(value_head.parameters()) if value_head else []
     # fused: one kernel for all parameters on CPU and CUDA (4.7x faster than the per-tensor loop on the tiny model)
@@ -333,7 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
     if resume_from:
-        state = load_training_state(resume_from, optimizer, scheduler, generator)
+        state = load_training_state(resume_from, FullOptimizerState(policy, optimizer) if is_sharded(policy)
+                                    else optimizer, scheduler, generator)
         sampler.load_state_dict(state["sampler"])
         start_step = state["step"]
         if main_rank:
@@ -352,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     def run_eval(step: int) -> dict:
         """Greedy held-out evaluation, each rank on its contiguous share of the problems (the weights are the
         same everywhere); the records are gathered in problem order, so the summary is one process's."""
-        summary, _ = evaluate_sharded(policy, tokenizer, task, eval_problems, eval_tokens, stop_checker, dist_info,
+        summary, _ = evaluate_sharded(sampling_model, tokenizer, task, eval_problems, eval_tokens, stop_checker, dist_info,
                                       autocast=autocast)
         if main_rank:
             append_jsonl(run_dir / "eval.jsonl", {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
@@ -361,8 +376,12 @@ def main(argv: list[str] | None = None) -> dict:
         return summary
 
     def checkpoint(step: int) -> None:
+        saved_optimizer = optimizer
+        if is_sharded(policy):  # gathering the AdamW state is a collective: every rank gathers, rank 0 writes
+            full_state = FullOptimizerState(policy, optimizer).state_dict()
+            saved_optimizer = SimpleNamespace(state_dict=lambda: full_state)
         if main_rank:
-            save_checkpoint(run_dir, step, policy, tokenizer, optimizer, scheduler,
+            save_checkpoint(run_dir, step, sampling_model, tokenizer, saved_optimizer, scheduler,
                             {"config": dataclasses.asdict(cfg), "sampler": sampler.state_dict()}, generator,
                             keep=cfg.keep_checkpoints,
                             extra_modules={"value_head": value_head} if value_head else None)
@@ -380,9 +399,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not problems:  # an uneven --dynamic-sampling redraw can leave a rank nothing to roll out
             return StepSamples(G, [], [], [], [], [], np.zeros(0), np.zeros(0, dtype=bool))
         prompt_ids = encode_prompts(tokenizer, task, problems)
-        policy.eval()
+        sampling_model.eval()
         with autocast():
-            rollout = generate(policy, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,
+            rollout = generate(sampling_model, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,
                                temperature=cfg.temperature, uniforms=uniforms[start:start + len(problems) * G])
         policy.train()
         texts, rewards = score_rollout(task, problems, tokenizer, rollout)
@@ -459,6 +478,10 @@ def main(argv: list[str] | None = None) -> dict:
                                        autocast, value_head, dist_info, log)
         lr_used = scheduler.get_last_lr()[0]
         scheduler.step()
+        if is_sharded(policy):
+            refresh_full_copy(policy, sampling_model)
+            if step == start_step:
+                log_sharded_memory(policy, sampling_model, optimizer, dist_info, log)
         update_seconds = time.perf_counter() - t1
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
@@ -513,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint(cfg.total_steps)
     final_dir = run_dir / "final"
     if main_rank:
-        policy.save_pretrained(final_dir, safe_serialization=True)  # with LoRA: the adapter
+        sampling_model.save_pretrained(final_dir, safe_serialization=True)  # with LoRA: the adapter
         tokenizer.save_pretrained(final_dir)
         if cfg.lora_r and cfg.save_merged:
             merged = copy.deepcopy(policy).merge_and_unload()

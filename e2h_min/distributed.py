@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,21 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Max of a tensor over ranks (in place where distributed); returns it."""
+    if info.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def sum_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """grad <- sum over ranks of grad, for every parameter (a rank with no samples contributes zeros)."""
+    """grad <- sum over ranks of grad, for every parameter (a rank with no samples contributes zeros).
+    FSDP2-sharded parameters (DTensors) are skipped: their backward already reduce-scattered the sum."""
     if not info.enabled:
         return
     for p in params:
+        if isinstance(p, DTensor):
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)

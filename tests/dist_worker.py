@@ -18,6 +18,7 @@ to a full lr-sized step):
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import zlib
 from pathlib import Path
@@ -43,7 +44,11 @@ LOOP_VARIANTS = {
     "kl_in_loss": ["--beta", "0.05"],
     "dynamic_sampling": ["--dynamic-sampling", "--max-resample-rounds", "3"],
     "drop_zero_std": ["--drop-zero-std", "--no-skip-zero-advantage"],
+    "fsdp": ["--parallel", "fsdp", "--beta", "0.05"],  # one process: the replicated path (nothing to shard)
 }
+# FSDP2 with AdamW (its sharded state goes through the checkpoint): uninterrupted, and stopped on every rank
+# right after the step-1 checkpoint, then resumed.
+RESUME_ARGS = ["--parallel", "fsdp", "--save-every", "1", "--lr", "1e-3"]
 UPDATE_LOSSES = ["grpo", "dapo"]
 
 
@@ -59,15 +64,17 @@ def _digest(tokens) -> int:
 
 
 class FixedDraws(train.LevelSampler):
-    """Problems in a fixed order of level-0 test problems, whatever p_t says: draw k is problem k. Problems whose
-    index is in EQUAL score the same for every sample; the pattern puts them in the first half of a 4-prompt
-    step (rank 0's share) and mixes them into the --dynamic-sampling redraws (which then shard unevenly)."""
+    """Level-0 test problems in a fixed order, whatever p_t says: the k-th problem drawn at step t is problem
+    20 t + k (a function of the step, so a resumed run draws the same). Problems whose index % 20 is in EQUAL
+    score the same for every sample; the pattern puts them in the first half of a 4-prompt step (rank 0's
+    share) and mixes them into the --dynamic-sampling redraws (which then shard unevenly)."""
 
-    EQUAL = {0, 1, 4, 5, 7, 9, 12, 13, 14}
+    EQUAL = {0, 1, 4, 5, 7}
 
     def sample(self, step: int, n: int):
-        self.drawn = getattr(self, "drawn", 0)
-        problems = [self.task.problem(0, self.drawn + k, "test") for k in range(n)]
+        if getattr(self, "step", None) != step:
+            self.step, self.drawn = step, 0
+        problems = [self.task.problem(0, 20 * step + self.drawn + k, "test") for k in range(n)]
         self.drawn += n
         return problems
 
@@ -96,16 +103,47 @@ def fake_score(task, problems, tokenizer, rollout):
     """Equal rewards in the groups of FixedDraws.EQUAL problems; otherwise a reward that depends on the sample."""
     completions = rollout.completion_token_lists()
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    rewards = [0.1 if problems[i // rollout.num_samples].index in FixedDraws.EQUAL
+    rewards = [0.1 if problems[i // rollout.num_samples].index % 20 in FixedDraws.EQUAL
                else float(_digest(c) % 3) / 2 for i, c in enumerate(completions)]
     return texts, np.array(rewards, dtype=np.float64)
 
 
 @contextlib.contextmanager
-def deterministic_rollouts():
+def deterministic_rollouts(sgd: bool = True):
     with mock.patch.object(train, "LevelSampler", FixedDraws), mock.patch.object(train, "generate", fake_generate), \
-            mock.patch.object(train, "score_rollout", fake_score), mock.patch.object(torch.optim, "AdamW", PlainSGD):
+            mock.patch.object(train, "score_rollout", fake_score), \
+            mock.patch.object(torch.optim, "AdamW", PlainSGD if sgd else torch.optim.AdamW):
         yield
+
+
+def run_resume(out: Path, dist_info: DistInfo) -> None:
+    """The FSDP2 run uninterrupted (out/resume_full) and stopped after its step-1 checkpoint, then resumed
+    (out/resume_broken); rank 0 also writes the memory figures the run logged (out/fsdp_memory.json)."""
+    real_barrier, real_memory = train.barrier, train.log_sharded_memory
+    broken = out / "resume_broken"
+
+    def stop_after_first_checkpoint(info):  # checkpoint() ends in this barrier, on every rank
+        real_barrier(info)
+        if (broken / "checkpoints" / "step_000001").exists() and not (broken / "stopped").exists():
+            real_barrier(info)  # every rank has seen the checkpoint before rank 0 marks it
+            if info.is_main:
+                (broken / "stopped").touch()
+            raise KeyboardInterrupt
+
+    def keep_memory(*args):
+        figures = real_memory(*args)
+        if dist_info.is_main:
+            (out / "fsdp_memory.json").write_text(json.dumps(figures))
+        return figures
+
+    with deterministic_rollouts(sgd=False), mock.patch.object(train, "log_sharded_memory", keep_memory):
+        train.main(LOOP_ARGS + RESUME_ARGS + ["--out-dir", str(out / "resume_full")])
+        with mock.patch.object(train, "barrier", stop_after_first_checkpoint):
+            try:
+                train.main(LOOP_ARGS + RESUME_ARGS + ["--out-dir", str(broken)])
+            except KeyboardInterrupt:
+                pass
+        train.main(LOOP_ARGS + RESUME_ARGS + ["--resume", str(broken)])
 
 
 def run_update(loss_type: str, dist_info: DistInfo) -> dict:
@@ -145,6 +183,8 @@ def run_all(out_dir: str, dist_info: DistInfo) -> None:
     with deterministic_rollouts():
         for name, flags in LOOP_VARIANTS.items():
             train.main(LOOP_ARGS + flags + ["--out-dir", str(out / name)])
+    if dist_info.enabled:
+        run_resume(out, dist_info)
     if dist_info.is_main:
         torch.save(results, out / "updates.pt")
 

@@ -61,7 +61,7 @@ def assert_close_fields(a: dict, b: dict, where: str):
 def test_update_with_a_rank_that_runs_no_sample_equals_one_process(runs, loss_type):
     """Rank 0's advantages are all exactly 0, so it runs nothing; its gradient and diagnostics must still meet
     rank 1's in every collective (a key set built from what a rank ran used to crash gloo here)."""
-    a, b = (torch.load(d / "updates.pt")[f"update/{loss_type}"] for d in runs)
+    a, b = (torch.load(d / "updates.pt", weights_only=False)[f"update/{loss_type}"] for d in runs)
     assert_close_fields(a["stats"], b["stats"], loss_type)
     assert a["stats"]["grad_norm"] > 0 and a["stats"]["update_sample_share"] == 0.5
     for p, q in zip(a["update"], b["update"]):
@@ -89,14 +89,38 @@ def test_training_steps_on_two_ranks_equal_one_process(runs, variant):
 def test_dynamic_sampling_redraws_shard_unevenly_and_still_fill_the_step(runs):
     """The fixture's redraws leave 1 prompt for 2 ranks (one rank rolls out nothing that round)."""
     rows = read_jsonl(runs[1] / "dynamic_sampling" / "metrics.jsonl")
-    assert [r["resample_rounds"] for r in rows] == [3, 2]
+    assert [r["resample_rounds"] for r in rows] == [3, 3]
     assert all(sum(r["level_counts"]) == 4 for r in rows)
 
 
 def test_sharded_evaluation_equals_one_process(runs):
     """Each rank decodes half of the held-out problems; the gathered records and per-level figures are one
     process's (the tiny model solves some of these, so the accuracies are not trivially 0)."""
-    a, b = (torch.load(d / "updates.pt")["eval"] for d in runs)
+    a, b = (torch.load(d / "updates.pt", weights_only=False)["eval"] for d in runs)
     assert len(a["records"]) == 20 and a["records"] == b["records"]
     assert a["summary"] == b["summary"]
     assert any(level["accuracy"] > 0 for level in a["summary"].values())
+
+
+def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_same_metrics_and_weights(runs):
+    """FSDP2 on 2 ranks with AdamW: its sharded optimizer state goes through the checkpoint and back."""
+    ranked = runs[1]
+    full, resumed = ranked / "resume_full", ranked / "resume_broken"
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]  # noqa: E731
+    assert (resumed / "stopped").exists()  # the second run did stop after step 1
+    assert strip(read_jsonl(resumed / "metrics.jsonl")) == strip(read_jsonl(full / "metrics.jsonl"))
+    a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_saves_one_model_transformers_loads_and_holds_half_the_training_state_per_rank(runs):
+    from transformers import AutoModelForCausalLM
+
+    final = runs[1] / "fsdp" / "final"
+    assert [p.name for p in final.glob("*.safetensors")] == ["model.safetensors"]
+    model = AutoModelForCausalLM.from_pretrained(final)
+    n_params = sum(p.numel() for p in model.parameters())
+    figures = json.loads((runs[1] / "fsdp_memory.json").read_text())
+    print(f"fsdp memory: {figures['rank_bytes']} bytes per rank vs {figures['one_process_bytes']} in one process")
+    assert figures["one_process_bytes"] == 16 * n_params  # fp32 weights + gradients + AdamW's 2 moments
+    assert 0.45 < figures["rank_bytes"] / figures["one_process_bytes"] < 0.55
