@@ -367,8 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
     def run_eval(step: int) -> dict:
         """Greedy held-out evaluation, each rank on its contiguous share of the problems (the weights are the
         same everywhere); the records are gathered in problem order, so the summary is one process's."""
-        summary, _ = evaluate_sharded(sampling_model, tokenizer, task, eval_problems, eval_tokens, stop_checker, dist_info,
-                                      autocast=autocast)
+        summary, _ = evaluate_sharded(sampling_model, tokenizer, task, eval_problems, eval_tokens, stop_checker,
+                                      dist_info, autocast=autocast)
         if main_rank:
             append_jsonl(run_dir / "eval.jsonl", {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
                                                                    for m in ("accuracy", "reward", "format_rate")}})

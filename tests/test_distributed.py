@@ -124,3 +124,17 @@ def test_fsdp_saves_one_model_transformers_loads_and_holds_half_the_training_sta
     print(f"fsdp memory: {figures['rank_bytes']} bytes per rank vs {figures['one_process_bytes']} in one process")
     assert figures["one_process_bytes"] == 16 * n_params  # fp32 weights + gradients + AdamW's 2 moments
     assert 0.45 < figures["rank_bytes"] / figures["one_process_bytes"] < 0.55
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--parallel", "zero3"], "--parallel must be ddp or fsdp"),
+    (["--parallel", "fsdp", "--lora-r", "8"], "--parallel fsdp shards full fine-tuning"),
+    (["--parallel", "fsdp", "--advantage", "ppo"], "--parallel fsdp does not support --advantage ppo"),
+])
+def test_bad_parallel_settings_give_one_line_and_exit_code_2(argv, fragment, capsys, tmp_path):
+    import train
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv + ["--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and fragment in err and len(err.splitlines()) == 1
