@@ -6,6 +6,10 @@ GLOBAL counts, and the gradients are summed across ranks once per optimizer step
 after all micro-batches: DDP's bucketed per-backward sync would only repeat it for every micro-batch). The
 result equals one process holding the whole batch. Without torchrun (WORLD_SIZE unset) everything here is a
 no-op, so the single-process path is the same code.
+
+Every collective here must be called by every rank with the same shapes, whatever that rank's data: a rank
+whose samples all have advantage 0 still reduces the same statistics and gradients (as zeros). This is the
+replicated mode (--parallel ddp); e2h_min/fsdp.py shards the model instead (--parallel fsdp).
 """
 
 from __future__ import annotations
