@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import train
+from e2h_min import logprobs
 from e2h_min.config import Config
 from e2h_min.distributed import DistInfo, init_distributed
 from e2h_min.evaluation import evaluate_sharded, held_out_problems
@@ -46,6 +47,7 @@ LOOP_VARIANTS = {
     "drop_zero_std": ["--drop-zero-std", "--no-skip-zero-advantage"],
     "fsdp": ["--parallel", "fsdp", "--beta", "0.05"],  # one process: the replicated path (nothing to shard)
 }
+CHECKPOINTED_LM_HEAD = {"fsdp"}  # variants whose LM-head chunks are recomputed in backward (as a real vocab's)
 # FSDP2 with AdamW (its sharded state goes through the checkpoint): uninterrupted, and stopped on every rank
 # right after the step-1 checkpoint, then resumed.
 RESUME_ARGS = ["--parallel", "fsdp", "--save-every", "1", "--lr", "1e-3"]
@@ -182,7 +184,9 @@ def run_all(out_dir: str, dist_info: DistInfo) -> None:
     results["eval"] = run_eval(dist_info)
     with deterministic_rollouts():
         for name, flags in LOOP_VARIANTS.items():
-            train.main(LOOP_ARGS + flags + ["--out-dir", str(out / name)])
+            threshold = 0 if name in CHECKPOINTED_LM_HEAD else logprobs.CHECKPOINT_LOGITS_BYTES
+            with mock.patch.object(logprobs, "CHECKPOINT_LOGITS_BYTES", threshold):
+                train.main(LOOP_ARGS + flags + ["--out-dir", str(out / name)])
     if dist_info.enabled:
         run_resume(out, dist_info)
     if dist_info.is_main:
