@@ -29,8 +29,9 @@ import json
 import math
 import random
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -41,8 +42,10 @@ from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_chec
 from e2h_min.config import (Config, UserError, combination_warnings, exit_on_user_error, kl_estimator_for,
                             parse_config, schedule_params)
 from e2h_min.curriculum import LevelSampler
-from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed, sum_gradients
-from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
+from e2h_min.distributed import (DistInfo, all_reduce_max, all_reduce_sum, barrier, gather_lists, init_distributed,
+                                 sum_gradients)
+from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate_sharded, held_out_problems, score_rollout
+from e2h_min.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
 from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_batches,
                               shared_prompts_unsupported_reason)
 from e2h_min.losses import (clipped_value_loss, compute_advantages, gae_advantages, kl_penalised_advantages,
@@ -69,8 +72,8 @@ def shared_prompts_for(model, prompt_ids: list[list[int]], cfg: Config, rows: li
                        ) -> SharedPrompts | None:
     """The distinct prompts of the samples `rows` (default all), for the shared-prompt layout; None where the
     whole-sequence layout is used."""
-    if not cfg.share_prompt_forward or not prompt_ids or (rows is not None and not rows):
-        return None
+    if not cfg.share_prompt_forward or not prompt_ids or (rows is not None and not rows) or is_sharded(model):
+        return None  # (FSDP2: the prompts' backward would run through each layer once more after its own)
     if shared_prompts_unsupported_reason(model, cfg.gradient_checkpointing) is not None:
         return None
     return SharedPrompts.from_rows(prompt_ids, rows)
@@ -117,11 +120,25 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
     # Packed once, reused by every iteration.
     batches, packed = zip(*pack_micro_batches(prompt_ids, completions, cfg.micro_batch_size, cfg.micro_batch_tokens,
                                               shared, device, active)) if active else ((), ())
+    if is_sharded(policy):  # each FSDP forward all-gathers: every rank runs as many micro-batches as the most
+        most = int(all_reduce_max(torch.tensor([len(batches)], device=device), dist_info))
+        filler = pack_micro_batches([[0]], [[0]], 1, 0, None, device)[0][1]  # one token, no loss weight
+        batches, packed = batches + (None,) * (most - len(batches)), packed + (filler,) * (most - len(batches))
     old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old (before any update of this step)
     ref_logprobs: dict[int, torch.Tensor] = {}  # the reference is frozen: computed once, reused by iterations
     ref_kv = None  # the reference model's prompt keys/values (shared layout), computed on first use
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    stats = defaultdict(float)
+    # Token sums of the diagnostics, all_reduced at the end. The keys depend on the config only, never on what
+    # this rank ran: a rank with no sample to run (every advantage 0) reduces the same keys, as zeros, or the
+    # ranks' all_reduce sizes would differ (a gloo "size mismatch" or a hang). A plain dict: a new key must be
+    # added here, not appear on one rank only.
+    stat_keys = ["loss", "tokens", "entropy", "approx_kl_old", "logprob_mismatch", "active_samples",
+                 "clip_ratio/clipped_low", "clip_ratio/clipped_high", "clip_ratio/region"]
+    stat_keys += ["kl"] if kl_in_loss else []
+    stat_keys += ["value_loss"] if cfg.advantage == "ppo" else []
+    if reference is not None and (kl_in_loss or (cfg.advantage == "ppo" and cfg.kl_in_reward)):
+        stat_keys.append("kl_reference")  # the micro-batches' reference log-probs exist on these paths
+    stats = dict.fromkeys(stat_keys, 0.0)
 
     def prompt_kv(model):  # the prompts' keys/values for the shared layout (graph kept under autograd)
         if shared is None:
@@ -173,6 +190,10 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
         last = iteration == cfg.num_iterations - 1
         kv = prompt_kv(policy)  # the prompts' forward, once per iteration; micro-batches attend to it
         for b, (rows, batch) in enumerate(zip(batches, packed)):
+            if rows is None:  # an FSDP filler: this rank's part of the collectives, a zero gradient
+                with autocast():
+                    (completion_logprobs(policy, batch, cfg.temperature)[0].sum() * 0.0).backward()
+                continue
             tokens = batch["completion_mask"]
             t_mb = tokens.shape[1]
             with autocast():
@@ -222,9 +243,10 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
         else:  # a NaN/inf gradient would poison the weights and Adam's moments: skip this step
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
-    keys = sorted(stats)
-    totals = dict(zip(keys, reduce(torch.tensor([stats[k] for k in keys], device=device,
-                                                dtype=torch.float64)).tolist())) if keys else {}
+    totals = dict(zip(stat_keys, reduce(torch.tensor([stats[k] for k in stat_keys], device=device,
+                                                     dtype=torch.float64)).tolist()))
+    if totals["tokens"] == 0:  # no rank ran a sample: no per-token diagnostics to report
+        totals = {k: totals[k] for k in ("loss", "active_samples")}
     tokens = max(totals.pop("tokens", 0.0), 1.0)
     out = {"loss": totals.pop("loss", 0.0), "grad_norm": float(grad_norm), "skipped_updates": skipped,
            "update_sample_share": totals.pop("active_samples", 0.0) / max(counts[0], 1.0)}
@@ -259,10 +281,13 @@ def build_models(cfg: Config, device, resume_from: Path | None):
 
 
 def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> None:
-    """Seed every RNG from (seed, rank, step): a resumed or multi-rank run draws exactly what it would have."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(2)
+    """Seed every RNG from (seed, rank, step): a resumed or multi-rank run draws exactly what it would have.
+    The rollout generator is seeded from (seed, step) alone, the same on every rank: the ranks draw the random
+    numbers of the whole step's samples and each keeps its own rows' (see collect in main), so a sample is the
+    same whichever rank rolls it out and however many ranks there are."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(1)
     random.seed(int(state[0])), np.random.seed(int(state[0])), torch.manual_seed(int(state[0]))
-    generator.manual_seed(int(state[1]))
+    generator.manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
 
 @exit_on_user_error
@@ -286,9 +311,6 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.prompts_per_step % dist_info.world_size:
             raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the "
                             f"{dist_info.world_size} ranks (each rank rolls out an equal share)")
-        if cfg.dynamic_sampling:
-            raise UserError("--dynamic-sampling is single-process only for now (ranks would draw different "
-                            "numbers of extra prompts); run without torchrun or without it")
     main_rank = dist_info.is_main
     log = tqdm.write if main_rank else (lambda *_: None)
     for warning in combination_warnings(cfg):
@@ -303,6 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
     tokenizer = load_tokenizer(cfg.model)
     policy, reference, value_head = build_models(cfg, device, resume_from)
+    sampling_model = policy  # the model that rolls out, evaluates and is saved: the policy, or under FSDP a copy
+    if cfg.parallel == "fsdp" and dist_info.enabled:
+        sampling_model = shard_policy(policy)  # full weights on every rank, refreshed after each update
     trainable = [p for p in policy.parameters() if p.requires_grad]
     trainable += list(value_head.parameters()) if value_head else []
     # fused: one kernel for all parameters on CPU and CUDA (4.7x faster than the per-tensor loop on the tiny model)
@@ -324,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
     if resume_from:
-        state = load_training_state(resume_from, optimizer, scheduler, generator)
+        state = load_training_state(resume_from, FullOptimizerState(policy, optimizer) if is_sharded(policy)
+                                    else optimizer, scheduler, generator)
         sampler.load_state_dict(state["sampler"])
         start_step = state["step"]
         if main_rank:
@@ -340,33 +366,45 @@ def main(argv: list[str] | None = None) -> dict:
         f"| {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained")
 
-    def run_eval(step: int) -> dict | None:
-        """Greedy held-out evaluation on rank 0 (the others wait: the weights are the same everywhere)."""
-        summary = None
+    def run_eval(step: int) -> dict:
+        """Greedy held-out evaluation, each rank on its contiguous share of the problems (the weights are the
+        same everywhere); the records are gathered in problem order, so the summary is one process's."""
+        summary, _ = evaluate_sharded(sampling_model, tokenizer, task, eval_problems, eval_tokens, stop_checker,
+                                      dist_info, autocast=autocast)
         if main_rank:
-            summary, _ = evaluate(policy, tokenizer, task, eval_problems, eval_tokens, stop_checker,
-                                  autocast=autocast)
             append_jsonl(run_dir / "eval.jsonl", {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
                                                                    for m in ("accuracy", "reward", "format_rate")}})
             log(f"eval step {step}: " + "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items()))
-        barrier(dist_info)
         return summary
 
     def checkpoint(step: int) -> None:
+        saved_optimizer = optimizer
+        if is_sharded(policy):  # gathering the AdamW state is a collective: every rank gathers, rank 0 writes
+            full_state = FullOptimizerState(policy, optimizer).state_dict()
+            saved_optimizer = SimpleNamespace(state_dict=lambda: full_state)
         if main_rank:
-            save_checkpoint(run_dir, step, policy, tokenizer, optimizer, scheduler,
+            save_checkpoint(run_dir, step, sampling_model, tokenizer, saved_optimizer, scheduler,
                             {"config": dataclasses.asdict(cfg), "sampler": sampler.state_dict()}, generator,
                             keep=cfg.keep_checkpoints,
                             extra_modules={"value_head": value_head} if value_head else None)
         barrier(dist_info)
 
-    def collect(problems) -> StepSamples:
-        """Roll out G samples for each problem in one batched decode and score them (rewards in float64)."""
+    def collect(draw) -> StepSamples:
+        """Roll out G samples for this rank's share of the problems `draw` (the same list on every rank) in one
+        batched decode and score them (rewards in float64). The sampling noise is drawn for the whole draw on
+        every rank and each rank decodes with its own rows' slice of it: the samples do not depend on how the
+        draw is split across ranks, so a torchrun run rolls out what one process would."""
+        problems = dist_info.shard(draw)
+        uniforms = torch.rand((len(draw) * G, cfg.max_new_tokens), generator=generator, dtype=torch.float64,
+                              device=device)
+        start = dist_info.shard_start(len(draw)) * G
+        if not problems:  # an uneven --dynamic-sampling redraw can leave a rank nothing to roll out
+            return StepSamples(G, [], [], [], [], [], np.zeros(0), np.zeros(0, dtype=bool))
         prompt_ids = encode_prompts(tokenizer, task, problems)
-        policy.eval()
+        sampling_model.eval()
         with autocast():
-            rollout = generate(policy, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,
-                               temperature=cfg.temperature, generator=generator)
+            rollout = generate(sampling_model, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,
+                               temperature=cfg.temperature, uniforms=uniforms[start:start + len(problems) * G])
         policy.train()
         texts, rewards = score_rollout(task, problems, tokenizer, rollout)
         completions = rollout.completion_token_lists()
@@ -384,21 +422,32 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 1. curriculum: p_t over levels, then each prompt slot's level and problem (this rank's share)
         level_p = sampler.probs(step)
-        problems = dist_info.shard(sampler.sample(step, cfg.prompts_per_step))
+        draw = sampler.sample(step, cfg.prompts_per_step)  # the same on every rank; each rolls out its share
 
-        # 2. rollout and rewards; --dynamic-sampling redraws prompts (same p_t) until every group is informative
+        # 2. rollout and rewards; --dynamic-sampling redraws prompts (same p_t) until every group is informative.
+        #    Each of this rank's groups keeps its place in the step's draws, (round, slot): the decisions below
+        #    are taken on every rank's groups in that order, so they are the same on every rank and the same as
+        #    one process holding the whole batch.
         t0 = time.perf_counter()
-        samples = collect(problems)
+        samples = collect(draw)
+        slots = [(0, dist_info.shard_start(len(draw)) + j) for j in range(samples.num_groups)]
         rounds = 0
-        while (cfg.dynamic_sampling and len(samples.informative_groups()) < cfg.prompts_per_step
-               and rounds < cfg.max_resample_rounds):
-            missing = cfg.prompts_per_step - len(samples.informative_groups())
-            samples, rounds = samples.concat(collect(sampler.sample(step, missing))), rounds + 1
+        while cfg.dynamic_sampling and rounds < cfg.max_resample_rounds:
+            missing = cfg.prompts_per_step - sum(gather_lists([len(samples.informative_groups())], dist_info))
+            if missing <= 0:
+                break
+            rounds += 1
+            extra = collect(sampler.sample(step, missing))  # every rank draws, each rolls out its share
+            samples = samples.concat(extra)
+            slots += [(rounds, dist_info.shard_start(missing) + j) for j in range(extra.num_groups)]
         informative = samples.informative_groups()
         sampled_groups = samples.num_groups
         if cfg.dynamic_sampling:  # informative groups first, topped up with the others if retries ran out
-            rest = [g for g in range(samples.num_groups) if g not in set(informative)]
-            samples = samples.select(samples.group_rows(sorted((informative + rest)[:cfg.prompts_per_step])))
+            step_groups = sorted(gather_lists([(slot, g in set(informative)) for g, slot in enumerate(slots)],
+                                              dist_info))
+            ranked = [s for s, useful in step_groups if useful] + [s for s, useful in step_groups if not useful]
+            chosen = set(ranked[:cfg.prompts_per_step])
+            samples = samples.select(samples.group_rows([g for g, slot in enumerate(slots) if slot in chosen]))
         rollout_seconds = time.perf_counter() - t0
 
         # 3. advantages over the whole step (every rank's samples): group-relative, in float64;
@@ -414,7 +463,8 @@ def main(argv: list[str] | None = None) -> dict:
                                        cfg.scale_rewards)
         sampler.update({int(k): float(group_adv[torch.from_numpy(step_levels == k)].abs().mean())
                         for k in set(step_levels.tolist())})
-        mine = slice(dist_info.rank * len(rewards), (dist_info.rank + 1) * len(rewards))
+        start = sum(gather_lists([len(rewards)], dist_info)[:dist_info.rank])  # ranks may hold unequal shares
+        mine = slice(start, start + len(rewards))
         advantages = rewards if cfg.advantage == "ppo" else group_adv[mine]
         if sequence_kl_values is not None:  # groups are rank-local: each rank penalises its own samples
             advantages = kl_penalised_advantages(advantages, sequence_kl_values, cfg.beta, G)
@@ -433,6 +483,10 @@ def main(argv: list[str] | None = None) -> dict:
                                        autocast, value_head, dist_info, log)
         lr_used = scheduler.get_last_lr()[0]
         scheduler.step()
+        if is_sharded(policy):
+            refresh_full_copy(policy, sampling_model)
+            if step == start_step:
+                log_sharded_memory(policy, sampling_model, optimizer, dist_info, log)
         update_seconds = time.perf_counter() - t1
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
@@ -487,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint(cfg.total_steps)
     final_dir = run_dir / "final"
     if main_rank:
-        policy.save_pretrained(final_dir, safe_serialization=True)  # with LoRA: the adapter
+        sampling_model.save_pretrained(final_dir, safe_serialization=True)  # with LoRA: the adapter
         tokenizer.save_pretrained(final_dir)
         if cfg.lora_r and cfg.save_merged:
             merged = copy.deepcopy(policy).merge_and_unload()
@@ -507,7 +561,9 @@ def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advan
     for the rest of the run and retry.
 
     The retry is exact (the loss weights do not depend on the micro-batch size) as long as no optimizer step was
-    taken yet; an OOM in a later iteration of --num-iterations > 1 is re-raised.
+    taken yet; an OOM in a later iteration of --num-iterations > 1 is re-raised. Under torchrun it is re-raised
+    too: the other ranks are already waiting in the update's next collective, and a retry on one rank alone
+    would start its collectives over out of step with them (a mismatch or a hang).
     """
     while True:
         steps_before = optimizer_steps(optimizer)
@@ -515,7 +571,7 @@ def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advan
             return policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, advantages,
                                  kept.sampler_logprobs, cfg, device, autocast, value_head, dist_info)
         except torch.OutOfMemoryError:
-            if cfg.micro_batch_size == 1 or optimizer_steps(optimizer) != steps_before:
+            if cfg.micro_batch_size == 1 or optimizer_steps(optimizer) != steps_before or dist_info.enabled:
                 raise
             optimizer.zero_grad(set_to_none=True)
             if torch.cuda.is_available():

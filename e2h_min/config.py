@@ -106,6 +106,8 @@ class Config:
     resume: Optional[str] = _f(None, "continue the run in this directory from its latest checkpoint")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     threads: int = _f(0, "CPU threads for torch (0 = torch default)")
+    parallel: str = _f("ddp", "under torchrun: ddp (every rank holds the whole model; gradients summed) or fsdp "
+                              "(FSDP2: weights, gradients and AdamW state sharded across ranks; full fine-tuning)")
 
 
 # Settings that make the embedded tiny model learn visibly in a few CPU minutes (applied only with --model tiny,
@@ -230,6 +232,11 @@ def validate(cfg: Config) -> None:
          f"unknown --kl-estimator {cfg.kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
     need(cfg.scale_rewards in ("group", "batch", "none"), "--scale-rewards must be group, batch or none")
     need(cfg.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant")
+    need(cfg.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp (got {cfg.parallel})")
+    need(cfg.parallel != "fsdp" or not cfg.lora_r, "--parallel fsdp shards full fine-tuning; LoRA trains few "
+                                                   "weights: drop --lora-r or use --parallel ddp")
+    need(cfg.parallel != "fsdp" or cfg.advantage != "ppo", "--parallel fsdp does not support --advantage ppo yet "
+                                                           "(its value head); use --parallel ddp")
     need(cfg.num_generations >= 2, f"--num-generations must be >= 2 for group-relative advantages "
                                    f"(got {cfg.num_generations})")
     need(cfg.prompts_per_step >= 1, "--prompts-per-step must be >= 1")

@@ -6,15 +6,21 @@ GLOBAL counts, and the gradients are summed across ranks once per optimizer step
 after all micro-batches: DDP's bucketed per-backward sync would only repeat it for every micro-batch). The
 result equals one process holding the whole batch. Without torchrun (WORLD_SIZE unset) everything here is a
 no-op, so the single-process path is the same code.
+
+Every collective here must be called by every rank with the same shapes, whatever that rank's data: a rank
+whose samples all have advantage 0 still reduces the same statistics and gradients (as zeros). This is the
+replicated mode (--parallel ddp); e2h_min/fsdp.py shards the model instead (--parallel fsdp).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -31,10 +37,15 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def shard_start(self, n: int) -> int:
+        """Where this rank's contiguous share of n items starts: the first n % world_size ranks hold one more.
+        Example: n = 5, 2 ranks -> rank 0 holds items 0-2, rank 1 items 3-4 (starts 0 and 3)."""
+        return self.rank * (n // self.world_size) + min(self.rank, n % self.world_size)
+
     def shard(self, items: list) -> list:
-        """This rank's contiguous slice of a list whose length the world size divides."""
-        per_rank = len(items) // self.world_size
-        return items[self.rank * per_rank:(self.rank + 1) * per_rank]
+        """This rank's contiguous share of `items` (equal shares when the world size divides its length)."""
+        start, stop = self.shard_start(len(items)), self.shard_start(len(items)) + len(items) // self.world_size
+        return items[start:stop + (self.rank < len(items) % self.world_size)]
 
 
 def init_distributed(device_type: str) -> DistInfo:
@@ -44,6 +55,7 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        atexit.register(shutdown_distributed)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
@@ -57,11 +69,21 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Max of a tensor over ranks (in place where distributed); returns it."""
+    if info.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def sum_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """grad <- sum over ranks of grad, for every parameter (a rank with no samples contributes zeros)."""
+    """grad <- sum over ranks of grad, for every parameter (a rank with no samples contributes zeros).
+    FSDP2-sharded parameters (DTensors) are skipped: their backward already reduce-scattered the sum."""
     if not info.enabled:
         return
     for p in params:
+        if isinstance(p, DTensor):
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
@@ -79,3 +101,15 @@ def gather_lists(local: list, info: DistInfo) -> list:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group while the interpreter is fully alive (registered with atexit on init).
+
+    A process that exits with its gloo group still alive tears the group down during interpreter finalization,
+    while gloo's worker threads may still hold finished work objects whose tensors reference Python objects;
+    freeing them then takes the GIL of a dying interpreter and the rank aborts (SIGABRT, exit code -6) after it
+    already did all its work: the flaky torchrun failure. Idempotent; a no-op without a process group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

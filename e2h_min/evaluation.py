@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from e2h_min.distributed import DistInfo, gather_lists
 from e2h_min.rollout import Rollout, StopChecker, generate
 
 
@@ -73,6 +74,17 @@ def evaluate(model, tokenizer, task, problems, max_new_tokens: int, stop_checker
                             "reward": float(reward), "correct": task.is_correct(reward),
                             "formatted": bool(reward >= task.format_reward - 1e-9), "length": length})
     model.train(was_training)
+    return summarize(task, records), records
+
+
+def evaluate_sharded(model, tokenizer, task, problems, max_new_tokens: int, stop_checker: StopChecker,
+                     dist_info: DistInfo, autocast=None) -> tuple[dict, list[dict]]:
+    """`evaluate` with each torchrun rank decoding its contiguous share of `problems` (a 4-rank evaluation takes
+    about a quarter of the time); the records are gathered in problem order on every rank, so the summary and
+    the records are one process's. Without torchrun it is `evaluate`."""
+    _, records = evaluate(model, tokenizer, task, dist_info.shard(problems), max_new_tokens, stop_checker,
+                          autocast=autocast, progress=dist_info.is_main)
+    records = gather_lists(records, dist_info)
     return summarize(task, records), records
 
 

@@ -111,8 +111,8 @@ class StopChecker:
         return None
 
 
-def sample_from_weights(weights: torch.Tensor, generator: torch.Generator | None = None, block: int = 128
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_from_weights(weights: torch.Tensor, generator: torch.Generator | None = None, block: int = 128,
+                        uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one index per row with probability weights[i] / sum(weights), from a single uniform per row.
 
     weights [n, V] >= 0 (unnormalised; zero weight is never drawn) -> (tokens [n] long, sum(weights) [n] float64).
@@ -120,6 +120,7 @@ def sample_from_weights(weights: torch.Tensor, generator: torch.Generator | None
     then the token inside it by its float64 cumulative sum. This draws n random numbers instead of n * V (the
     Gumbel / exponential trick spent most of a CPU decode step generating noise for a 150k vocabulary), needs no
     host sync (unlike torch.multinomial on CUDA), and the float64 in-block sum keeps tail tokens' mass.
+    uniforms [n] float64 in [0, 1) (optional): the rows' random numbers, drawn by the caller instead of here.
     Example: weights [[0., 3., 1.]] -> (index 1 with probability 0.75 or index 2 with 0.25, never 0; total 4.)
     """
     n, vocab = weights.shape
@@ -127,7 +128,9 @@ def sample_from_weights(weights: torch.Tensor, generator: torch.Generator | None
         weights = torch.nn.functional.pad(weights, (0, block - vocab % block))
     blocks = weights.view(n, -1, block)  # [n, V / block, block]
     block_cdf = blocks.sum(-1).double().cumsum(-1)  # [n, V / block]
-    u = 1 - torch.rand((n, 1), generator=generator, dtype=torch.float64, device=weights.device)  # (0, 1]
+    if uniforms is None:
+        uniforms = torch.rand((n,), generator=generator, dtype=torch.float64, device=weights.device)
+    u = 1 - uniforms[:, None].to(torch.float64)  # (0, 1]
     target = u * block_cdf[:, -1:]  # [n, 1]
     chosen = torch.searchsorted(block_cdf, target).clamp(max=block_cdf.shape[1] - 1)  # first cdf >= target
     before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)
@@ -138,8 +141,8 @@ def sample_from_weights(weights: torch.Tensor, generator: torch.Generator | None
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                      greedy: bool = False, generator: torch.Generator | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      greedy: bool = False, generator: torch.Generator | None = None,
+                      uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row and return (tokens [n], logprob of each under the drawing distribution [n]).
 
     logits [n, V]. The drawing distribution is softmax(logits / T), with top_k keeping the k largest logits and
@@ -166,7 +169,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
         scaled = scaled.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     top = scaled.amax(dim=-1, keepdim=True)  # [n, 1]
     weights = (scaled - top).exp_()  # [n, V] in [0, 1], the max is exactly 1
-    tokens, total = sample_from_weights(weights, generator)
+    tokens, total = sample_from_weights(weights, generator, uniforms=uniforms)
     log_normaliser = top.squeeze(-1) + total.log().float()  # logsumexp of the kept scaled logits
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_normaliser
 
@@ -203,11 +206,15 @@ def generate(model, prompt_ids: list[list[int]], num_samples: int, max_new_token
              pad_id: int, stop_checker: StopChecker | None = None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
              compact_fraction: float = 0.125, check_every: int | None = None, decoder: str = "auto",
-             static_shapes: bool = False, compile_step: bool = False) -> Rollout:
+             static_shapes: bool = False, compile_step: bool = False, uniforms: torch.Tensor | None = None
+             ) -> Rollout:
     """Sample `num_samples` completions for each prompt in one batched KV-cached decode.
 
     prompt_ids: P token lists (unpadded). Returns a Rollout of N = P * num_samples rows, row i from prompt
     i // num_samples. `generator` seeds the sampling noise (reproducible on a given device).
+    uniforms [N, max_new_tokens] float64 in [0, 1) (optional, instead of `generator`): row i's random number at
+    decode step s is uniforms[i, s], so each row's sample does not depend on which other rows share the batch
+    (train.py draws them for the whole step and each torchrun rank takes its rows' slice).
     compact_fraction: drop finished rows from the running batch once at least this share of it has finished.
     check_every: look for finished rows every this many steps (None: 1 on CPU, 8 on CUDA).
     decoder: "auto" (lean Qwen2/Llama decoder when supported, else generic), "lean" or "hf".
@@ -240,7 +247,8 @@ def generate(model, prompt_ids: list[list[int]], num_samples: int, max_new_token
     last_check = 0  # first step not yet searched for stop strings
 
     for step in range(max_new_tokens):
-        token, logprob = sample_next_token(logits, temperature, top_k, top_p, greedy, generator)
+        token, logprob = sample_next_token(logits, temperature, top_k, top_p, greedy, generator,
+                                           None if uniforms is None else uniforms[rows, step])
         tokens_out[rows, step] = token
         logprobs_out[rows, step] = logprob
         if len(eos):

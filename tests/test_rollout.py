@@ -201,6 +201,23 @@ def test_sampling_is_reproducible_with_a_seeded_generator(model, prompts):
     assert not torch.equal(first.completion_ids, other.completion_ids)
 
 
+@pytest.mark.parametrize("options", DECODERS, ids=DECODER_IDS)
+def test_given_uniforms_a_row_samples_the_same_whatever_else_is_in_the_batch(model, prompts, options):
+    """What train.py's torchrun ranks rely on: with the step's random numbers drawn up front, splitting the
+    prompts into two batches (two ranks' shares) rolls out exactly the samples of one batch."""
+    G, steps = 3, 12
+    uniforms = torch.rand((len(prompts) * G, steps), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    run = lambda part, rows: generate(model, part, G, steps, eos_token_ids=[EOS], pad_id=PAD,  # noqa: E731
+                                      temperature=1.3, uniforms=uniforms[rows], **options)
+    whole = run(prompts, slice(0, 4 * G))
+    halves = [run(prompts[:1], slice(0, G)), run(prompts[1:], slice(G, 4 * G))]
+    assert whole.completion_token_lists() == halves[0].completion_token_lists() + halves[1].completion_token_lists()
+    assert not whole.finished.all() and whole.finished.any()  # rows ended early: the batch compacted
+    other = generate(model, prompts, G, steps, eos_token_ids=[EOS], pad_id=PAD, temperature=1.3,
+                     uniforms=torch.rand_like(uniforms), **options)
+    assert other.completion_token_lists() != whole.completion_token_lists()
+
+
 @pytest.mark.parametrize("check_every", [1, 5])
 @pytest.mark.parametrize("decoder", ["hf", "lean"])
 def test_stop_string_stops_a_row_right_after_it(model, tokenizer, prompts, check_every, decoder):
