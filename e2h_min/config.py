@@ -101,6 +101,7 @@ class Config:
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")
     # --- system ---
     resume: Optional[str] = _f(None, "continue the run in this directory from its latest checkpoint")
+    overwrite: bool = _f(False, "let --out-dir replace an earlier run there (its logs and checkpoints are deleted)")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     threads: int = _f(0, "CPU threads for torch (0 = torch default)")
 
@@ -133,7 +134,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         kind = _base_type(f)
         spellings = [_flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats help
         if kind is bool:  # --flag / --no-flag
             parser.add_argument(*spellings, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
