@@ -39,7 +39,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from e2h_min.checkpoint import load_training_state, resume_checkpoint, save_checkpoint
-from e2h_min.config import Config, UserError, exit_on_user_error, parse_config, schedule_params
+from e2h_min.config import (Config, UserError, check_context, exit_on_user_error, parse_config,
+                             schedule_params)
 from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed, sum_gradients
 from e2h_min.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
@@ -294,6 +295,11 @@ def train(cfg: Config, run_dir: Path) -> dict:
                        f"or a longer one with --out-dir, to train further)")
             return {"first_eval": None, "last_eval": None, "run_dir": str(run_dir), "already_finished": True}
     task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
+    try:  # the schedule's parameters for this task's levels, and a level with rows at every step, checked now
+        sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
+        sampler.check_every_step_drawable()
+    except ValueError as exc:
+        raise UserError(f"--schedule {cfg.schedule} on task {task.name}: {exc}") from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -318,13 +324,13 @@ def train(cfg: Config, run_dir: Path) -> dict:
         log(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
     tokenizer = load_tokenizer(cfg.model)
     policy, reference, value_head = build_models(cfg, device, resume_from)
+    check_context(max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0), policy.config)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     trainable += list(value_head.parameters()) if value_head else []
     # fused: one kernel for all parameters on CPU and CUDA (4.7x faster than the per-tensor loop on the tiny model)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda") or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
-    sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
     stop_checker = StopChecker(tokenizer, [cfg.stop], device)
     eos, pad = eos_token_ids(tokenizer, policy), tokenizer.pad_token_id
     eval_problems = held_out_problems(task, cfg.eval_problems)

@@ -260,6 +260,16 @@ class LevelSampler:
                              f"{self.split!r} problems (rows per level: {self.rows}); add data or change schedule")
         return [pk / total for pk in p]
 
+    def check_every_step_drawable(self, max_checks: int = 100_000) -> None:
+        """Raise ValueError now if the schedule would, at some step of the run, put all its mass on levels with no
+        rows (probs would fail there, mid-run). Only runs when a level is empty; at most max_checks evenly
+        spaced steps (the schedules change smoothly or in K phases, so a gap cannot hide between them)."""
+        if all(n != 0 for n in self.rows):
+            return
+        stride = max(1, self.total_steps // max_checks)
+        for step in [*range(0, self.total_steps, stride), self.total_steps - 1]:
+            self.probs(step)
+
     def _next_index(self, level: int) -> int:
         """Advance level's stream by one and return the problem index it serves."""
         n_rows = self.rows[level]

@@ -46,7 +46,18 @@ def pick_device(requested: str = "auto") -> torch.device:
         return torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {requested} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
-    return torch.device(requested)
+    if requested.startswith("mps") and not (getattr(torch.backends, "mps", None) is not None
+                                            and torch.backends.mps.is_available()):
+        raise UserError(f"--device {requested} asked for, but this machine has no usable MPS (Apple GPU) backend; "
+                        f"use --device cpu or auto")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown --device {requested!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 def load_tokenizer(name: str):

@@ -17,7 +17,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from e2h_min.config import Config, UserError
+from e2h_min.config import Config, UserError, check_output_dir
 from e2h_min.jsonl import read_log, write_log
 from e2h_min.samples import StepSamples
 
@@ -119,19 +119,6 @@ def _in_use(run_dir: Path, pid: int) -> UserError:
                      f"another --out-dir")
 
 
-def _prepare_dir(run_dir: Path, flag: str) -> None:
-    """Create `run_dir` (and parents) or raise a UserError saying why it cannot be a run directory."""
-    for parent in [run_dir, *run_dir.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"{flag} {run_dir}: {parent} is a file, not a directory; pass a directory path")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{flag} {run_dir}: cannot create it ({exc.strerror}); pass a writable directory") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {run_dir}: not writable; pass a writable directory")
-
-
 def _lock(run_dir: Path, flag: str) -> tuple[RunLock, int | None]:
     lock = RunLock(run_dir)
     try:
@@ -175,7 +162,7 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
         return run_dir, lock
     if cfg.out_dir:
         run_dir = Path(cfg.out_dir)
-        _prepare_dir(run_dir, "--out-dir")
+        check_output_dir(run_dir, "--out-dir")
         lock, holder = _lock(run_dir, "--out-dir")
         if holder is not None:
             raise _in_use(run_dir, holder)
@@ -197,7 +184,7 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
         run_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
         if holds_run(run_dir):
             continue
-        _prepare_dir(run_dir, "run directory")
+        check_output_dir(run_dir, "run directory")
         lock, holder = _lock(run_dir, "run directory")
         if holder is not None:
             continue  # another run is starting there right now
