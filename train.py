@@ -50,8 +50,8 @@ from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_bat
                               shared_prompts_unsupported_reason)
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
                             sequence_kl, token_loss_weights, whiten)
-from e2h_min.models import (ValueHead, apply_lora, frozen_copy, load_lora_checkpoint, load_model, load_tokenizer,
-                            lora_reference, pick_device, resolve_model_name)
+from e2h_min.models import (ValueHead, apply_lora, context_length, frozen_copy, load_lora_checkpoint, load_model,
+                            load_tokenizer, lora_reference, pick_device, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, default_run_dir, finished_run,
                             log_completions, truncate_jsonl)
@@ -273,14 +273,28 @@ def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> No
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv)
+    task, sampler = load_task(cfg)  # the data and the schedule are checked before anything is written
+    check_context(max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0), context_length(cfg.model))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes (and owns) the run directory
-        return train(cfg, Path(cfg.resume or cfg.out_dir or default_run_dir(cfg)))
+        return train(cfg, task, sampler, Path(cfg.resume or cfg.out_dir or default_run_dir(cfg)))
     run_dir, lock = claim_run_dir(cfg, tqdm.write)  # created, writable and locked for this run, or a UserError
     with lock:
-        return train(cfg, run_dir)
+        return train(cfg, task, sampler, run_dir)
 
 
-def train(cfg: Config, run_dir: Path) -> dict:
+def load_task(cfg: Config) -> tuple:
+    """The task and its curriculum sampler; UserError if the schedule's parameters do not fit the task's levels,
+    or if at some step of the run the schedule would draw only from levels with no training rows."""
+    task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
+    try:
+        sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
+        sampler.check_every_step_drawable()
+    except ValueError as exc:
+        raise UserError(f"--schedule {cfg.schedule} on task {task.name}: {exc}") from None
+    return task, sampler
+
+
+def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
     # ---------------------------------------------------------------- setup
     resume_from = None
     if cfg.resume:  # the newest checkpoint that verifies (damaged newer ones are set aside, with a warning)
@@ -294,12 +308,6 @@ def train(cfg: Config, run_dir: Path) -> dict:
             tqdm.write(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, "
                        f"or a longer one with --out-dir, to train further)")
             return {"first_eval": None, "last_eval": None, "run_dir": str(run_dir), "already_finished": True}
-    task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
-    try:  # the schedule's parameters for this task's levels, and a level with rows at every step, checked now
-        sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
-        sampler.check_every_step_drawable()
-    except ValueError as exc:
-        raise UserError(f"--schedule {cfg.schedule} on task {task.name}: {exc}") from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -324,7 +332,6 @@ def train(cfg: Config, run_dir: Path) -> dict:
         log(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
     tokenizer = load_tokenizer(cfg.model)
     policy, reference, value_head = build_models(cfg, device, resume_from)
-    check_context(max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0), policy.config)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     trainable += list(value_head.parameters()) if value_head else []
     # fused: one kernel for all parameters on CPU and CUDA (4.7x faster than the per-tensor loop on the tiny model)

@@ -270,12 +270,11 @@ def validate(cfg: Config) -> None:
          f"unknown --device {cfg.device!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
-def check_context(max_new_tokens: int, model_config, flag: str = "--max-new-tokens") -> None:
-    """A completion budget must leave room in the model's context (max_position_embeddings), or decoding would
-    index past the position table or allocate for a length the model cannot use."""
-    context = getattr(model_config, "max_position_embeddings", None)
-    if isinstance(context, int) and max_new_tokens >= context:
-        raise UserError(f"{flag} {max_new_tokens} does not fit the model's context of {context} tokens "
+def check_context(max_new_tokens: int, context: int | None, flag: str = "--max-new-tokens") -> None:
+    """A completion budget must leave room in the model's context (max_position_embeddings; None = unknown), or
+    decoding would index past the position table or allocate for a length the model cannot use."""
+    if context is not None and max_new_tokens > context:
+        raise UserError(f"{flag} {max_new_tokens} exceeds the model's context of {context} tokens "
                         f"(max_position_embeddings); use less, leaving room for the prompt")
 
 
