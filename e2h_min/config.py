@@ -279,8 +279,9 @@ def check_context(max_new_tokens: int, context: int | None, flag: str = "--max-n
 
 
 def check_output_dir(path, flag: str) -> None:
-    """Create `path` (a directory the entry point will write into) now, or raise a UserError saying why not:
-    an unwritable place should fail before the work, not after it."""
+    """Create `path` (a directory the entry point will write into) now and write a scratch file there, or raise a
+    UserError saying why not: an unwritable place should fail before the work, not after it."""
+    import tempfile
     from pathlib import Path
 
     path = Path(path)
@@ -289,23 +290,22 @@ def check_output_dir(path, flag: str) -> None:
             raise UserError(f"{flag} {path}: {parent} is a file, not a directory; pass a directory path")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError as exc:
-        raise UserError(f"{flag} {path}: cannot create it ({exc.strerror}); pass a writable directory") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: not writable; pass a writable directory")
+        raise UserError(f"{flag} {path}: cannot write there ({exc.strerror}); pass a writable directory") from None
 
 
 def check_output_file(path, flag: str) -> None:
-    """`path` can be written (its directory exists and is writable; it is not a directory); checked up front."""
+    """`path` can be written: not a directory, and its directory can be created and written (a scratch file is
+    written and removed there). Checked before the work."""
     from pathlib import Path
 
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: a directory; pass a file path")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: {parent} is not an existing directory; create it or pass another path")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    check_output_dir(path.parent if str(path.parent) else Path("."), flag + " (its directory)")
+    if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path}: not writable; pass a writable path")
 
 
