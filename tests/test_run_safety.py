@@ -240,3 +240,132 @@ def test_nonfinite_parameter_is_named():
     ok, bad = torch.ones(3), torch.tensor([1.0, float("nan")])
     assert first_nonfinite_parameter([("a", ok), ("b", torch.tensor([1e30]))]) is None
     assert first_nonfinite_parameter([("a", ok), ("b", bad), ("c", torch.tensor([float("inf")]))]) == "b"
+
+
+# ----------------------------------------------------------------------------- every entry point: one line, exit 2
+def one_line_exit_2(capsys, call, fragment):
+    with pytest.raises(SystemExit) as exc:
+        call()
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert fragment in err, err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    # ranges and finiteness of every kind of knob
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--threads", "-1"], "--threads must be in [0, 1024]"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
+    (["--sigma", "1e-200"], "--sigma must be >= 0.001"),
+    (["--sigma", "inf"], "--sigma must be a finite number"),
+    (["--schedule-beta", "inf"], "--schedule-beta must be a finite number"),
+    (["--schedule", "gaussian", "--min-prob", "0.9"], "min_prob must be in [0, 1/K] = [0, 0.25]"),
+    # limits that would exhaust memory or hang, each named
+    (["--max-new-tokens", "1000000000"], "--max-new-tokens must be <= 131,072 (the limit)"),
+    (["--max-new-tokens", "5000"], "exceeds the model's context of 512 tokens"),
+    (["--eval-problems", "1000000000"], "--eval-problems must be <= 100,000 per level (the limit)"),
+    (["--total-steps", "10000000000"], "--total-steps must be <= 10,000,000 (the limit)"),
+    (["--prompts-per-step", "100000", "--num-generations", "8"], "exceeds the limit of 65,536"),
+    # environment and flag combinations
+    (["--device", "mps"], "no usable MPS"),
+    (["--device", "cuda:0"], "torch sees no CUDA GPU"),
+    (["--resume", "x", "--overwrite"], "pass one"),
+])
+def test_train_rejects_bad_values_up_front(argv, fragment, capsys, tmp_path):
+    if "cuda" in argv[-1] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    one_line_exit_2(capsys, lambda: train.main(argv + ["--out-dir", str(tmp_path / "run")]), fragment)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_help_prints_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "~30% slower" in out and "--overwrite" in out
+
+
+def write_rows(path, rows, extra_lines=()):
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"".join(extra_lines))
+    return str(path)
+
+
+GSM8K_ROWS = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}", "split": "train" if i else "test"}
+              for i in range(6)]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ([b'{"question": "q", "answer": "\xff#### 1"}\n'], "d.jsonl:7: not UTF-8"),  # reported at its own line
+    ([b"[" * 200_000 + b"\n"], "d.jsonl:7: not valid JSON (nested too deeply)"),
+    ([b'{"question": "q", "answer": ' + b"1" * 5000 + b"}\n"], "d.jsonl:7: not valid JSON"),
+])
+def test_damaged_data_lines_are_one_line_naming_the_line(tmp_path, capsys, extra, fragment):
+    data = write_rows(tmp_path / "d.jsonl", GSM8K_ROWS, extra)
+    one_line_exit_2(capsys, lambda: train.main(["--task", "gsm8k", "--data", data, "--out-dir", str(tmp_path / "r")]),
+                    fragment)
+
+
+def test_rows_that_can_never_be_scored_are_skipped_with_a_count(tmp_path, capsys):
+    from e2h_min.tasks import make_task
+    rows = GSM8K_ROWS + [{"question": "nan?", "answer": float("nan"), "split": "train"},
+                         {"question": "inf?", "answer": "#### inf", "split": "train"},
+                         {"question": "x" * 200_000, "answer": "#### 1", "split": "train"}]
+    task = make_task("gsm8k", data=write_rows(tmp_path / "d.jsonl", rows))
+    err = capsys.readouterr().err
+    assert task.skipped_rows == 3 and sum(task.num_problems(0, s) for s in ("train", "test")) == 6
+    assert "skipped 3 row(s) that can never be scored (2 with a NaN or infinite answer, 1 with a field over " \
+           "100,000 characters)" in err
+
+
+@pytest.mark.parametrize("rows, fragment", [
+    ([dict(r, split="test") for r in GSM8K_ROWS], "no 'train' problems at any level"),
+    ([dict(r, level=3) for r in GSM8K_ROWS[1:]] + [dict(GSM8K_ROWS[1], level=0, question="other")],
+     "puts all mass at step"),
+])
+def test_data_the_schedule_cannot_draw_from_is_refused_before_anything_is_written(tmp_path, capsys, rows, fragment):
+    data = write_rows(tmp_path / "d.jsonl", rows)
+    argv = ["--task", "gsm8k", "--data", data, "--schedule", "classic", "--out-dir", str(tmp_path / "r")]
+    one_line_exit_2(capsys, lambda: train.main(argv), fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_names_malformed_log_lines(tmp_path, capsys):
+    from e2h_min import report
+    from tests.test_report import write_run
+    run = write_run(tmp_path / "r", steps=4)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2] + ['{"step": 3, "reward_mean": "high"}'] + lines[3:]))
+    one_line_exit_2(capsys, lambda: report.main([str(run), "--no-plots"]), "step 3: reward_mean is 'high'")
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[3:]))
+    one_line_exit_2(capsys, lambda: report.main([str(run), "--no-plots"]), "metrics.jsonl:3: not valid JSON")
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "rew')  # torn last line: dropped
+    report.main([str(run), "--no-plots", "--out", str(tmp_path / "out")])
+    one_line_exit_2(capsys, lambda: report.main([str(run), "--no-plots", "--out", str(run / "config.json")]),
+                    "is a file")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--steps", "10000000000"], "--steps must be <= 1,000,000 (the limit)"),
+    (["--levels", "1000000000"], "--levels must be <= 100 (the limit)"),
+    (["--sigma", "1e-200"], "sigma must be >= 0.001"),
+    (["--beta", "inf"], "beta must be a finite number"),
+])
+def test_curriculum_cli_rejects_values_that_would_hang_or_divide_by_zero(argv, fragment, capsys):
+    from e2h_min import curriculum
+    assert curriculum.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_label_difficulty_checks_its_output_before_sampling(tmp_path, capsys):
+    from e2h_min.tasks import label_difficulty
+    (tmp_path / "file").write_text("x")
+    data = write_rows(tmp_path / "d.jsonl", GSM8K_ROWS)
+    base = ["--model", "tiny", "--task", "gsm8k", "--data", data]
+    one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", str(tmp_path / "file" / "o.jsonl")]),
+                    "is a file")
+    one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", str(tmp_path)]), "a directory")
+    one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", "o.jsonl", "--samples", "10000000"]),
+                    "--samples must be <= 65,536 (the limit)")
