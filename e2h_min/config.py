@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
 import os
 import sys
@@ -320,6 +321,12 @@ def exit_on_user_error(fn):
             return fn(*args, **kwargs)
         except (UserError, TaskDataError) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as exc:  # a full disk or quota is the user's to fix, not a bug: one line too
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: no space left on the device (writing {exc.filename or 'a file'}); free some space and "
+                  f"run again (train.py: --resume RUN_DIR continues from the last intact checkpoint)", file=sys.stderr)
             sys.exit(2)
     return wrapper
 

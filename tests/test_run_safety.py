@@ -243,12 +243,15 @@ def test_nonfinite_parameter_is_named():
 
 
 # ----------------------------------------------------------------------------- every entry point: one line, exit 2
-def one_line_exit_2(capsys, call, fragment):
+def one_line_exit_2(capsys, call, fragment, after_progress=False):
+    """call() exits 2 with one error line (after_progress: the last line, after the run's progress output)."""
     with pytest.raises(SystemExit) as exc:
         call()
     err = capsys.readouterr().err.strip()
-    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert fragment in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    lines = errors if after_progress else err.splitlines()
+    assert exc.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert fragment in lines[0] and err.splitlines()[-1] == lines[0], err
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -369,3 +372,23 @@ def test_label_difficulty_checks_its_output_before_sampling(tmp_path, capsys):
     one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", str(tmp_path)]), "a directory")
     one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", "o.jsonl", "--samples", "10000000"]),
                     "--samples must be <= 65,536 (the limit)")
+
+
+@requires_tiny
+def test_full_disk_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys, uninterrupted):
+    import errno
+    real_append = train.append_jsonl
+
+    def append_until_full(path, row):
+        if row.get("step") == 3 and path.name == "metrics.jsonl":
+            with open(path, "a") as handle:
+                handle.write(json.dumps(row)[:20])  # the part that fitted
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_append(path, row)
+
+    monkeypatch.setattr(train, "append_jsonl", append_until_full)
+    one_line_exit_2(capsys, lambda: train.main(QUICK + ["--out-dir", str(tmp_path)]), "no space left on the device",
+                    after_progress=True)
+    monkeypatch.setattr(train, "append_jsonl", real_append)
+    train.main(QUICK + ["--resume", str(tmp_path)])
+    assert strip(read_jsonl(tmp_path / "metrics.jsonl")) == strip(read_jsonl(uninterrupted / "metrics.jsonl"))
