@@ -301,7 +301,7 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
         resume_from = resume_checkpoint(run_dir, tqdm.write, set_aside=int(os.environ.get("RANK", "0")) == 0)
         if resume_from is None:
             raise UserError(f"--resume {run_dir}: no intact checkpoint found there (expected "
-                            f"{run_dir}/checkpoints/step_*)")
+                            f"{run_dir}/checkpoints/step_*); start it again with --out-dir {run_dir} --overwrite")
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         check_resume_config(saved["config"], cfg)
         if saved["step"] >= cfg.total_steps and finished_run(run_dir, cfg.total_steps):
