@@ -52,5 +52,6 @@ def probe_logits_finite(model, prompt: list[int], device, autocast) -> bool:
 
 def divergence_message(step: int, lr: float, what: str, run_dir) -> str:
     """The one line a diverged run ends with."""
+    kept = f"checkpoints written before step {step} are intact in {run_dir}" if step > 1 else "nothing to keep"
     return (f"step {step}: the run diverged after the optimizer step ({what}); lower --lr (it is {lr:g}; try "
-            f"{lr / 10:g}) and start again. Checkpoints written before step {step} are intact in {run_dir}")
+            f"{lr / 10:g}) and start again ({kept})")
