@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -32,9 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from e2h_min.checkpoint import latest_checkpoint
-from e2h_min.config import OneLineErrorParser, UserError, exit_on_user_error
+from e2h_min.config import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS,
+                             OneLineErrorParser, UserError, check_context, check_output_dir, exit_on_user_error)
+from e2h_min.jsonl import parse_json
 from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
-from e2h_min.models import load_model, load_tokenizer, pick_device, resolve_model_name
+from e2h_min.models import context_length, load_model, load_tokenizer, pick_device, resolve_model_name
 from e2h_min.passk import mean_pass_at_k
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.tasks import TASKS, make_task
@@ -84,7 +87,7 @@ def find_model(name: str) -> tuple[str, dict | None, int | None]:
                             f"or a hub id such as Qwen/Qwen2.5-1.5B-Instruct)")
         return name, None, None
     if (path / "trainer_state.json").is_file():
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = _read_json(path / "trainer_state.json")
         return str(path), state.get("config"), state.get("step")
     run_config = _read_run_config(path)
     if run_config is None:
@@ -93,7 +96,7 @@ def find_model(name: str) -> tuple[str, dict | None, int | None]:
         return str(path / "final"), run_config, run_config.get("total_steps")
     checkpoint = latest_checkpoint(path)
     if checkpoint is not None:
-        step = json.loads((checkpoint / "trainer_state.json").read_text()).get("step")
+        step = _read_json(checkpoint / "trainer_state.json").get("step")
         return str(checkpoint), run_config, step
     raise UserError(f"--model {name}: a run directory without a saved model (no final/ and no "
                     f"checkpoints/step_*); let the run finish or pass a checkpoint directory")
@@ -128,8 +131,19 @@ def _read_run_config(path: Path) -> dict | None:
     file = path / "config.json"
     if not file.is_file():
         return None
-    config = json.loads(file.read_text())
+    config = _read_json(file)
     return config if "schedule" in config and "total_steps" in config else None
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object from `file`, or a one-line UserError naming the file (a damaged run or model directory)."""
+    try:
+        value = parse_json(file.read_bytes())
+    except ValueError as exc:
+        raise UserError(f"{file}: {exc}; the directory is damaged (restore the file or pass another --model)") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file}: a JSON {type(value).__name__}, not an object; the directory is damaged")
+    return value
 
 
 def resolve_settings(args: argparse.Namespace, run_config: dict | None) -> dict:
@@ -276,14 +290,24 @@ def main(argv: list[str] | None = None) -> dict:
     settings = resolve_settings(args, run_config)
     if settings["task"] not in TASKS:
         raise UserError(f"unknown --task {settings['task']!r}; choose one of {', '.join(sorted(TASKS))}")
-    for flag, value, low in (("--n", settings["n"], 1), ("--max-new-tokens", settings["max_new_tokens"], 1),
-                             ("--batch-size", args.batch_size, 1), ("--samples", args.samples, 1)):
-        if value is not None and value < low:
-            raise UserError(f"{flag} must be >= {low}, got {value}")
+    for flag, value, low, high in (("--n", settings["n"], 1, MAX_EVAL_PROBLEMS),
+                                   ("--max-new-tokens", settings["max_new_tokens"], 1, MAX_NEW_TOKENS),
+                                   ("--batch-size", args.batch_size, 1, MAX_ROLLOUT_ROWS),
+                                   ("--samples", args.samples, 1, MAX_ROLLOUT_ROWS),
+                                   ("--seed", settings["seed"], 0, MAX_SEED),
+                                   ("--threads", args.threads, 0, MAX_THREADS),
+                                   ("--top-k", args.top_k, 0, None)):
+        if value is not None and (value < low or high is not None and value > high):
+            raise UserError(f"{flag} must be in [{low}, {high:,}], got {value}" if high is not None
+                            else f"{flag} must be >= {low}, got {value}")
+    if not (math.isfinite(args.temperature) and math.isfinite(args.top_p)):
+        raise UserError("--temperature and --top-p must be finite numbers")
     if args.samples and not args.pass_k:
         raise UserError("--samples is for pass@k: add --pass-k K [K ...] (e.g. --pass-k 1 8 --samples 8)")
     samples = args.samples or (max(args.pass_k) if args.pass_k else None)
     if args.pass_k:
+        if len(args.pass_k) > 100:
+            raise UserError(f"--pass-k takes at most 100 values, got {len(args.pass_k)}")
         if min(args.pass_k) < 1 or max(args.pass_k) > samples:
             raise UserError(f"--pass-k needs 1 <= k <= --samples ({samples}); got {' '.join(map(str, args.pass_k))}")
         if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
@@ -291,6 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
     task = make_task(settings["task"], seed=settings["seed"], data=settings["data"])
     levels = select_levels(task, args.levels)
     problems = select_problems(task, levels, settings["n"], explicit_levels=bool(args.levels))
+    out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, run_config, task.name)
+    check_output_dir(out, "--out")  # an unwritable place fails now, not after the evaluation
+    check_context(settings["max_new_tokens"], context_length(loaded_from))
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,8 +352,6 @@ def main(argv: list[str] | None = None) -> dict:
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["run_eval"] = run_eval_line(loaded_from, run_config, step)
 
-    out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, run_config, task.name)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     with open(out / "completions.jsonl", "w") as handle:
         handle.writelines(json.dumps(line) + "\n" for line in lines)

@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -38,22 +39,25 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
-from e2h_min.config import (Config, UserError, combination_warnings, exit_on_user_error, kl_estimator_for,
-                            parse_config, schedule_params)
+from e2h_min.checkpoint import load_training_state, resume_checkpoint, save_checkpoint
+from e2h_min.config import (Config, UserError, check_context, combination_warnings, exit_on_user_error,
+                            kl_estimator_for, parse_config, schedule_params)
 from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import (DistInfo, all_reduce_max, all_reduce_sum, barrier, gather_lists, init_distributed,
                                  sum_gradients)
+from e2h_min.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
+                                probe_logits_finite)
 from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate_sharded, held_out_problems, score_rollout
 from e2h_min.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
 from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_batches,
                               shared_prompts_unsupported_reason)
 from e2h_min.losses import (clipped_value_loss, compute_advantages, gae_advantages, kl_penalised_advantages,
                             kl_penalty, policy_token_loss, sequence_kl, token_loss_weights, whiten)
-from e2h_min.models import (ValueHead, apply_lora, frozen_copy, load_lora_checkpoint, load_model, load_tokenizer,
-                            lora_reference, pick_device, resolve_model_name)
+from e2h_min.models import (ValueHead, apply_lora, context_length, frozen_copy, load_lora_checkpoint, load_model,
+                            load_tokenizer, lora_reference, pick_device, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
-from e2h_min.runlog import append_jsonl, check_resume_config, log_completions, truncate_jsonl
+from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, default_run_dir, finished_run,
+                            log_completions, truncate_jsonl)
 from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
 
@@ -292,16 +296,42 @@ def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> No
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    # ---------------------------------------------------------------- setup
     cfg = parse_config(argv)
-    run_dir = Path(cfg.resume or cfg.out_dir or f"runs/{cfg.task}-{cfg.schedule}-s{cfg.seed}")
-    resume_from = None
-    if cfg.resume:
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
-            raise UserError(f"--resume {run_dir}: no checkpoint found there (expected {run_dir}/checkpoints/step_*)")
-        check_resume_config(json.loads((resume_from / "trainer_state.json").read_text())["config"], cfg)
+    task, sampler = load_task(cfg)  # the data and the schedule are checked before anything is written
+    check_context(max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0), context_length(cfg.model))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes (and owns) the run directory
+        return train(cfg, task, sampler, Path(cfg.resume or cfg.out_dir or default_run_dir(cfg)))
+    run_dir, lock = claim_run_dir(cfg, tqdm.write)  # created, writable and locked for this run, or a UserError
+    with lock:
+        return train(cfg, task, sampler, run_dir)
+
+
+def load_task(cfg: Config) -> tuple:
+    """The task and its curriculum sampler; UserError if the schedule's parameters do not fit the task's levels,
+    or if at some step of the run the schedule would draw only from levels with no training rows."""
     task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
+    try:
+        sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
+        sampler.check_every_step_drawable()
+    except ValueError as exc:
+        raise UserError(f"--schedule {cfg.schedule} on task {task.name}: {exc}") from None
+    return task, sampler
+
+
+def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
+    # ---------------------------------------------------------------- setup
+    resume_from = None
+    if cfg.resume:  # the newest checkpoint that verifies (damaged newer ones are set aside, with a warning)
+        resume_from = resume_checkpoint(run_dir, tqdm.write, set_aside=int(os.environ.get("RANK", "0")) == 0)
+        if resume_from is None:
+            raise UserError(f"--resume {run_dir}: no intact checkpoint found there (expected "
+                            f"{run_dir}/checkpoints/step_*); start it again with --out-dir {run_dir} --overwrite")
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        check_resume_config(saved["config"], cfg)
+        if saved["step"] >= cfg.total_steps and finished_run(run_dir, cfg.total_steps):
+            tqdm.write(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, "
+                       f"or a longer one with --out-dir, to train further)")
+            return {"first_eval": None, "last_eval": None, "run_dir": str(run_dir), "already_finished": True}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -334,7 +364,6 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda") or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
-    sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
     stop_checker = StopChecker(tokenizer, [cfg.stop], device)
     eos, pad = eos_token_ids(tokenizer, policy), tokenizer.pad_token_id
     eval_problems = held_out_problems(task, cfg.eval_problems)
@@ -355,11 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
         start_step = state["step"]
         if main_rank:
             for name in ("metrics.jsonl", "eval.jsonl", "completions.jsonl"):  # drop lines after the checkpoint
-                truncate_jsonl(run_dir / name, start_step)
+                truncate_jsonl(run_dir / name, start_step, log)
         log(f"resumed from {resume_from} at step {start_step}")
-    elif main_rank:
-        for name in ("metrics.jsonl", "eval.jsonl", "completions.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
     if main_rank:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     log(f"run {run_dir} | device {device} x{dist_info.world_size} | task {task.name} | schedule {cfg.schedule} "
@@ -490,10 +516,12 @@ def main(argv: list[str] | None = None) -> dict:
         update_seconds = time.perf_counter() - t1
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            raise SystemExit(f"error: non-finite gradients in {nonfinite_in_a_row} updates in a row (step "
-                             f"{step + 1}); lower --lr or check the model's dtype. Checkpoints are in {run_dir}")
+            raise DivergedError(f"non-finite gradients in {nonfinite_in_a_row} updates in a row (step "
+                                f"{step + 1}); lower --lr or check the model's dtype. Checkpoints are in {run_dir}")
         if update["skipped_updates"]:
             log(f"warning: step {step + 1}: non-finite gradient, update skipped")
+        check_not_diverged(policy, value_head, kept.prompt_ids[:1] or samples.prompt_ids[:1], step + 1, cfg,
+                           run_dir, device, autocast, dist_info)
 
         # 5. log: one JSON line per step (rank 0, over every rank's samples), one console line
         per_sample = gather_lists([(float(r), int(k), len(c), bool(f)) for r, k, c, f in zip(
@@ -537,7 +565,9 @@ def main(argv: list[str] | None = None) -> dict:
             checkpoint(done)
 
     # ---------------------------------------------------------------- finish
-    last_eval = run_eval(cfg.total_steps)
+    logged = start_step == cfg.total_steps and (run_dir / "eval.jsonl").is_file() and any(
+        json.loads(line)["step"] == cfg.total_steps for line in (run_dir / "eval.jsonl").read_text().splitlines())
+    last_eval = None if logged else run_eval(cfg.total_steps)  # a resume that only has final/ left to write
     checkpoint(cfg.total_steps)
     final_dir = run_dir / "final"
     if main_rank:
@@ -547,12 +577,30 @@ def main(argv: list[str] | None = None) -> dict:
             merged = copy.deepcopy(policy).merge_and_unload()
             merged.save_pretrained(run_dir / "final-merged", safe_serialization=True)
             tokenizer.save_pretrained(run_dir / "final-merged")
-        if first_eval:
+        if first_eval and last_eval:
             print("held-out greedy accuracy, start -> end: " + "  ".join(
                 f"{k} {first_eval[k]['accuracy']:.1%} -> {last_eval[k]['accuracy']:.1%}" for k in last_eval))
         print(f"saved final policy to {final_dir}")
     barrier(dist_info)
     return {"first_eval": first_eval, "last_eval": last_eval, "run_dir": str(run_dir)}
+
+
+def check_not_diverged(policy, value_head, probe_prompt: list[list[int]], step: int, cfg: Config, run_dir: Path,
+                       device, autocast, dist_info: DistInfo) -> None:
+    """Stop with DivergedError (one line, exit 2) if the step just taken left a NaN/inf parameter or a model
+    whose logits on one of this step's prompts are NaN/inf (see e2h_min/divergence.py). Every rank decides
+    together, so no rank is left waiting in a collective."""
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    named += [(f"value_head.{n}", p) for n, p in value_head.named_parameters()] if value_head else []
+    bad_parameter = first_nonfinite_parameter(named)
+    finite_logits = bad_parameter is None and probe_logits_finite(policy, (probe_prompt or [[]])[0], device,
+                                                                  autocast)
+    votes = all_reduce_sum(torch.tensor([float(bad_parameter is None and finite_logits)], device=device), dist_info)
+    if int(votes.item()) != dist_info.world_size:
+        what = (f"parameter {bad_parameter} is NaN/inf" if bad_parameter else
+                "the weights are finite but the model's logits are NaN/inf" if not finite_logits else
+                "another rank saw NaN/inf")
+        raise DivergedError(divergence_message(step, cfg.lr, what, run_dir))
 
 
 def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advantages, cfg: Config, device,

@@ -6,6 +6,11 @@ into a hidden temporary directory, every file is fsynced, then the directory is 
 atomic on POSIX filesystems) and the parent directory fsynced. Readers only ever look at step_* names, so a
 half-written temporary directory is invisible and is swept away by the next save.
 Non-weight state loads with torch.load(weights_only=True): no pickle code runs on load.
+
+Damage after the fact (a truncated file, a torn trailing write, a disk that filled up under another tool) is
+caught on resume: every checkpoint records each file's size in manifest.json, and `verify_checkpoint` checks
+the sizes and parses every file before a run resumes from it; `resume_checkpoint` falls back to the newest
+intact one and sets the damaged newer ones aside (renamed damaged_step_*, never deleted).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 CHECKPOINT_DIR = "checkpoints"
+MANIFEST = "manifest.json"  # {relative path: size in bytes} of every other file of the checkpoint
 
 
 def _fsync_tree(path: Path) -> None:
@@ -82,6 +88,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     torch.save(rng_state(generator), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+    sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps(sizes, indent=1))
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. end of run right after a periodic save)
         shutil.rmtree(final)
@@ -116,3 +124,61 @@ def load_training_state(path: Path, optimizer, scheduler, generator: torch.Gener
     scheduler.load_state_dict(states["scheduler"])
     set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True), generator)
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None when it is intact.
+
+    Checks: trainer_state.json parses and names this step; every file of manifest.json is there with its recorded
+    size (older checkpoints without a manifest skip this); every .json parses; every .safetensors file loads
+    tensor by tensor; optimizer.pt and rng.pt load. This reads the whole checkpoint once.
+    Example: a model.safetensors cut short -> "model.safetensors is 1000 bytes, expected 7340232"
+    """
+    from safetensors import safe_open
+
+    from e2h_min.jsonl import parse_json
+
+    path = Path(path)
+    try:
+        state = parse_json((path / "trainer_state.json").read_bytes())
+        if not isinstance(state, dict) or state.get("step") != int(path.name.split("_")[-1]):
+            return "trainer_state.json does not name this checkpoint's step"
+        if (path / MANIFEST).is_file():
+            sizes = parse_json((path / MANIFEST).read_bytes())
+            for name, size in sizes.items():
+                actual = (path / name).stat().st_size if (path / name).is_file() else None
+                if actual != size:
+                    return f"{name} is missing" if actual is None else f"{name} is {actual} bytes, expected {size}"
+        for file in sorted(path.rglob("*.json")):
+            parse_json(file.read_bytes())
+        for file in sorted(path.rglob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_tensor(key)
+        for name in ("optimizer.pt", "rng.pt"):
+            torch.load(path / name, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (any failure to read means: do not resume from here)
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'}"
+    return None
+
+
+def resume_checkpoint(run_dir: Path, log=print, set_aside: bool = True) -> Path | None:
+    """The newest intact checkpoint of `run_dir` (None if there is none).
+
+    With set_aside (the process that owns the run directory), each newer damaged one is renamed damaged_step_N
+    (kept for inspection, invisible to loading and pruning) with a warning naming it and what is wrong, so the
+    resumed run writes its own checkpoints in their place.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        if not set_aside:
+            continue
+        aside, n = path.with_name(f"damaged_{path.name}"), 1
+        while aside.exists():  # set aside before, by an earlier resume: keep both
+            aside, n = path.with_name(f"damaged_{path.name}.{n}"), n + 1
+        os.rename(path, aside)
+        log(f"warning: checkpoint {path} is damaged ({problem}); moved it to {aside.name} and resume from the "
+            f"previous one")
+    return None

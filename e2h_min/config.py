@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -23,6 +26,16 @@ class UserError(Exception):
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
+
+
+# Limits that keep a typo from exhausting memory or hanging (each named in its error line). They are far above any
+# real run: the paper uses 1,600 steps, 8 x 8 samples per step, 512 tokens, 100-1,000 eval problems per level.
+MAX_STEPS = 10_000_000  # --total-steps (the curriculum clock); curriculum.py --steps
+MAX_ROLLOUT_ROWS = 65_536  # --prompts-per-step x --num-generations sequences decoded in one batch
+MAX_NEW_TOKENS = 131_072  # any completion budget; the model's own context is checked once its config is read
+MAX_EVAL_PROBLEMS = 100_000  # test problems per level (generated tasks build each one)
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_THREADS = 1024
 
 
 SCHEDULES = ("classic", "balanced", "cosine", "cosine_literal", "gaussian", "hard", "sec")
@@ -104,6 +117,7 @@ class Config:
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")
     # --- system ---
     resume: Optional[str] = _f(None, "continue the run in this directory from its latest checkpoint")
+    overwrite: bool = _f(False, "let --out-dir replace an earlier run there (its logs and checkpoints are deleted)")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     threads: int = _f(0, "CPU threads for torch (0 = torch default)")
     parallel: str = _f("ddp", "under torchrun: ddp (every rank holds the whole model; gradients summed) or fsdp "
@@ -138,7 +152,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         kind = _base_type(f)
         spellings = [_flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats help
         if kind is bool:  # --flag / --no-flag
             parser.add_argument(*spellings, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -224,6 +238,32 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UserError(message)
 
+    for f in dataclasses.fields(cfg):  # every float knob: NaN or inf is never meant (and poisons the math silently)
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{_flag(f.name)} must be a finite number, got {value}")
+    need(0 <= cfg.seed <= MAX_SEED, f"--seed must be in [0, {MAX_SEED}], got {cfg.seed}")
+    need(0 <= cfg.threads <= MAX_THREADS, f"--threads must be in [0, {MAX_THREADS}] (0 = torch default), "
+                                          f"got {cfg.threads}")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.total_steps <= MAX_STEPS, f"--total-steps must be <= {MAX_STEPS:,} (the limit), got {cfg.total_steps}")
+    need(cfg.prompts_per_step * cfg.num_generations <= MAX_ROLLOUT_ROWS,
+         f"--prompts-per-step x --num-generations = {cfg.prompts_per_step * cfg.num_generations:,} sequences per "
+         f"step exceeds the limit of {MAX_ROLLOUT_ROWS:,}; lower one of them")
+    need(cfg.max_new_tokens <= MAX_NEW_TOKENS, f"--max-new-tokens must be <= {MAX_NEW_TOKENS:,} (the limit), "
+                                               f"got {cfg.max_new_tokens}")
+    need(cfg.eval_max_new_tokens is None or 1 <= cfg.eval_max_new_tokens <= MAX_NEW_TOKENS,
+         f"--eval-max-new-tokens must be in [1, {MAX_NEW_TOKENS:,}], got {cfg.eval_max_new_tokens}")
+    need(cfg.eval_problems <= MAX_EVAL_PROBLEMS, f"--eval-problems must be <= {MAX_EVAL_PROBLEMS:,} per level (the "
+                                                 f"limit), got {cfg.eval_problems}")
+    need(cfg.max_resample_rounds <= 100, f"--max-resample-rounds must be <= 100, got {cfg.max_resample_rounds}")
+    need(cfg.num_iterations <= 100, f"--num-iterations must be <= 100, got {cfg.num_iterations}")
+    need(cfg.sigma >= 1e-3, f"--sigma must be >= 0.001 (a narrower bump is the same single level), got {cfg.sigma}")
+    need(cfg.min_prob is None or 0 <= cfg.min_prob <= 1, f"--min-prob must be in [0, 1/K] (K levels), "
+                                                         f"got {cfg.min_prob}")
+    need(not (cfg.resume and cfg.overwrite), "--overwrite replaces a run and --resume continues one; pass one")
+    need(not (cfg.resume and cfg.out_dir and cfg.out_dir != cfg.resume),
+         "--resume DIR continues the run in DIR; drop --out-dir (or give the same directory)")
     need(cfg.task in TASKS, f"unknown --task {cfg.task!r}; choose one of {', '.join(sorted(TASKS))}")
     need(cfg.schedule in SCHEDULES, f"unknown --schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     need(cfg.advantage in ADVANTAGES, f"unknown --advantage {cfg.advantage!r}; choose one of {', '.join(ADVANTAGES)}")
@@ -259,7 +299,7 @@ def validate(cfg: Config) -> None:
     need(cfg.max_resample_rounds >= 0, "--max-resample-rounds must be >= 0")
     need(0 < cfg.gamma <= 1 and 0 <= cfg.lam <= 1, "--gamma must be in (0, 1] and --lam in [0, 1]")
     need(cfg.vf_coef >= 0 and cfg.cliprange_value > 0, "--vf-coef must be >= 0 and --cliprange-value > 0")
-    need(cfg.sec_temperature > 0, "--sec-temperature must be > 0")
+    need(cfg.sec_temperature >= 1e-3, f"--sec-temperature must be >= 0.001, got {cfg.sec_temperature}")
     need(0 < cfg.sec_ema <= 1, "--sec-ema must be in (0, 1]")
     need(cfg.schedule_beta >= 0, "--schedule-beta must be >= 0")
     need(cfg.eval_problems >= 1, "--eval-problems must be >= 1")
@@ -273,6 +313,45 @@ def validate(cfg: Config) -> None:
          f"unknown --device {cfg.device!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
+def check_context(max_new_tokens: int, context: int | None, flag: str = "--max-new-tokens") -> None:
+    """A completion budget must leave room in the model's context (max_position_embeddings; None = unknown), or
+    decoding would index past the position table or allocate for a length the model cannot use."""
+    if context is not None and max_new_tokens > context:
+        raise UserError(f"{flag} {max_new_tokens} exceeds the model's context of {context} tokens "
+                        f"(max_position_embeddings); use less, leaving room for the prompt")
+
+
+def check_output_dir(path, flag: str) -> None:
+    """Create `path` (a directory the entry point will write into) now and write a scratch file there, or raise a
+    UserError saying why not: an unwritable place should fail before the work, not after it."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{flag} {path}: {parent} is a file, not a directory; pass a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot write there ({exc.strerror}); pass a writable directory") from None
+
+
+def check_output_file(path, flag: str) -> None:
+    """`path` can be written: not a directory, and its directory can be created and written (a scratch file is
+    written and removed there). Checked before the work."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: a directory; pass a file path")
+    check_output_dir(path.parent if str(path.parent) else Path("."), flag + " (its directory)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: not writable; pass a writable path")
+
+
 def exit_on_user_error(fn):
     """Decorator for entry points: a UserError (or a task data error) becomes one stderr line and exit code 2."""
     import functools
@@ -284,6 +363,12 @@ def exit_on_user_error(fn):
             return fn(*args, **kwargs)
         except (UserError, TaskDataError) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as exc:  # a full disk or quota is the user's to fix, not a bug: one line too
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: no space left on the device (writing {exc.filename or 'a file'}); free some space and "
+                  f"run again (train.py: --resume RUN_DIR continues from the last intact checkpoint)", file=sys.stderr)
             sys.exit(2)
     return wrapper
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from e2h_min.config import OneLineErrorParser
+from e2h_min.config import OneLineErrorParser, UserError, check_output_file
 from e2h_min.tasks.base import Problem, Task
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,9 +129,16 @@ TIME_SCHEDULES = tuple(s for s in SCHEDULES if s != "sec")  # those that depend 
 SCHEDULE_PARAMS = {"gaussian": ("beta", "sigma", "min_prob"), "sec": ("values", "temperature")}
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+MIN_SIGMA = 1e-3
+CLI_MAX_STEPS = 1_000_000  # the CLI sums p_t over every step in Python (~1 s per 100k steps and schedule)
+CLI_MAX_LEVELS = 100
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum:,} (the limit), got {value!r}")
 
 
 def _check_params(schedule: str, num_levels: int, params: dict) -> None:
@@ -151,8 +158,8 @@ def _check_params(schedule: str, num_levels: int, params: dict) -> None:
         return value
 
     if schedule == "gaussian":
-        if finite("sigma", 0.5) <= 0:
-            raise ValueError(f"gaussian sigma must be > 0 (e.g. 0.5), got {params['sigma']}")
+        if finite("sigma", 0.5) < MIN_SIGMA:  # sigma**2 underflows to 0 near 1e-154; 0.001 is already one level
+            raise ValueError(f"gaussian sigma must be >= {MIN_SIGMA} (e.g. 0.5), got {params['sigma']}")
         if finite("beta", 0.5) < 0:
             raise ValueError(f"gaussian beta must be >= 0 (e.g. 0.5), got {params['beta']}")
         if params.get("min_prob") is not None:
@@ -259,6 +266,16 @@ class LevelSampler:
             raise ValueError(f"schedule {self.schedule!r} puts all mass at step {step} on levels with no "
                              f"{self.split!r} problems (rows per level: {self.rows}); add data or change schedule")
         return [pk / total for pk in p]
+
+    def check_every_step_drawable(self, max_checks: int = 100_000) -> None:
+        """Raise ValueError now if the schedule would, at some step of the run, put all its mass on levels with no
+        rows (probs would fail there, mid-run). Only runs when a level is empty; at most max_checks evenly
+        spaced steps (the schedules change smoothly or in K phases, so a gap cannot hide between them)."""
+        if all(n != 0 for n in self.rows):
+            return
+        stride = max(1, self.total_steps // max_checks)
+        for step in [*range(0, self.total_steps, stride), self.total_steps - 1]:
+            self.probs(step)
 
     def _next_index(self, level: int) -> int:
         """Advance level's stream by one and return the problem index it serves."""
@@ -405,14 +422,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plot:
         try:
+            check_output_file(args.plot, "--plot")
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        try:
             import matplotlib  # noqa: F401  (checked first so a missing plot library fails before any output)
         except ImportError:
             print("--plot needs matplotlib: pip install matplotlib", file=sys.stderr)
             return 2
     try:
-        _check_int("--levels", args.levels, 1)
-        _check_int("--steps", args.steps, 1)
-        _check_int("--prompts-per-step", args.prompts_per_step, 0)
+        _check_int("--levels", args.levels, 1, CLI_MAX_LEVELS)
+        _check_int("--steps", args.steps, 1, CLI_MAX_STEPS)
+        _check_int("--prompts-per-step", args.prompts_per_step, 0, 10**9)
         _check_params("gaussian", args.levels, _params_for("gaussian", args))  # checked even if unused: typos show
         (_print_all if args.schedule == "all" else _print_schedule)(args)
         if args.plot:

@@ -46,7 +46,31 @@ def pick_device(requested: str = "auto") -> torch.device:
         return torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {requested} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
-    return torch.device(requested)
+    if requested.startswith("mps") and not (getattr(torch.backends, "mps", None) is not None
+                                            and torch.backends.mps.is_available()):
+        raise UserError(f"--device {requested} asked for, but this machine has no usable MPS (Apple GPU) backend; "
+                        f"use --device cpu or auto")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown --device {requested!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def context_length(name: str) -> int | None:
+    """The model's max_position_embeddings from its config.json alone (no weights loaded); None if unknown
+    (a LoRA adapter directory, a hub id not cached, a config without the field)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_name(name), trust_remote_code=False)
+    except Exception:  # noqa: BLE001  (unknown here; loading the model reports its own errors)
+        return None
+    context = getattr(config, "max_position_embeddings", None)
+    return context if isinstance(context, int) else None
 
 
 def load_tokenizer(name: str):
@@ -152,10 +176,16 @@ def _from_pretrained(auto_cls, path: str, name: str, **kwargs):
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)  # its retry chatter would bury our one-line error
+    from safetensors import SafetensorError  # a damaged weights file (truncated, bad header)
+
     try:
         return auto_cls.from_pretrained(path, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as exc:
-        where = "the local directory" if is_local else "the Hugging Face Hub (offline or unknown id?)"
+    except (OSError, ValueError, SafetensorError) as exc:
+        if is_local:
+            raise UserError(f"cannot load model {name!r} from the local directory {path}: "
+                            f"{str(exc).splitlines()[0][:160]}; its files are missing or damaged (restore them, "
+                            f"or pass another --model)") from None
+        where = "the Hugging Face Hub (offline or unknown id?)"
         raise UserError(f"cannot load model {name!r} from {where}: {str(exc).splitlines()[0][:160]}. "
                         f"Download it where you have network (hf download {path} --local-dir DIR) and pass "
                         f"--model DIR") from None

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from e2h_min.config import OneLineErrorParser, UserError, exit_on_user_error
+from e2h_min.config import MAX_STEPS, OneLineErrorParser, UserError, check_output_dir, exit_on_user_error
+from e2h_min.jsonl import parse_json, read_log
 
 # Config fields that do not change what a run computes: runs differing only in these and the seed are replicates.
 BOOKKEEPING_FIELDS = {"seed", "out_dir", "resume", "device", "threads", "save_every", "keep_checkpoints",
@@ -47,16 +48,21 @@ class Run:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Parsed lines of a JSONL file; a torn last line (a run killed mid-write) is dropped, any other bad line is an
-    error."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise UserError(f"{path}:{number}: not valid JSON; is this a train.py run directory?") from None
+    """Parsed lines of a JSONL log; a torn last line (a run killed mid-write) is dropped, any other bad line, or a
+    row whose figures are not numbers, is a UserError naming it."""
+    try:
+        rows, _ = read_log(path)
+    except ValueError as exc:
+        raise UserError(f"{exc}; is this a train.py run directory?") from None
+    for row in rows:
+        for key, value in row.items():
+            values = value if key in ("level_probs", "level_counts") and isinstance(value, list) else [value]
+            if not all(v is None or isinstance(v, (int, float)) for v in values):
+                raise UserError(f"{path}: step {row['step']}: {key} is {value!r:.40}, not a number; is this a "
+                                f"train.py run directory?")
+    widths = {len(row["level_counts"]) for row in rows if isinstance(row.get("level_counts"), list)}
+    if len(widths) > 1:
+        raise UserError(f"{path}: level_counts lists of different lengths {sorted(widths)}; lines from two runs?")
     return rows
 
 
@@ -69,7 +75,13 @@ def load_run(path: str | Path) -> Run:
         if not (path / name).is_file():
             raise UserError(f"{path}: no {name}; pass a run directory written by train.py")
     evals = read_jsonl(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else []
-    run = Run(path, json.loads((path / "config.json").read_text()), read_jsonl(path / "metrics.jsonl"), evals)
+    try:
+        config = parse_json((path / "config.json").read_bytes())
+    except ValueError as exc:
+        raise UserError(f"{path / 'config.json'}: {exc}; is this a train.py run directory?") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path / 'config.json'}: not a JSON object; is this a train.py run directory?")
+    run = Run(path, config, read_jsonl(path / "metrics.jsonl"), evals)
     if not run.metrics and not run.evals:
         raise UserError(f"{path}: metrics.jsonl and eval.jsonl are empty; the run has not logged a step yet")
     return run
@@ -336,12 +348,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not args.no_plots and not matplotlib_available():
         raise UserError("plots need matplotlib: pip install matplotlib (or pass --no-plots for the table only)")
-    if args.smooth < 0:
-        raise UserError(f"--smooth must be >= 0, got {args.smooth}")
+    if not 0 <= args.smooth <= MAX_STEPS:
+        raise UserError(f"--smooth must be in [0, {MAX_STEPS:,}], got {args.smooth}")
     runs = [load_run(path) for path in args.runs]
     label_runs(runs)
     out = Path(args.out) if args.out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, "--out")
     table = accuracy_table(runs)
     (out / "table.md").write_text(table)
     written = [out / "table.md"]

@@ -102,6 +102,15 @@ def write_gsm8k(path, split):
     return str(path)
 
 
+def damaged_model(tmp, name):
+    """A copy of the tiny model with one file cut short."""
+    import shutil
+    from e2h_min.models import TINY_MODEL_DIR
+    shutil.copytree(TINY_MODEL_DIR, tmp / "model")
+    (tmp / "model" / name).write_bytes((tmp / "model" / name).read_bytes()[:500])
+    return tmp / "model"
+
+
 @pytest.mark.parametrize("make_args, fragment", [
     (lambda tmp: ["--model", str(tmp / "no_such_run")], "no such directory"),
     (lambda tmp: ["--model", "tiny", "--task", "chess"], "unknown --task 'chess'"),
@@ -111,7 +120,14 @@ def write_gsm8k(path, split):
     (lambda tmp: ["--model", "tiny", "--pass-k", "1", "8", "--samples", "4"], "k <= --samples (4)"),
     (lambda tmp: ["--model", "tiny", "--samples", "4"], "add --pass-k"),
     (lambda tmp: ["--model", "tiny", "--levels", "L9"], "unknown level 'L9'"),
-    (lambda tmp: ["--model", "tiny", "--n", "0"], "--n must be >= 1"),
+    (lambda tmp: ["--model", "tiny", "--n", "0"], "--n must be in [1, 100,000], got 0"),
+    (lambda tmp: ["--model", "tiny", "--n", "1000000000"], "--n must be in [1, 100,000]"),
+    (lambda tmp: ["--model", "tiny", "--max-new-tokens", "100000"], "exceeds the model's context of 512"),
+    (lambda tmp: ["--model", "tiny", "--threads", "-1"], "--threads must be in [0,"),
+    (lambda tmp: ["--model", "tiny", "--pass-k", "1", "--temperature", "nan"], "must be finite"),
+    (lambda tmp: ["--model", "tiny", "--n", "1", "--out", str(write_gsm8k(tmp / "f", "test"))], "is a file"),
+    (lambda tmp: ["--model", str(damaged_model(tmp, "model.safetensors")), "--n", "1"], "missing or damaged"),
+    (lambda tmp: ["--model", str(damaged_model(tmp, "config.json")), "--n", "1"], "config.json: not valid JSON"),
     (lambda tmp: ["--model", str(tmp), "--n", "1"], "cannot load model"),  # a directory with no model in it
     (lambda tmp: ["--task", "countdown"], "--model"),
 ])

@@ -43,9 +43,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from e2h_min.config import OneLineErrorParser, UserError, exit_on_user_error
+from e2h_min.config import (MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS, OneLineErrorParser, UserError,
+                             check_context, check_output_file, exit_on_user_error)
 from e2h_min.evaluation import encode_prompts, eos_token_ids
-from e2h_min.models import load_model, load_tokenizer, pick_device
+from e2h_min.models import context_length, load_model, load_tokenizer, pick_device
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.tasks import FILE_TASKS, Problem, Task, make_task
 from e2h_min.tasks.math_tasks import read_rows
@@ -219,6 +220,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--threads must be >= 0 (got {args.threads})")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    for flag, value, high in (("--samples", args.samples, MAX_ROLLOUT_ROWS), ("--batch-size", args.batch_size,
+                              MAX_ROLLOUT_ROWS), ("--max-new-tokens", args.max_new_tokens, MAX_NEW_TOKENS),
+                              ("--threads", args.threads, MAX_THREADS)):
+        if value > high:
+            raise UserError(f"{flag} must be <= {high:,} (the limit), got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    check_output_file(args.out, "--out")  # an unwritable place fails now, not after hours of sampling
 
 
 @exit_on_user_error
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Label every row of --data and write --out; returns the written rows."""
     args = build_parser().parse_args(argv)
     check_args(args)
+    check_context(args.max_new_tokens, context_length(args.model))
     task, rows, problems = load_rows_and_problems(args.task, args.data)
     if len(problems) < NUM_LEVELS:
         raise UserError(f"{args.data}: {len(problems)} usable problems; need at least {NUM_LEVELS} to form "

@@ -41,12 +41,15 @@ Rewards: 0.0 when the format fails (e2h_min.rewards.parse_think_answer), else 0.
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import numbers
 import os
 import re
+import sys
+from collections import Counter
 
 from e2h_min.rewards import ANSWER_REWARD, FORMAT_REWARD, parse_think_answer
+from e2h_min.jsonl import parse_json
 from e2h_min.tasks.base import THINK_ANSWER_INSTRUCTION, Problem, Task, TaskDataError
 from e2h_min.tasks.math_grader import extract_boxed_answer, load_mpmath, math_answers_equivalent
 
@@ -54,6 +57,8 @@ TEST_FRACTION = 0.05
 GSM8K_TOLERANCE = 1e-5
 MAX_NUMBER_CHARS = 400  # a longer digit run is no GSM8K answer; it scores as wrong without float conversion
 _SPLITS = {"train": "train", "test": "test", "eval": "test"}
+MAX_FIELD_CHARS = 100_000  # a longer question or answer cannot fit any model's prompt: the row is skipped
+MAX_LINE_BYTES = 64 * 2**20  # a longer JSONL line is not a data row: the file is refused
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading rows
@@ -80,24 +85,33 @@ def read_rows(source: str, expected: str) -> list[tuple[str, dict]]:
 
 
 def _read_jsonl(path: str, expected: str) -> list[tuple[str, dict]]:
-    rows, line_number = [], 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TaskDataError(f"{path}:{line_number}: not valid JSON ({exc.msg}); expected one JSON "
-                                        f"object per line with columns {expected}") from None
-                if not isinstance(row, dict):
-                    raise TaskDataError(f"{path}:{line_number}: a JSON {type(row).__name__}, not an object; "
-                                        f"expected one JSON object per line with columns {expected}")
-                rows.append((f"{path}:{line_number}", row))
-    except UnicodeDecodeError:
-        raise TaskDataError(f"{path}:{line_number + 1}: not UTF-8 text; expected a JSONL file with columns "
-                            f"{expected}") from None
+    """Line by line in bytes, so that a bad byte, bad JSON (nested too deeply, a 5,000-digit number) or an
+    over-long line is reported at its own line number."""
+    rows = []
+    with open(path, "rb") as f:
+        for line_number in range(1, 2**63):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            if len(raw) > MAX_LINE_BYTES:
+                raise TaskDataError(f"{path}:{line_number}: a line longer than {MAX_LINE_BYTES:,} bytes (the limit); "
+                                    f"expected one JSON object per line with columns {expected}")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise TaskDataError(f"{path}:{line_number}: not UTF-8 text; expected a JSONL file with columns "
+                                    f"{expected}") from None
+            if not line.strip():
+                continue
+            try:
+                row = parse_json(line)
+            except ValueError as exc:
+                raise TaskDataError(f"{path}:{line_number}: {exc}; expected one JSON object per line with columns "
+                                    f"{expected}") from None
+            if not isinstance(row, dict):
+                raise TaskDataError(f"{path}:{line_number}: a JSON {type(row).__name__}, not an object; "
+                                    f"expected one JSON object per line with columns {expected}")
+            rows.append((f"{path}:{line_number}", row))
     return rows
 
 
@@ -138,6 +152,11 @@ class _BadRow(ValueError):
     """Internal: one row is malformed; the task turns it into a TaskDataError with the location."""
 
 
+class _Unscorable(ValueError):
+    """Internal: a well-formed row that can never be scored (a NaN/inf answer, an over-long field): skipped and
+    counted by reason, never silently kept."""
+
+
 def _text(row: dict, column: str) -> str:
     """row[column] as a non-empty string. Example: _text({"q": " 2+2 "}, "q") == "2+2"."""
     if column not in row:
@@ -145,7 +164,13 @@ def _text(row: dict, column: str) -> str:
     value = row[column]
     if not isinstance(value, str) or not value.strip():
         raise _BadRow(f"column {column!r} must be a non-empty string, got {value!r:.60}")
+    _check_length(value, column)
     return value.strip()
+
+
+def _check_length(value: str, column: str) -> None:
+    if len(value) > MAX_FIELD_CHARS:
+        raise _Unscorable(f"a field over {MAX_FIELD_CHARS:,} characters")
 
 
 def _small_int(value, column: str, low: int, high: int) -> int:
@@ -348,7 +373,7 @@ class _FileTask(Task):
         """Parsed rows with their split and location; skipped rows are counted in `skipped_rows`."""
         rows = read_rows(self.data, self.expected_columns)
         has_split = "split" in rows[0][1]
-        records, self.skipped_rows = [], 0
+        records, self.skipped_rows, self.unscorable = [], 0, Counter()
         for where, row in rows:
             try:
                 if ("split" in row) != has_split:
@@ -358,10 +383,16 @@ class _FileTask(Task):
                     record.update(split=_row_split(row) or hash_split(record["question"]), row=where)
             except _BadRow as exc:
                 raise TaskDataError(f"{where}: {exc}; expected columns {self.expected_columns}") from None
+            except _Unscorable as exc:
+                self.unscorable[str(exc)] += 1
+                record = None
             if record is None:
                 self.skipped_rows += 1
             else:
                 records.append(record)
+        if self.unscorable:
+            print(f"note: {self.data}: skipped {sum(self.unscorable.values())} row(s) that can never be scored ("
+                  + ", ".join(f"{n} with {why}" for why, n in sorted(self.unscorable.items())) + ")", file=sys.stderr)
         if not records:
             raise TaskDataError(f"{self.data}: every row was skipped; expected columns {self.expected_columns}")
         return records
@@ -426,8 +457,13 @@ class GSM8KTask(_FileTask):
             raise _BadRow("missing column 'answer'")
         answer = row["answer"]
         reasoning = answer.rsplit("####", 1)[0].strip() if isinstance(answer, str) and "####" in answer else ""
-        return {"question": _text(row, "question"), "gold": parse_gold_number(answer),
-                "reasoning": re.sub(r"<<[^<>]*>>", "", reasoning), "level": _optional_level(row)}
+        question, gold = _text(row, "question"), parse_gold_number(answer)
+        if not math.isfinite(gold):  # no completion's number is ever within tolerance of NaN or inf
+            raise _Unscorable("a NaN or infinite answer")
+        if isinstance(answer, str):
+            _check_length(answer, "answer")
+        return {"question": question, "gold": gold, "reasoning": re.sub(r"<<[^<>]*>>", "", reasoning),
+                "level": _optional_level(row)}
 
     def prompt(self, record: dict) -> str:
         return gsm8k_prompt(record["question"])
@@ -463,6 +499,7 @@ class MATHTask(_FileTask):
         if isinstance(level, str) and level.strip().startswith("Level "):
             level = level.strip()[len("Level "):]
         solution = row.get("solution") if isinstance(row.get("solution"), str) else ""
+        _check_length(solution, "solution")
         if row.get("answer") not in (None, ""):
             gold = row["answer"] if isinstance(row["answer"], str) else str(row["answer"])
         elif solution:
@@ -471,6 +508,7 @@ class MATHTask(_FileTask):
                 raise _BadRow("column 'solution' has no complete \\boxed{} answer (and there is no 'answer')")
         else:
             raise _BadRow("missing column 'answer' or 'solution'")
+        _check_length(gold, "answer")
         return {"question": _text(row, "problem"), "gold": gold.strip(), "solution": solution.strip(),
                 "level": _small_int(level, "level", 1, 5) - 1}
 
@@ -507,6 +545,7 @@ class AQuATask(_FileTask):
         if not isinstance(options, (list, tuple)) or not 2 <= len(options) <= 26 or \
                 not all(isinstance(option, str) for option in options):
             raise _BadRow(f"column 'options' must be a list of 2..26 strings, got {options!r:.60}")
+        _check_length("".join(options), "options")
         labels = [_OPTION_LABEL.match(option) for option in options]
         if all(labels):
             letters = "".join(label.group(1) for label in labels)
@@ -520,6 +559,7 @@ class AQuATask(_FileTask):
         if correct not in letters:
             raise _BadRow(f"column 'correct' must be one of the option letters {letters}, got {correct!r:.20}")
         rationale = row.get("rationale") if isinstance(row.get("rationale"), str) else ""
+        _check_length(rationale, "rationale")
         return {"question": _text(row, "question"), "options": texts, "letters": letters, "correct": correct,
                 "rationale": rationale.strip(), "level": _optional_level(row)}
 

@@ -1,0 +1,394 @@
+"""Runs that cannot lose data: run-folder ownership, resume over crash damage, divergence caught after the step."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from e2h_min.checkpoint import list_checkpoints, resume_checkpoint, save_checkpoint, verify_checkpoint
+from e2h_min.jsonl import parse_json, read_log
+from tests.test_checkpoint import make_state
+from tests.test_train import TIMING_FIELDS, read_jsonl, requires_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--total-steps", "3", "--prompts-per-step", "2", "--num-generations", "4", "--max-new-tokens", "24",
+         "--eval-problems", "2", "--eval-every", "0", "--save-every", "1", "--log-completions-every", "1",
+         "--threads", "1"]
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def run_killed_after_checkpoint(run_dir: Path, step: int, monkeypatch, args=QUICK) -> None:
+    """train.main dies (as if killed) right after writing checkpoint `step`."""
+    real_save = train.save_checkpoint
+
+    def save_then_die(directory, at, *a, **kw):
+        path = real_save(directory, at, *a, **kw)
+        if at == step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out-dir", str(run_dir)])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: the QUICK run, never interrupted."""
+    run_dir = tmp_path_factory.mktemp("full")
+    train.main(QUICK + ["--out-dir", str(run_dir)])
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- resume over crash damage
+def test_read_log_drops_only_torn_trailing_lines(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert read_log(path) == ([{"step": 1}, {"step": 2}], 1)
+    path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2: .*valid lines follow"):
+        read_log(path)
+
+
+@pytest.mark.parametrize("text, reason", [("[" * 200_000, "nested too deeply"), ("1" * 5000, "not valid JSON"),
+                                          ('{"a": ', "not valid JSON")])
+def test_parse_json_turns_every_bad_input_into_value_error(text, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_json(text)
+
+
+@requires_tiny
+def test_torn_metrics_line_then_resume_continues_exactly(tmp_path, monkeypatch, uninterrupted, capsys):
+    broken = tmp_path / "broken"
+    run_killed_after_checkpoint(broken, 2, monkeypatch)
+    with open(broken / "metrics.jsonl", "a") as handle:  # killed half-way through step 3's line
+        handle.write('{"step": 3, "lr": 0.0001, "lo')
+    train.main(QUICK + ["--resume", str(broken)])
+    assert "dropped 1 torn line(s)" in capsys.readouterr().out
+    assert strip(read_jsonl(broken / "metrics.jsonl")) == strip(read_jsonl(uninterrupted / "metrics.jsonl"))
+    a, b = final_weights(uninterrupted), final_weights(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@requires_tiny
+def test_damaged_latest_checkpoint_is_skipped_and_the_run_ends_with_the_same_weights(tmp_path, monkeypatch,
+                                                                                     uninterrupted, capsys):
+    broken = tmp_path / "broken"
+    run_killed_after_checkpoint(broken, 2, monkeypatch)
+    weights = broken / "checkpoints" / "step_000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as on a full disk
+    train.main(QUICK + ["--resume", str(broken)])
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "step_000002 is damaged" in out and "resumed from" in out
+    assert "step_000001" in out.split("resumed from")[1].splitlines()[0]
+    assert (broken / "checkpoints" / "damaged_step_000002").is_dir()  # set aside, not deleted
+    a, b = final_weights(uninterrupted), final_weights(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert strip(read_jsonl(broken / "metrics.jsonl")) == strip(read_jsonl(uninterrupted / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("model.safetensors", lambda b: b[:len(b) // 2]),
+    ("optimizer.pt", lambda b: b[:len(b) - 100]),
+    ("rng.pt", lambda b: b[:10]),
+    ("trainer_state.json", lambda b: b[:len(b) // 2]),
+    ("config.json", lambda b: b"not json"),
+])
+def test_verify_checkpoint_names_each_kind_of_damage(tmp_path, name, damage):
+    model, tok, opt, sched = make_state()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    first, latest = list_checkpoints(tmp_path)
+    assert verify_checkpoint(latest) is None
+    (latest / name).write_bytes(damage((latest / name).read_bytes()))
+    assert verify_checkpoint(latest) is not None
+    logged = []
+    assert resume_checkpoint(tmp_path, logged.append) == first
+    assert len(logged) == 1 and "step_000002 is damaged" in logged[0]
+
+
+def test_damaged_file_of_equal_size_is_caught_by_loading(tmp_path):
+    """A checkpoint without manifest (older versions) is still verified by parsing every file."""
+    model, tok, opt, sched = make_state()
+    path = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    (path / "manifest.json").unlink()
+    raw = bytearray((path / "rng.pt").read_bytes())
+    raw[-30:] = b"\0" * 30  # the zip's central directory
+    (path / "rng.pt").write_bytes(bytes(raw))
+    assert verify_checkpoint(path) is not None
+
+
+@requires_tiny
+def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, uninterrupted, capsys):
+    import shutil
+    run_dir = tmp_path / "done"
+    shutil.copytree(uninterrupted, run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    result = train.main(QUICK + ["--resume", str(run_dir)])
+    assert result["already_finished"] and "nothing to do" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+# ----------------------------------------------------------------------------- run-folder ownership
+@requires_tiny
+def test_same_command_twice_keeps_both_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train.main(QUICK)
+    first = Path("runs/countdown-cosine-s0")
+    snapshot = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    train.main(QUICK)
+    assert "this run writes to runs/countdown-cosine-s0-2" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == snapshot  # byte-identical
+    assert [r["step"] for r in read_jsonl(Path("runs/countdown-cosine-s0-2/metrics.jsonl"))] == [1, 2, 3]
+    # with an explicit --out-dir the second run is refused, and the first is untouched
+    with pytest.raises(SystemExit) as exc:
+        train.main(QUICK + ["--out-dir", str(first)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "holds an earlier run" in err
+    assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == snapshot
+    train.main(QUICK + ["--out-dir", str(first), "--overwrite"])  # asked for: replaced
+    assert [r["step"] for r in read_jsonl(first / "metrics.jsonl")] == [1, 2, 3]
+
+
+@requires_tiny
+def test_second_run_on_a_busy_folder_exits_2_and_the_first_finishes_intact(tmp_path, monkeypatch, capsys,
+                                                                            uninterrupted):
+    run_dir = tmp_path / "busy"
+    real_save, seen = train.save_checkpoint, []
+
+    def save_and_start_a_rival(directory, step, *a, **kw):
+        if step == 1:  # a second run on the same folder while the first is mid-run
+            for argv in (QUICK + ["--out-dir", str(run_dir)], QUICK + ["--resume", str(run_dir)]):
+                capsys.readouterr()  # the first run's own progress output
+                with pytest.raises(SystemExit) as exc:
+                    train.main(argv)
+                seen.append((exc.value.code, capsys.readouterr().err.strip()))
+        return real_save(directory, step, *a, **kw)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_and_start_a_rival)
+    train.main(QUICK + ["--out-dir", str(run_dir)])
+    for code, err in seen:
+        assert code == 2 and len(err.splitlines()) == 1 and f"in use by another run (PID {os.getpid()})" in err
+    assert len(seen) == 2
+    assert strip(read_jsonl(run_dir / "metrics.jsonl")) == strip(read_jsonl(uninterrupted / "metrics.jsonl"))
+    a, b = final_weights(uninterrupted), final_weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lock_names_another_process_and_is_released_when_it_is_killed(tmp_path, capsys):
+    from e2h_min.config import parse_config
+    from e2h_min.runlog import claim_run_dir
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from e2h_min.runlog import RunLock\n"
+        f"lock = RunLock(Path({str(tmp_path)!r})); assert lock.try_acquire() is None\n"
+        "print('locked', flush=True); sys.stdin.read()")],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = parse_config(["--out-dir", str(tmp_path)])
+        with pytest.raises(Exception, match=f"in use by another run \\(PID {holder.pid}\\)"):
+            claim_run_dir(cfg)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    run_dir, lock = claim_run_dir(cfg)  # the kernel dropped the dead holder's lock
+    lock.release()
+    assert run_dir == tmp_path
+
+
+@pytest.mark.parametrize("make_path, fragment", [
+    (lambda tmp: tmp / "file", "is a file"),
+    (lambda tmp: tmp / "file" / "run", "is a file"),
+])
+def test_out_dir_that_cannot_be_a_run_directory_is_one_line(tmp_path, capsys, make_path, fragment):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--out-dir", str(make_path(tmp_path)), "--total-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and fragment in err
+
+
+# ----------------------------------------------------------------------------- divergence
+@requires_tiny
+def test_huge_lr_stops_with_one_line_naming_the_step(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(QUICK + ["--lr", "1e30", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()  # progress bars, then the one error line
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and errors == [err.splitlines()[-1]] and "Traceback" not in err, err
+    assert "the run diverged after the optimizer step" in errors[0] and "lower --lr (it is 1e+30" in errors[0]
+    assert errors[0].startswith("error: step 2:")
+
+
+def test_nonfinite_parameter_is_named():
+    from e2h_min.divergence import first_nonfinite_parameter
+    ok, bad = torch.ones(3), torch.tensor([1.0, float("nan")])
+    assert first_nonfinite_parameter([("a", ok), ("b", torch.tensor([1e30]))]) is None
+    assert first_nonfinite_parameter([("a", ok), ("b", bad), ("c", torch.tensor([float("inf")]))]) == "b"
+
+
+# ----------------------------------------------------------------------------- every entry point: one line, exit 2
+def one_line_exit_2(capsys, call, fragment, after_progress=False):
+    """call() exits 2 with one error line (after_progress: the last line, after the run's progress output)."""
+    with pytest.raises(SystemExit) as exc:
+        call()
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    lines = errors if after_progress else err.splitlines()
+    assert exc.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert fragment in lines[0] and err.splitlines()[-1] == lines[0], err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    # ranges and finiteness of every kind of knob
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--threads", "-1"], "--threads must be in [0, 1024]"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
+    (["--sigma", "1e-200"], "--sigma must be >= 0.001"),
+    (["--sigma", "inf"], "--sigma must be a finite number"),
+    (["--schedule-beta", "inf"], "--schedule-beta must be a finite number"),
+    (["--schedule", "gaussian", "--min-prob", "0.9"], "min_prob must be in [0, 1/K] = [0, 0.25]"),
+    # limits that would exhaust memory or hang, each named
+    (["--max-new-tokens", "1000000000"], "--max-new-tokens must be <= 131,072 (the limit)"),
+    (["--max-new-tokens", "5000"], "exceeds the model's context of 512 tokens"),
+    (["--eval-problems", "1000000000"], "--eval-problems must be <= 100,000 per level (the limit)"),
+    (["--total-steps", "10000000000"], "--total-steps must be <= 10,000,000 (the limit)"),
+    (["--prompts-per-step", "100000", "--num-generations", "8"], "exceeds the limit of 65,536"),
+    # environment and flag combinations
+    (["--device", "mps"], "no usable MPS"),
+    (["--device", "cuda:0"], "torch sees no CUDA GPU"),
+    (["--resume", "x", "--overwrite"], "pass one"),
+])
+def test_train_rejects_bad_values_up_front(argv, fragment, capsys, tmp_path):
+    if "cuda" in argv[-1] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    one_line_exit_2(capsys, lambda: train.main(argv + ["--out-dir", str(tmp_path / "run")]), fragment)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_help_prints_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "~30% slower" in out and "--overwrite" in out
+
+
+def write_rows(path, rows, extra_lines=()):
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"".join(extra_lines))
+    return str(path)
+
+
+GSM8K_ROWS = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}", "split": "train" if i else "test"}
+              for i in range(6)]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ([b'{"question": "q", "answer": "\xff#### 1"}\n'], "d.jsonl:7: not UTF-8"),  # reported at its own line
+    ([b"[" * 200_000 + b"\n"], "d.jsonl:7: not valid JSON (nested too deeply)"),
+    ([b'{"question": "q", "answer": ' + b"1" * 5000 + b"}\n"], "d.jsonl:7: not valid JSON"),
+])
+def test_damaged_data_lines_are_one_line_naming_the_line(tmp_path, capsys, extra, fragment):
+    data = write_rows(tmp_path / "d.jsonl", GSM8K_ROWS, extra)
+    one_line_exit_2(capsys, lambda: train.main(["--task", "gsm8k", "--data", data, "--out-dir", str(tmp_path / "r")]),
+                    fragment)
+
+
+def test_rows_that_can_never_be_scored_are_skipped_with_a_count(tmp_path, capsys):
+    from e2h_min.tasks import make_task
+    rows = GSM8K_ROWS + [{"question": "nan?", "answer": float("nan"), "split": "train"},
+                         {"question": "inf?", "answer": "#### inf", "split": "train"},
+                         {"question": "x" * 200_000, "answer": "#### 1", "split": "train"}]
+    task = make_task("gsm8k", data=write_rows(tmp_path / "d.jsonl", rows))
+    err = capsys.readouterr().err
+    assert task.skipped_rows == 3 and sum(task.num_problems(0, s) for s in ("train", "test")) == 6
+    assert "skipped 3 row(s) that can never be scored (2 with a NaN or infinite answer, 1 with a field over " \
+           "100,000 characters)" in err
+
+
+@pytest.mark.parametrize("rows, fragment", [
+    ([dict(r, split="test") for r in GSM8K_ROWS], "no 'train' problems at any level"),
+    ([dict(r, level=3) for r in GSM8K_ROWS[1:]] + [dict(GSM8K_ROWS[1], level=0, question="other")],
+     "puts all mass at step"),
+])
+def test_data_the_schedule_cannot_draw_from_is_refused_before_anything_is_written(tmp_path, capsys, rows, fragment):
+    data = write_rows(tmp_path / "d.jsonl", rows)
+    argv = ["--task", "gsm8k", "--data", data, "--schedule", "classic", "--out-dir", str(tmp_path / "r")]
+    one_line_exit_2(capsys, lambda: train.main(argv), fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_names_malformed_log_lines(tmp_path, capsys):
+    from e2h_min import report
+    from tests.test_report import write_run
+    run = write_run(tmp_path / "r", steps=4)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2] + ['{"step": 3, "reward_mean": "high"}'] + lines[3:]))
+    one_line_exit_2(capsys, lambda: report.main([str(run), "--no-plots"]), "step 3: reward_mean is 'high'")
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[3:]))
+    one_line_exit_2(capsys, lambda: report.main([str(run), "--no-plots"]), "metrics.jsonl:3: not valid JSON")
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "rew')  # torn last line: dropped
+    report.main([str(run), "--no-plots", "--out", str(tmp_path / "out")])
+    one_line_exit_2(capsys, lambda: report.main([str(run), "--no-plots", "--out", str(run / "config.json")]),
+                    "is a file")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--steps", "10000000000"], "--steps must be <= 1,000,000 (the limit)"),
+    (["--levels", "1000000000"], "--levels must be <= 100 (the limit)"),
+    (["--sigma", "1e-200"], "sigma must be >= 0.001"),
+    (["--beta", "inf"], "beta must be a finite number"),
+])
+def test_curriculum_cli_rejects_values_that_would_hang_or_divide_by_zero(argv, fragment, capsys):
+    from e2h_min import curriculum
+    assert curriculum.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_label_difficulty_checks_its_output_before_sampling(tmp_path, capsys):
+    from e2h_min.tasks import label_difficulty
+    (tmp_path / "file").write_text("x")
+    data = write_rows(tmp_path / "d.jsonl", GSM8K_ROWS)
+    base = ["--model", "tiny", "--task", "gsm8k", "--data", data]
+    one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", str(tmp_path / "file" / "o.jsonl")]),
+                    "is a file")
+    one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", str(tmp_path)]), "a directory")
+    one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", "o.jsonl", "--samples", "10000000"]),
+                    "--samples must be <= 65,536 (the limit)")
+
+
+@requires_tiny
+def test_full_disk_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys, uninterrupted):
+    import errno
+    real_append = train.append_jsonl
+
+    def append_until_full(path, row):
+        if row.get("step") == 3 and path.name == "metrics.jsonl":
+            with open(path, "a") as handle:
+                handle.write(json.dumps(row)[:20])  # the part that fitted
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_append(path, row)
+
+    monkeypatch.setattr(train, "append_jsonl", append_until_full)
+    one_line_exit_2(capsys, lambda: train.main(QUICK + ["--out-dir", str(tmp_path)]), "no space left on the device",
+                    after_progress=True)
+    monkeypatch.setattr(train, "append_jsonl", real_append)
+    train.main(QUICK + ["--resume", str(tmp_path)])
+    assert strip(read_jsonl(tmp_path / "metrics.jsonl")) == strip(read_jsonl(uninterrupted / "metrics.jsonl"))
