@@ -520,8 +520,8 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
                                 f"{step + 1}); lower --lr or check the model's dtype. Checkpoints are in {run_dir}")
         if update["skipped_updates"]:
             log(f"warning: step {step + 1}: non-finite gradient, update skipped")
-        check_not_diverged(policy, value_head, kept.prompt_ids[:1] or samples.prompt_ids[:1], step + 1, cfg,
-                           run_dir, device, autocast, dist_info)
+        check_not_diverged(policy, sampling_model, value_head, kept.prompt_ids[:1] or samples.prompt_ids[:1],
+                           step + 1, cfg, run_dir, device, autocast, dist_info)
 
         # 5. log: one JSON line per step (rank 0, over every rank's samples), one console line
         per_sample = gather_lists([(float(r), int(k), len(c), bool(f)) for r, k, c, f in zip(
@@ -585,16 +585,18 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
     return {"first_eval": first_eval, "last_eval": last_eval, "run_dir": str(run_dir)}
 
 
-def check_not_diverged(policy, value_head, probe_prompt: list[list[int]], step: int, cfg: Config, run_dir: Path,
-                       device, autocast, dist_info: DistInfo) -> None:
+def check_not_diverged(policy, sampling_model, value_head, probe_prompt: list[list[int]], step: int, cfg: Config,
+                       run_dir: Path, device, autocast, dist_info: DistInfo) -> None:
     """Stop with DivergedError (one line, exit 2) if the step just taken left a NaN/inf parameter or a model
     whose logits on one of this step's prompts are NaN/inf (see e2h_min/divergence.py). Every rank decides
-    together, so no rank is left waiting in a collective."""
-    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    together, so no rank is left waiting in a collective. The check reads sampling_model (the policy itself, or
+    under FSDP its refreshed full copy), so it never runs a forward of the sharded model outside the update."""
+    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    named = [(n, p) for n, p in sampling_model.named_parameters() if n in trained]
     named += [(f"value_head.{n}", p) for n, p in value_head.named_parameters()] if value_head else []
     bad_parameter = first_nonfinite_parameter(named)
-    finite_logits = bad_parameter is None and probe_logits_finite(policy, (probe_prompt or [[]])[0], device,
-                                                                  autocast)
+    finite_logits = bad_parameter is None and probe_logits_finite(sampling_model, (probe_prompt or [[]])[0],
+                                                                  device, autocast)
     votes = all_reduce_sum(torch.tensor([float(bad_parameter is None and finite_logits)], device=device), dist_info)
     if int(votes.item()) != dist_info.world_size:
         what = (f"parameter {bad_parameter} is NaN/inf" if bad_parameter else

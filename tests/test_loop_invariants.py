@@ -156,16 +156,19 @@ def test_the_update_receives_the_advantages_of_its_estimator(tmp_path, monkeypat
     assert advantages.tolist() == pytest.approx(plain_advantages(rewards, 4, estimator, scale), abs=1e-5)
 
 
-def test_non_finite_gradients_skip_updates_and_stop_the_run_after_max_nonfinite_steps(tmp_path, monkeypatch):
+def test_non_finite_gradients_skip_updates_and_stop_the_run_after_max_nonfinite_steps(tmp_path, monkeypatch,
+                                                                                      capsys):
     real = train.update_with_oom_retry
 
     def poisoned(policy, reference, optimizer, kept, advantages, *args, **kwargs):  # NaN advantages -> NaN grads
         return real(policy, reference, optimizer, kept, advantages * float("nan"), *args, **kwargs)
 
     monkeypatch.setattr(train, "update_with_oom_retry", poisoned)
-    with pytest.raises(SystemExit, match="non-finite gradients in 2 updates in a row"):
+    with pytest.raises(SystemExit) as exc:
         run(tmp_path, "--prompts-per-step", "2", "--num-generations", "2", "--total-steps", "3",
             "--max-nonfinite-steps", "2")
+    assert exc.value.code == 2  # one line, like every other stop the user has to act on
+    assert "error: non-finite gradients in 2 updates in a row (step 2)" in capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_updates"]) for r in rows] == [(1, 1)]
 
