@@ -205,7 +205,7 @@ def sample_pass_at_k(model, tokenizer, task, problems, ks: list[int], samples: i
             rollout = generate(model, encode_prompts(tokenizer, task, chunk), samples, max_new_tokens, eos, pad,
                                stop_checker=stop_checker, temperature=temperature, top_k=top_k, top_p=top_p,
                                generator=generator)
-        texts, rewards = score_rollout(task, chunk, tokenizer, rollout)
+        texts, rewards = score_rollout(task, chunk, tokenizer, rollout, stop_checker.stop_strings)
         lengths = rollout.lengths.tolist()
         for p, problem in enumerate(chunk):
             rows = range(p * samples, (p + 1) * samples)

@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
             rollout = generate(policy, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,
                                temperature=cfg.temperature, generator=generator)
         policy.train()
-        texts, rewards = score_rollout(task, problems, tokenizer, rollout)
+        texts, rewards = score_rollout(task, problems, tokenizer, rollout, stop_checker.stop_strings)
         completions = rollout.completion_token_lists()
         return StepSamples(G, [p for p in problems for _ in range(G)], [p for p in prompt_ids for _ in range(G)],
                            completions, [lp[:len(c)].tolist() for lp, c in zip(rollout.logprobs, completions)],

@@ -21,9 +21,28 @@ def encode_prompts(tokenizer, task, problems) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
-def score_rollout(task, problems, tokenizer, rollout: Rollout) -> tuple[list[str], np.ndarray]:
-    """Decode every sample and score it against its prompt's problem. Rewards are float64 (never low precision)."""
+def cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    """The text up to and including the first stop string it contains (the earliest of any), else unchanged.
+
+    The token that completes a stop string can carry more text (a merged ">." or ">\n\n"); what it adds after
+    the stop string is not part of the answer, as with vLLM's `stop`.
+    Example: cut_at_stop("<answer> 1 + 2 </answer>.", ["</answer>"]) == "<answer> 1 + 2 </answer>"
+    """
+    ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
+    return text[:min(ends)] if ends else text
+
+
+def completion_texts(tokenizer, rollout: Rollout, stop_strings: list[str]) -> list[str]:
+    """The scored text of every sample: its completion tokens decoded without special tokens (an EOS adds no
+    text), cut right after the first stop string. Every reward in the project is computed on these texts."""
     texts = tokenizer.batch_decode(rollout.completion_token_lists(), skip_special_tokens=True)
+    return [cut_at_stop(text, stop_strings) for text in texts]
+
+
+def score_rollout(task, problems, tokenizer, rollout: Rollout, stop_strings: list[str]
+                  ) -> tuple[list[str], np.ndarray]:
+    """Score every sample's text (completion_texts) against its prompt's problem. Rewards are float64."""
+    texts = completion_texts(tokenizer, rollout, stop_strings)
     rewards = np.array([task.score(problems[i // rollout.num_samples], text) for i, text in enumerate(texts)],
                        dtype=np.float64)
     return texts, rewards
@@ -67,7 +86,7 @@ def evaluate(model, tokenizer, task, problems, max_new_tokens: int, stop_checker
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
             rollout = generate(model, encode_prompts(tokenizer, task, chunk), 1, max_new_tokens, eos, pad,
                                stop_checker=stop_checker, greedy=True)
-        texts, rewards = score_rollout(task, chunk, tokenizer, rollout)
+        texts, rewards = score_rollout(task, chunk, tokenizer, rollout, stop_checker.stop_strings)
         for problem, text, reward, length in zip(chunk, texts, rewards, rollout.lengths.tolist()):
             records.append({"level": problem.level, "index": problem.index, "completion": text,
                             "reward": float(reward), "correct": task.is_correct(reward),
