@@ -41,7 +41,7 @@ from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_chec
 from e2h_min.config import Config, UserError, exit_on_user_error, parse_config, schedule_params
 from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed, sum_gradients
-from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
+from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout, today
 from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_batches,
                               shared_prompts_unsupported_reason)
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
@@ -275,7 +275,12 @@ def main(argv: list[str] | None = None) -> dict:
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise UserError(f"--resume {run_dir}: no checkpoint found there (expected {run_dir}/checkpoints/step_*)")
-        check_resume_config(json.loads((resume_from / "trainer_state.json").read_text())["config"], cfg)
+        saved_config = json.loads((resume_from / "trainer_state.json").read_text())["config"]
+        if cfg.chat_date is None:  # the run's pinned prompt date: resumed prompts tokenize as before
+            cfg.chat_date = saved_config.get("chat_date")
+        check_resume_config(saved_config, cfg)
+    elif cfg.chat_date is None:
+        cfg.chat_date = today()
     task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -343,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = None
         if main_rank:
             summary, _ = evaluate(policy, tokenizer, task, eval_problems, eval_tokens, stop_checker,
-                                  autocast=autocast)
+                                  autocast=autocast, chat_date=cfg.chat_date)
             append_jsonl(run_dir / "eval.jsonl", {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
                                                                    for m in ("accuracy", "reward", "format_rate")}})
             log(f"eval step {step}: " + "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items()))
@@ -360,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def collect(problems) -> StepSamples:
         """Roll out G samples for each problem in one batched decode and score them (rewards in float64)."""
-        prompt_ids = encode_prompts(tokenizer, task, problems)
+        prompt_ids = encode_prompts(tokenizer, task, problems, cfg.chat_date)
         policy.eval()
         with autocast():
             rollout = generate(policy, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,

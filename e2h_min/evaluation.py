@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import date, datetime, timezone
 
 import numpy as np
 import torch
@@ -11,12 +12,37 @@ from tqdm.auto import tqdm
 from e2h_min.rollout import Rollout, StopChecker, generate
 
 
-def encode_prompts(tokenizer, task, problems) -> list[list[int]]:
+def today() -> str:
+    """Today's date in UTC, YYYY-MM-DD: a new run's chat date (--chat-date)."""
+    return datetime.now(timezone.utc).date().isoformat()
+
+
+def chat_date_variables(chat_date: str | None) -> dict:
+    """Template variables that pin the date a chat template writes, for a date in YYYY-MM-DD.
+
+    Llama 3.1 / 3.2 / 3.3 templates write "Today Date: <date_string>" into the system turn, with date_string
+    = strftime_now("%d %b %Y") unless the caller passes one; templates without a date ignore the variable.
+    None pins nothing (the template's own clock decides).
+    Example: chat_date_variables("2024-07-26") == {"date_string": "26 Jul 2024"}
+    """
+    if chat_date is None:
+        return {}
+    day = date.fromisoformat(chat_date)
+    return {"date_string": f"{day.day:02d} {_MONTHS[day.month - 1]} {day.year}"}  # no locale-dependent %b
+
+
+_MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+
+def encode_prompts(tokenizer, task, problems, chat_date: str | None = None) -> list[list[int]]:
     """Chat-template each problem (system, user, assistant prefill continued) and tokenize it.
 
     The rendered text already holds any BOS the template wants, so the tokenizer adds no special tokens.
+    chat_date (YYYY-MM-DD) is the date a date-bearing template (Llama 3) writes; a run pins it (config.json)
+    so its prompts tokenize identically on any day. None: the template's own clock.
     """
-    texts = [tokenizer.apply_chat_template(task.messages(p), tokenize=False, continue_final_message=True)
+    pinned = chat_date_variables(chat_date)
+    texts = [tokenizer.apply_chat_template(task.messages(p), tokenize=False, continue_final_message=True, **pinned)
              for p in problems]
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
@@ -69,8 +95,9 @@ def held_out_problems(task, per_level: int, levels: list[int] | None = None) -> 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task, problems, max_new_tokens: int, stop_checker: StopChecker,
-             batch_size: int = 256, autocast=None, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Greedy decoding on `problems`; returns (summary, records).
+             batch_size: int = 256, autocast=None, progress: bool = True, chat_date: str | None = None
+             ) -> tuple[dict, list[dict]]:
+    """Greedy decoding on `problems` (prompts dated chat_date, see encode_prompts); returns (summary, records).
 
     summary: per level name -> {accuracy, reward, format_rate, length, n}; accuracy = share of samples whose
     reward exceeds the task's format reward (spec section 7). records: one dict per problem with its completion.
@@ -84,7 +111,7 @@ def evaluate(model, tokenizer, task, problems, max_new_tokens: int, stop_checker
     for start in tqdm(batches, desc="eval", leave=False, disable=not progress):
         chunk = problems[start:start + batch_size]
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            rollout = generate(model, encode_prompts(tokenizer, task, chunk), 1, max_new_tokens, eos, pad,
+            rollout = generate(model, encode_prompts(tokenizer, task, chunk, chat_date), 1, max_new_tokens, eos, pad,
                                stop_checker=stop_checker, greedy=True)
         texts, rewards = score_rollout(task, chunk, tokenizer, rollout, stop_checker.stop_strings)
         for problem, text, reward, length in zip(chunk, texts, rewards, rollout.lengths.tolist()):
