@@ -249,7 +249,7 @@ def build_models(cfg: Config, device, resume_from: Path | None):
         if cfg.beta > 0:  # the initial policy; on resume it is reloaded from --model
             reference = frozen_copy(load_model(cfg.model, device, trainable=False) if resume_from else policy)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     value_head = None
     if cfg.advantage == "ppo":  # the critic reads the policy trunk's hidden states (see models.ValueHead)
         value_head = ValueHead(policy.config.hidden_size).to(device)

@@ -171,7 +171,8 @@ def test_lora_end_to_end_resumes_to_identical_metrics_on_another_day_and_eval_us
 
     run_dir = tmp_path / "lora"
     set_today(monkeypatch, dt.date(2025, 1, 31))
-    lora = ["--model", str(shape_dir), "--lora-r", "4", "--lora-alpha", "8", "--save-every", "1"]
+    lora = ["--model", str(shape_dir), "--lora-r", "4", "--lora-alpha", "8", "--save-every", "1",
+            "--gradient-checkpointing"]
     result = train.main(ARGS + lora + ["--out-dir", str(run_dir)])
     assert (run_dir / "final" / "adapter_config.json").is_file()
     assert json.loads((run_dir / "config.json").read_text())["chat_date"] == "2025-01-31"
