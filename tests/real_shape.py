@@ -67,7 +67,7 @@ def train_byte_level_bpe(split_pattern: str, vocab_size: int, first_special_id: 
                          non_special: tuple[str, ...] = ()):
     """A byte-level BPE trained on `training_text`, padded with unreachable fillers to `first_special_id`, then
     `specials` added at first_special_id, first_special_id + 1, ... Returns a `tokenizers.Tokenizer`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
@@ -84,8 +84,6 @@ def train_byte_level_bpe(split_pattern: str, vocab_size: int, first_special_id: 
     for i in range(len(vocab), first_special_id):
         vocab[f"~{i}~"] = i
     tokenizer = Tokenizer.from_str(json.dumps(spec))
-    from tokenizers import AddedToken
-
     tokenizer.add_tokens([AddedToken(t, special=t not in non_special, normalized=False) for t in specials])
     assert tokenizer.token_to_id(specials[0]) == first_special_id, "special ids moved"
     return tokenizer

@@ -156,11 +156,12 @@ def metrics(run_dir):
     return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in rows]
 
 
-def test_full_fine_tuning_end_to_end_then_eval_reproduces_the_runs_evaluation(shape_dir, tmp_path):
+def test_full_fine_tuning_end_to_end_then_eval_reproduces_the_runs_evaluation(shape_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "full"
+    set_today(monkeypatch, dt.date(2025, 3, 9))
     result = train.main(ARGS + ["--model", str(shape_dir), "--save-every", "0", "--out-dir", str(run_dir)])
     assert [row["step"] for row in metrics(run_dir)] == [1, 2]
-    assert json.loads((run_dir / "config.json").read_text())["chat_date"] == evaluation.today()
+    assert json.loads((run_dir / "config.json").read_text())["chat_date"] == "2025-03-09"  # the start date, UTC
     report = evaluate_cli.main(["--model", str(run_dir), "--threads", "1", "--quiet", "--out", str(tmp_path / "e")])
     assert report["greedy"] == result["last_eval"] and report["step"] == 2
 
