@@ -1,7 +1,7 @@
 """LoRA rollouts: why the decoders run peft's adapter layers instead of merging the adapter for each rollout.
 
-    python bench/lora_rollout.py             # Qwen2.5-shape stand-in (tests/real_shape.py), r 32, alpha 64, q/v
-    python bench/lora_rollout.py --cycles 1000
+    python bench/lora_rollout.py                # Qwen2.5-shape stand-in (tests/real_shape.py), r 32, alpha 64, q/v
+    python bench/lora_rollout.py --model tiny   # the embedded model: decode overhead, not the LM head, dominates
 
 1. Drift. Merging B A into W before a rollout and subtracting it afterwards is not the identity in floating
    point: after `--cycles` merge/unmerge pairs, the share of base weights that changed and the largest change,
@@ -40,8 +40,9 @@ def lora(model, seed: int = 0):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen-shape", help="qwen-shape (built here), or an alias / directory")
     parser.add_argument("--cycles", type=int, default=100, help="merge/unmerge pairs")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2, help="qwen-shape: decoder layers")
     parser.add_argument("--rows", type=int, default=16, help="prompts x samples per rollout")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -50,9 +51,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
+    from e2h_min.models import resolve_model_name
+
     with tempfile.TemporaryDirectory() as directory:
-        base = AutoModelForCausalLM.from_pretrained(build_qwen_shape(directory, layers=args.layers),
-                                                    dtype=torch.float32)
+        path = build_qwen_shape(directory, layers=args.layers) if args.model == "qwen-shape" else \
+            resolve_model_name(args.model)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     for dtype in (torch.float32, torch.bfloat16):
         policy = lora(copy.deepcopy(base).to(dtype))
         weights = [m.base_layer.weight for m in policy.modules() if hasattr(m, "base_layer")]
@@ -67,7 +71,7 @@ def main() -> None:
               f"largest change {largest:.2e} (mean |W| {mean:.2e})")
 
     policy = lora(copy.deepcopy(base)).eval()
-    prompts = [list(range(100, 180))] * (args.rows // 4)
+    prompts = [list(range(10, 90))] * (args.rows // 4)
     tokens, seconds = {}, {}
     for decoder in ("lean", "hf"):
         best = float("inf")
