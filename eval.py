@@ -12,8 +12,9 @@ Design choices, in brief:
 - Accuracy = share of completions whose reward exceeds the format reward; also mean reward, format rate, length.
 - pass@k samples N completions per problem (temperature 0.7, top_p 0.9, top_k 50 by default) and reports the
   unbiased estimator 1 - C(n-c,k)/C(n,k) averaged over problems (e2h_min/passk.py), not a max over draws.
-- Given a run directory (or one of its checkpoints), task, data, seed, max_new_tokens, stop string and N default to
-  that run's config.json; flags override them.
+- Given a run directory (or one of its checkpoints), task, data, seed, max_new_tokens, stop string, N and the chat
+  date (the date a Llama 3 template writes into the prompts) default to that run's config.json; flags override
+  them. The scored text is cut right after the stop string, as in training (evaluation.completion_texts).
 - Writes DIR/report.json (settings + per-level figures) and DIR/completions.jsonl (every prompt, completion, score).
 """
 

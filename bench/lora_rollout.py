@@ -80,9 +80,9 @@ def main() -> None:
             rollout = generate(policy, prompts, 4, args.new_tokens, [], 0, greedy=True, decoder=decoder)
             best = min(best, time.perf_counter() - start)
         tokens[decoder], seconds[decoder] = rollout.completion_ids, best
-    print(f"rollout {args.rows} rows x {args.new_tokens} tokens, {args.threads} thread(s): lean {seconds['lean']:.2f} s, "
-          f"generic {seconds['hf']:.2f} s ({seconds['hf'] / seconds['lean']:.2f}x); same tokens: "
-          f"{torch.equal(tokens['lean'], tokens['hf'])}")
+    print(f"rollout {args.rows} rows x {args.new_tokens} tokens, {args.threads} thread(s): "
+          f"lean {seconds['lean']:.2f} s, generic {seconds['hf']:.2f} s ({seconds['hf'] / seconds['lean']:.2f}x); "
+          f"same tokens: {torch.equal(tokens['lean'], tokens['hf'])}")
 
 
 if __name__ == "__main__":
