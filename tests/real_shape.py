@@ -9,7 +9,8 @@ tokens (that no text encodes to) up to the first special id.
 
 Use from tests: `build_qwen_shape(directory)` / `build_llama_shape(directory)` write a model directory that
 `--model DIR` loads like a hub download; tests/conftest.py caches one of each per session (`qwen_shape_dir`,
-`llama_shape_dir`). Layer sizes are arguments, so a larger stand-in (e.g. 0.5B-shape) can be built the same way.
+`llama_shape_dir`). Layer sizes are arguments, so a larger stand-in can be built the same way, e.g. Qwen2.5-0.5B's
+shape: build_qwen_shape(d, hidden_size=896, layers=24, heads=14, kv_heads=2, intermediate_size=4864).
 """
 
 from __future__ import annotations

@@ -103,14 +103,13 @@ def test_a_correct_answer_whose_last_token_is_merged_with_the_stop_string_scores
 
 
 def test_lora_rollouts_run_on_the_lean_decoder_and_equal_the_merged_models_greedy_tokens(shape_dir):
-    from peft import LoraConfig, get_peft_model
+    peft = pytest.importorskip("peft", reason="LoRA is optional: pip install peft (requirements-optional.txt)")
 
     base = AutoModelForCausalLM.from_pretrained(shape_dir, dtype=torch.float32)
     torch.manual_seed(0)  # init_lora_weights=False: B is random too, so the adapter changes the output
     with peft_building():
-        policy = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                                                init_lora_weights=False,
-                                                                target_modules=["q_proj", "v_proj"]))
+        policy = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
     policy.eval()
     assert isinstance(make_decoder(policy), LeanDecoder)
     prompts = [[11, 12, 13, 14, 15, 16], [21, 22, 23]]  # different lengths: left padding and the mask path
@@ -168,7 +167,7 @@ def test_full_fine_tuning_end_to_end_then_eval_reproduces_the_runs_evaluation(sh
 
 def test_lora_end_to_end_resumes_to_identical_metrics_on_another_day_and_eval_uses_the_runs_date(
         shape_dir, tmp_path, monkeypatch):
-    from peft import PeftModel  # noqa: F401  (LoRA needs peft)
+    pytest.importorskip("peft", reason="LoRA is optional: pip install peft (requirements-optional.txt)")
 
     run_dir = tmp_path / "lora"
     set_today(monkeypatch, dt.date(2025, 1, 31))
