@@ -12,8 +12,9 @@ Design choices, in brief:
 - Accuracy = share of completions whose reward exceeds the format reward; also mean reward, format rate, length.
 - pass@k samples N completions per problem (temperature 0.7, top_p 0.9, top_k 50 by default) and reports the
   unbiased estimator 1 - C(n-c,k)/C(n,k) averaged over problems (e2h_min/passk.py), not a max over draws.
-- Given a run directory (or one of its checkpoints), task, data, seed, max_new_tokens, stop string and N default to
-  that run's config.json; flags override them.
+- Given a run directory (or one of its checkpoints), task, data, seed, max_new_tokens, stop string, N and the chat
+  date (the date a Llama 3 template writes into the prompts) default to that run's config.json; flags override
+  them. The scored text is cut right after the stop string, as in training (evaluation.completion_texts).
 - Writes DIR/report.json (settings + per-level figures) and DIR/completions.jsonl (every prompt, completion, score).
 """
 
@@ -34,16 +35,19 @@ from tqdm.auto import tqdm
 
 from e2h_min.checkpoint import latest_checkpoint
 from e2h_min.config import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS,
-                             OneLineErrorParser, UserError, check_context, check_output_dir, exit_on_user_error)
+                             OneLineErrorParser, UserError, check_context, check_output_dir, exit_on_user_error,
+                             is_iso_date)
 from e2h_min.jsonl import parse_json
 from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
-from e2h_min.models import context_length, load_model, load_tokenizer, pick_device, resolve_model_name
+from e2h_min.models import (context_length, load_model, load_tokenizer, peft_building, pick_device,
+                            resolve_model_name)
 from e2h_min.passk import mean_pass_at_k
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.tasks import TASKS, make_task
 
 # Used when neither a flag nor a run's config.json gives a value.
-FALLBACKS = {"task": "countdown", "data": None, "seed": 0, "n": 100, "max_new_tokens": 512, "stop": "</answer>"}
+FALLBACKS = {"task": "countdown", "data": None, "seed": 0, "n": 100, "max_new_tokens": 512, "stop": "</answer>",
+             "chat_date": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="task generator seed; also seeds pass@k sampling (default: the run's)")
     p.add_argument("--max-new-tokens", type=int, help="completion budget (default: the run's eval budget, else 512)")
     p.add_argument("--stop", help="stop string (default: the run's, else </answer>; empty = EOS only)")
+    p.add_argument("--chat-date", help="YYYY-MM-DD date a date-bearing chat template (Llama 3) writes into the "
+                                       "prompts (default: the run's, else today's)")
     # --- pass@k
     p.add_argument("--pass-k", type=int, nargs="+", metavar="K", help="report pass@K for each K (needs sampling)")
     p.add_argument("--samples", type=int, help="samples per problem for pass@k (default: the largest K)")
@@ -121,7 +127,8 @@ def load_policy(path: str, run_config: dict | None, device: torch.device):
     except ImportError:
         raise UserError(f"{path} holds a LoRA adapter; loading it needs peft: pip install peft") from None
     base = (run_config or {}).get("model") or json.loads(adapter.read_text()).get("base_model_name_or_path")
-    model = PeftModel.from_pretrained(load_model(base, device, trainable=False), path).to(device)
+    with peft_building():
+        model = PeftModel.from_pretrained(load_model(base, device, trainable=False), path).to(device)
     model.eval()
     return model
 
@@ -150,7 +157,7 @@ def resolve_settings(args: argparse.Namespace, run_config: dict | None) -> dict:
     """Flag if given, else the run's value, else FALLBACKS. Example: no --n, run eval_problems=50 -> n=50."""
     run = run_config or {}
     from_run = {"task": run.get("task"), "data": run.get("data"), "seed": run.get("seed"),
-                "n": run.get("eval_problems"), "stop": run.get("stop"),
+                "n": run.get("eval_problems"), "stop": run.get("stop"), "chat_date": run.get("chat_date"),
                 "max_new_tokens": run.get("eval_max_new_tokens") or run.get("max_new_tokens")}
     settings = {}
     for key, fallback in FALLBACKS.items():
@@ -203,7 +210,7 @@ def select_problems(task, levels: list[int], n: int, explicit_levels: bool) -> l
 @torch.no_grad()
 def sample_pass_at_k(model, tokenizer, task, problems, ks: list[int], samples: int, max_new_tokens: int,
                      stop_checker, temperature: float, top_k: int, top_p: float, batch_size: int, seed: int,
-                     autocast, progress: bool = True) -> tuple[dict, list[dict]]:
+                     autocast, progress: bool = True, chat_date: str | None = None) -> tuple[dict, list[dict]]:
     """Draw `samples` completions per problem and report pass@k per level name; also returns one record per sample.
 
     Returns ({level name: {"pass@k": mean over problems, ..., "sample_accuracy": c/n averaged}}, records).
@@ -216,10 +223,10 @@ def sample_pass_at_k(model, tokenizer, task, problems, ks: list[int], samples: i
     for start in tqdm(range(0, len(problems), per_call), desc="pass@k", disable=not progress):
         chunk = problems[start:start + per_call]
         with autocast():
-            rollout = generate(model, encode_prompts(tokenizer, task, chunk), samples, max_new_tokens, eos, pad,
-                               stop_checker=stop_checker, temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=generator)
-        texts, rewards = score_rollout(task, chunk, tokenizer, rollout)
+            rollout = generate(model, encode_prompts(tokenizer, task, chunk, chat_date), samples, max_new_tokens,
+                               eos, pad, stop_checker=stop_checker, temperature=temperature, top_k=top_k,
+                               top_p=top_p, generator=generator)
+        texts, rewards = score_rollout(task, chunk, tokenizer, rollout, stop_checker.stop_strings)
         lengths = rollout.lengths.tolist()
         for p, problem in enumerate(chunk):
             rows = range(p * samples, (p + 1) * samples)
@@ -302,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
                             else f"{flag} must be >= {low}, got {value}")
     if not (math.isfinite(args.temperature) and math.isfinite(args.top_p)):
         raise UserError("--temperature and --top-p must be finite numbers")
+    if settings["chat_date"] is not None and not is_iso_date(settings["chat_date"]):
+        raise UserError(f"--chat-date must be a date YYYY-MM-DD, got {settings['chat_date']!r}")
     if args.samples and not args.pass_k:
         raise UserError("--samples is for pass@k: add --pass-k K [K ...] (e.g. --pass-k 1 8 --samples 8)")
     samples = args.samples or (max(args.pass_k) if args.pass_k else None)
@@ -335,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     stop_checker = StopChecker(tokenizer, [settings["stop"]], device)
     t0 = time.perf_counter()
     greedy, records = evaluate(model, tokenizer, task, problems, settings["max_new_tokens"], stop_checker,
-                               batch_size=args.batch_size, autocast=autocast, progress=not args.quiet)
+                               batch_size=args.batch_size, autocast=autocast, progress=not args.quiet,
+                               chat_date=settings["chat_date"])
     lines = [sample_record(task, problem, r["completion"], r["reward"], r["length"], mode="greedy")
              for problem, r in zip(problems, records)]
     report = {"model": args.model, "loaded_from": loaded_from, "step": step, **settings,
@@ -345,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         by_level, sampled = sample_pass_at_k(
             model, tokenizer, task, problems, sorted(set(args.pass_k)), samples, settings["max_new_tokens"],
             stop_checker, args.temperature, args.top_k, args.top_p, args.batch_size, settings["seed"], autocast,
-            progress=not args.quiet)
+            progress=not args.quiet, chat_date=settings["chat_date"])
         lines += sampled
         report["pass_at_k"] = {"samples": samples, "temperature": args.temperature, "top_p": args.top_p,
                                "top_k": args.top_k, "by_level": by_level}

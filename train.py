@@ -47,7 +47,8 @@ from e2h_min.distributed import (DistInfo, all_reduce_max, all_reduce_sum, barri
                                  sum_gradients)
 from e2h_min.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
                                 probe_logits_finite)
-from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate_sharded, held_out_problems, score_rollout
+from e2h_min.evaluation import (encode_prompts, eos_token_ids, evaluate_sharded, held_out_problems, score_rollout,
+                                today)
 from e2h_min.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
 from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_batches,
                               shared_prompts_unsupported_reason)
@@ -275,7 +276,7 @@ def build_models(cfg: Config, device, resume_from: Path | None):
         if cfg.beta > 0:  # the initial policy; on resume it is reloaded from --model
             reference = frozen_copy(load_model(cfg.model, device, trainable=False) if resume_from else policy)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     value_head = None
     if cfg.advantage == "ppo":  # the critic reads the policy trunk's hidden states (see models.ValueHead)
         value_head = ValueHead(policy.config.hidden_size).to(device)
@@ -327,6 +328,8 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
             raise UserError(f"--resume {run_dir}: no intact checkpoint found there (expected "
                             f"{run_dir}/checkpoints/step_*); start it again with --out-dir {run_dir} --overwrite")
         saved = json.loads((resume_from / "trainer_state.json").read_text())
+        if cfg.chat_date is None:  # the run's pinned prompt date: resumed prompts tokenize as before
+            cfg.chat_date = saved["config"].get("chat_date")
         check_resume_config(saved["config"], cfg)
         if saved["step"] >= cfg.total_steps and finished_run(run_dir, cfg.total_steps):
             tqdm.write(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, "
@@ -341,6 +344,8 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
         if cfg.prompts_per_step % dist_info.world_size:
             raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the "
                             f"{dist_info.world_size} ranks (each rank rolls out an equal share)")
+    if cfg.chat_date is None:  # a new run's prompts are dated today (UTC), rank 0's date on every rank
+        cfg.chat_date = gather_lists([today()], dist_info)[0]
     main_rank = dist_info.is_main
     log = tqdm.write if main_rank else (lambda *_: None)
     for warning in combination_warnings(cfg):
@@ -396,7 +401,7 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
         """Greedy held-out evaluation, each rank on its contiguous share of the problems (the weights are the
         same everywhere); the records are gathered in problem order, so the summary is one process's."""
         summary, _ = evaluate_sharded(sampling_model, tokenizer, task, eval_problems, eval_tokens, stop_checker,
-                                      dist_info, autocast=autocast)
+                                      dist_info, autocast=autocast, chat_date=cfg.chat_date)
         if main_rank:
             append_jsonl(run_dir / "eval.jsonl", {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
                                                                    for m in ("accuracy", "reward", "format_rate")}})
@@ -426,13 +431,13 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
         start = dist_info.shard_start(len(draw)) * G
         if not problems:  # an uneven --dynamic-sampling redraw can leave a rank nothing to roll out
             return StepSamples(G, [], [], [], [], [], np.zeros(0), np.zeros(0, dtype=bool))
-        prompt_ids = encode_prompts(tokenizer, task, problems)
+        prompt_ids = encode_prompts(tokenizer, task, problems, cfg.chat_date)
         sampling_model.eval()
         with autocast():
             rollout = generate(sampling_model, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,
                                temperature=cfg.temperature, uniforms=uniforms[start:start + len(problems) * G])
         policy.train()
-        texts, rewards = score_rollout(task, problems, tokenizer, rollout)
+        texts, rewards = score_rollout(task, problems, tokenizer, rollout, stop_checker.stop_strings)
         completions = rollout.completion_token_lists()
         return StepSamples(G, [p for p in problems for _ in range(G)], [p for p in prompt_ids for _ in range(G)],
                            completions, [lp[:len(c)].tolist() for lp, c in zip(rollout.logprobs, completions)],

@@ -45,7 +45,7 @@ def run_mode(mode: str, layers: int, rows: int, prompt_len: int, completion_len:
     model = build_model(layers, device)
     model.train()
     if mode == "chunked+gc":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 151_936, (prompt_len,), generator=g).tolist() for _ in range(rows)]
     completions = [torch.randint(0, 151_936, (completion_len,), generator=g).tolist() for _ in range(rows)]

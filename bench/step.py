@@ -209,7 +209,8 @@ def run_step(ctx: dict, variant: dict, index: int) -> dict:
     seconds["rollout"] = t.seconds
 
     with PhaseTimer(device) as t:
-        _, rewards = score_rollout(ctx["task"], problems, ctx["tokenizer"], rollout)
+        _, rewards = score_rollout(ctx["task"], problems, ctx["tokenizer"], rollout,
+                                   variant["stop_checker"].stop_strings)
         advantages = compute_advantages(cfg.advantage, torch.tensor(rewards, dtype=torch.float64), G,
                                         cfg.scale_rewards).float()
     seconds["reward"] = t.seconds

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import errno
 import math
 import os
@@ -65,6 +66,9 @@ class Config:
     temperature: float = _f(1.0, "sampling temperature of training rollouts (log-probs use the same)")
     max_new_tokens: int = _f(512, "max completion length in tokens")
     stop: str = _f("</answer>", "stop string: a row ends right after it (empty = EOS only)")
+    chat_date: Optional[str] = _f(None, "YYYY-MM-DD date a date-bearing chat template (Llama 3) writes into the "
+                                        "prompts (default: the run's start date in UTC, recorded in config.json; "
+                                        "kept on --resume and by eval.py)")
     # --- GRPO update (spec section 5) ---
     total_steps: int = _f(1600, "optimizer steps (the curriculum clock)")
     lr: float = _f(1e-6, "peak learning rate (AdamW)")
@@ -284,6 +288,8 @@ def validate(cfg: Config) -> None:
     need(cfg.micro_batch_tokens >= 0, "--micro-batch-tokens must be >= 0 (0 = no token cap)")
     need(cfg.total_steps >= 1, "--total-steps must be >= 1")
     need(cfg.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
+    need(cfg.chat_date is None or is_iso_date(cfg.chat_date),
+         f"--chat-date must be a date YYYY-MM-DD, got {cfg.chat_date!r}")
     need(cfg.temperature > 0, "--temperature must be > 0 (training needs sampling; use eval.py for greedy)")
     need(cfg.lr > 0, "--lr must be > 0")
     need(0 <= cfg.warmup_steps < cfg.total_steps, "--warmup-steps must be in [0, total_steps)")
@@ -380,3 +386,12 @@ def schedule_params(cfg: Config) -> dict[str, Any]:
     if cfg.schedule == "sec":
         return {"temperature": cfg.sec_temperature, "ema": cfg.sec_ema}
     return {}
+
+
+def is_iso_date(text: str) -> bool:
+    """True for a calendar date written YYYY-MM-DD (the form config.json records). Example: "2024-07-26"."""
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return len(text) == 10

@@ -40,8 +40,29 @@ STATIC_CAPACITY_BUCKET = 64
 
 
 def cache_argument_name(model) -> str:
-    """transformers 5.x renamed `past_key_values` to `cache`; accept both so either release works."""
+    """transformers 5.x renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40); use the name
+    this model's forward declares, so releases on either side of the rename work without the deprecated one."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decoding_model(model):
+    """The transformers model the decoders run: a peft model's base model with its adapter layers in place.
+
+    peft's LoRA replaces each targeted nn.Linear (q_proj, v_proj, ...) inside the transformers model by a
+    module whose forward is  W x + (alpha / r) * B A dropout(x)  (dropout is the identity in eval mode, as
+    rollouts run). So decoding the unwrapped model through its own submodules, as both decoders do, computes
+    the adapted policy, no merge needed; `disable_adapter()` still switches the adapter off. Merging B A into W
+    for each rollout and subtracting it afterwards would also work, but W then drifts by rounding every step
+    (W + BA - BA != W in fp32/bf16), so the base weights and the reference policy would slowly move.
+    Prompt-learning adapters (prompt tuning, prefix tuning) add virtual tokens in peft's own forward and are
+    not unwrapped (they run on the generic decoder through peft's forward).
+    Example: decoding_model(get_peft_model(qwen, LoraConfig(...))) is qwen (with LoRA layers); decoding_model(m)
+    is m for a plain transformers model.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is None or getattr(config, "is_prompt_learning", False):
+        return model
+    return model.get_base_model()
 
 
 def prefill_positions(attention: torch.Tensor) -> torch.Tensor:
@@ -341,9 +362,13 @@ def _compiled_static_step():
 
 
 def make_decoder(model, kind: str = "auto", static_shapes: bool = False, compile_step: bool = False):
-    """kind "auto": LeanDecoder when the model is supported, else HFCacheDecoder; "lean" / "hf" force one."""
+    """kind "auto": LeanDecoder when the model is supported, else HFCacheDecoder; "lean" / "hf" force one.
+
+    A peft LoRA model is decoded as its base model with the adapter layers in place (`decoding_model`), so it
+    runs on the lean decoder like the plain model."""
     if kind not in ("auto", "lean", "hf"):
         raise ValueError(f"decoder must be 'auto', 'lean' or 'hf', got {kind!r}")
+    model = decoding_model(model)  # a LoRA policy decodes through its own adapted layers
     if kind == "hf" or (kind == "auto" and lean_decoder_unsupported_reason(model) is not None):
         if static_shapes or compile_step:
             raise ValueError("static_shapes / compile_step need the lean decoder (a Qwen2/Llama-style model)")

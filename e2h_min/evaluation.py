@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import date, datetime, timezone
 
 import numpy as np
 import torch
@@ -12,19 +13,63 @@ from e2h_min.distributed import DistInfo, gather_lists
 from e2h_min.rollout import Rollout, StopChecker, generate
 
 
-def encode_prompts(tokenizer, task, problems) -> list[list[int]]:
+def today() -> str:
+    """Today's date in UTC, YYYY-MM-DD: a new run's chat date (--chat-date)."""
+    return datetime.now(timezone.utc).date().isoformat()
+
+
+def chat_date_variables(chat_date: str | None) -> dict:
+    """Template variables that pin the date a chat template writes, for a date in YYYY-MM-DD.
+
+    Llama 3.1 / 3.2 / 3.3 templates write "Today Date: <date_string>" into the system turn, with date_string
+    = strftime_now("%d %b %Y") unless the caller passes one; templates without a date ignore the variable.
+    None pins nothing (the template's own clock decides).
+    Example: chat_date_variables("2024-07-26") == {"date_string": "26 Jul 2024"}
+    """
+    if chat_date is None:
+        return {}
+    day = date.fromisoformat(chat_date)
+    return {"date_string": f"{day.day:02d} {_MONTHS[day.month - 1]} {day.year}"}  # no locale-dependent %b
+
+
+_MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+
+def encode_prompts(tokenizer, task, problems, chat_date: str | None = None) -> list[list[int]]:
     """Chat-template each problem (system, user, assistant prefill continued) and tokenize it.
 
     The rendered text already holds any BOS the template wants, so the tokenizer adds no special tokens.
+    chat_date (YYYY-MM-DD) is the date a date-bearing template (Llama 3) writes; a run pins it (config.json)
+    so its prompts tokenize identically on any day. None: the template's own clock.
     """
-    texts = [tokenizer.apply_chat_template(task.messages(p), tokenize=False, continue_final_message=True)
+    pinned = chat_date_variables(chat_date)
+    texts = [tokenizer.apply_chat_template(task.messages(p), tokenize=False, continue_final_message=True, **pinned)
              for p in problems]
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
-def score_rollout(task, problems, tokenizer, rollout: Rollout) -> tuple[list[str], np.ndarray]:
-    """Decode every sample and score it against its prompt's problem. Rewards are float64 (never low precision)."""
+def cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    """The text up to and including the first stop string it contains (the earliest of any), else unchanged.
+
+    The token that completes a stop string can carry more text (a merged ">." or ">\n\n"); what it adds after
+    the stop string is not part of the answer, as with vLLM's `stop`.
+    Example: cut_at_stop("<answer> 1 + 2 </answer>.", ["</answer>"]) == "<answer> 1 + 2 </answer>"
+    """
+    ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
+    return text[:min(ends)] if ends else text
+
+
+def completion_texts(tokenizer, rollout: Rollout, stop_strings: list[str]) -> list[str]:
+    """The scored text of every sample: its completion tokens decoded without special tokens (an EOS adds no
+    text), cut right after the first stop string. Every reward in the project is computed on these texts."""
     texts = tokenizer.batch_decode(rollout.completion_token_lists(), skip_special_tokens=True)
+    return [cut_at_stop(text, stop_strings) for text in texts]
+
+
+def score_rollout(task, problems, tokenizer, rollout: Rollout, stop_strings: list[str]
+                  ) -> tuple[list[str], np.ndarray]:
+    """Score every sample's text (completion_texts) against its prompt's problem. Rewards are float64."""
+    texts = completion_texts(tokenizer, rollout, stop_strings)
     rewards = np.array([task.score(problems[i // rollout.num_samples], text) for i, text in enumerate(texts)],
                        dtype=np.float64)
     return texts, rewards
@@ -51,8 +96,9 @@ def held_out_problems(task, per_level: int, levels: list[int] | None = None) -> 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task, problems, max_new_tokens: int, stop_checker: StopChecker,
-             batch_size: int = 256, autocast=None, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Greedy decoding on `problems`; returns (summary, records).
+             batch_size: int = 256, autocast=None, progress: bool = True, chat_date: str | None = None
+             ) -> tuple[dict, list[dict]]:
+    """Greedy decoding on `problems` (prompts dated chat_date, see encode_prompts); returns (summary, records).
 
     summary: per level name -> {accuracy, reward, format_rate, length, n}; accuracy = share of samples whose
     reward exceeds the task's format reward (spec section 7). records: one dict per problem with its completion.
@@ -66,9 +112,9 @@ def evaluate(model, tokenizer, task, problems, max_new_tokens: int, stop_checker
     for start in tqdm(batches, desc="eval", leave=False, disable=not progress):
         chunk = problems[start:start + batch_size]
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            rollout = generate(model, encode_prompts(tokenizer, task, chunk), 1, max_new_tokens, eos, pad,
+            rollout = generate(model, encode_prompts(tokenizer, task, chunk, chat_date), 1, max_new_tokens, eos, pad,
                                stop_checker=stop_checker, greedy=True)
-        texts, rewards = score_rollout(task, chunk, tokenizer, rollout)
+        texts, rewards = score_rollout(task, chunk, tokenizer, rollout, stop_checker.stop_strings)
         for problem, text, reward, length in zip(chunk, texts, rewards, rollout.lengths.tolist()):
             records.append({"level": problem.level, "index": problem.index, "completion": text,
                             "reward": float(reward), "correct": task.is_correct(reward),
@@ -78,12 +124,12 @@ def evaluate(model, tokenizer, task, problems, max_new_tokens: int, stop_checker
 
 
 def evaluate_sharded(model, tokenizer, task, problems, max_new_tokens: int, stop_checker: StopChecker,
-                     dist_info: DistInfo, autocast=None) -> tuple[dict, list[dict]]:
+                     dist_info: DistInfo, autocast=None, chat_date: str | None = None) -> tuple[dict, list[dict]]:
     """`evaluate` with each torchrun rank decoding its contiguous share of `problems` (a 4-rank evaluation takes
     about a quarter of the time); the records are gathered in problem order on every rank, so the summary and
     the records are one process's. Without torchrun it is `evaluate`."""
     _, records = evaluate(model, tokenizer, task, dist_info.shard(problems), max_new_tokens, stop_checker,
-                          autocast=autocast, progress=dist_info.is_main)
+                          autocast=autocast, progress=dist_info.is_main, chat_date=chat_date)
     records = gather_lists(records, dist_info)
     return summarize(task, records), records
 

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -99,7 +100,9 @@ def load_model(name: str, device: torch.device, trainable: bool = True):
     model.requires_grad_(trainable)
     if hasattr(model, "generation_config") and model.generation_config is not None:
         # Our sampler owns decoding; stray generation defaults would only produce warnings.
-        model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
+        eos = model.config.eos_token_id  # a list for Llama 3 ([128001, 128008, 128009]); pad must be one id
+        eos = eos[0] if isinstance(eos, list) else eos
+        model.generation_config.pad_token_id = model.generation_config.pad_token_id or eos
     return model
 
 
@@ -141,6 +144,15 @@ def frozen_copy(model) -> Reference:
     return Reference(reference)
 
 
+@contextlib.contextmanager
+def peft_building():
+    """Silence the one deprecation notice peft itself triggers: peft 0.21's PeftModel.__init__ reads transformers'
+    deprecated `is_gradient_checkpointing` (a FutureWarning that is not about our code, and no user can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model, r: int, alpha: float, dropout: float, targets: str):
     """Wrap the model with LoRA adapters (peft, an optional dependency); only adapter weights train."""
     try:
@@ -150,7 +162,8 @@ def apply_lora(model, r: int, alpha: float, dropout: float, targets: str):
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                         target_modules=[t.strip() for t in targets.split(",") if t.strip()])
     try:
-        return get_peft_model(model, config)
+        with peft_building():
+            return get_peft_model(model, config)
     except ValueError as exc:  # e.g. target modules not found in this architecture
         raise UserError(f"--lora-targets {targets!r}: {str(exc).splitlines()[0][:200]}") from None
 
@@ -159,7 +172,8 @@ def load_lora_checkpoint(base_model, path):
     """Base model + the adapter saved in a checkpoint directory, trainable again (for --resume)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, path, is_trainable=True)
+    with peft_building():
+        return PeftModel.from_pretrained(base_model, path, is_trainable=True)
 
 
 def lora_reference(peft_model) -> Reference:

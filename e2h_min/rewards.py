@@ -2,8 +2,9 @@
 
 Format. The reward is checked on "<think>" + completion: the prompt's prefill ends in "<think>", and the
 completion is the text generated after it. The text passes when
-  - it starts with <think> and ends with </answer>; only whitespace may follow </answer> (the stop string cuts
-    generation right after </answer>, and an EOS token is never part of the decoded text);
+  - it starts with <think> and ends with </answer>; only whitespace may follow </answer> (the scored text is
+    cut right after the first </answer>, even inside a merged token such as ">.", by
+    evaluation.completion_texts, and an EOS token is never part of the decoded text);
   - each of <think>, </think>, <answer>, </answer> occurs exactly once (tags are case-sensitive), in that order;
   - the think content and the answer content are non-empty after stripping whitespace;
   - only whitespace lies between </think> and <answer>.

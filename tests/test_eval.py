@@ -68,11 +68,13 @@ def test_select_levels_accepts_indices_and_names():
 
 
 def test_settings_come_from_flags_then_the_run_config_then_fallbacks():
-    args = SimpleNamespace(task=None, data=None, seed=None, n=7, max_new_tokens=None, stop=None)
+    args = SimpleNamespace(task=None, data=None, seed=None, n=7, max_new_tokens=None, stop=None, chat_date=None)
     run = {"task": "blocksworld", "seed": 3, "eval_problems": 50, "max_new_tokens": 64, "eval_max_new_tokens": None,
-           "stop": "</answer>"}
+           "stop": "</answer>", "chat_date": "2025-01-31"}
     assert evaluate_cli.resolve_settings(args, run) == {"task": "blocksworld", "data": None, "seed": 3, "n": 7,
-                                                        "max_new_tokens": 64, "stop": "</answer>"}
+                                                        "max_new_tokens": 64, "stop": "</answer>",
+                                                        "chat_date": "2025-01-31"}
+    assert evaluate_cli.resolve_settings(args, None)["chat_date"] is None  # a hub model: the template's own day
     assert evaluate_cli.resolve_settings(args, None)["max_new_tokens"] == 512
     assert evaluate_cli.resolve_settings(args, {**run, "eval_max_new_tokens": 32})["max_new_tokens"] == 32
 

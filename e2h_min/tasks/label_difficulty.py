@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from e2h_min.config import (MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS, OneLineErrorParser, UserError,
                              check_context, check_output_file, exit_on_user_error)
-from e2h_min.evaluation import encode_prompts, eos_token_ids
+from e2h_min.evaluation import completion_texts, encode_prompts, eos_token_ids
 from e2h_min.models import context_length, load_model, load_tokenizer, pick_device
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.tasks import FILE_TASKS, Problem, Task, make_task
@@ -179,7 +179,7 @@ def sample_error_rates(model, tokenizer, task: Task, problems: list[Problem], sa
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 rollout = generate(model, encode_prompts(tokenizer, task, chunk), samples, max_new_tokens, eos, pad,
                                    stop_checker=stop_checker, temperature=temperature, generator=generator)
-            texts = tokenizer.batch_decode(rollout.completion_token_lists(), skip_special_tokens=True)
+            texts = completion_texts(tokenizer, rollout, stop_checker.stop_strings)
             rates += group_error_rates(task, chunk, texts, samples)
             bar.update(len(chunk))
     return rates
