@@ -18,7 +18,8 @@ Design choices, in brief:
 - The update runs only what the gradient needs: samples with advantage exactly 0 are not run (they add exactly 0
   when the loss has no KL or value term), each distinct prompt runs once per iteration for all its samples
   (logprobs.SharedPrompts), and micro-batches are cut by rows and padded tokens after sorting by length.
-- fp32 master weights under AdamW; bf16 autocast on CUDA, fp32 on CPU; one code path for both.
+- fp32 master weights under AdamW; frozen weights (reference model, LoRA base) in bf16 on CUDA; bf16 autocast on
+  CUDA, fp32 on CPU; one code path for both. final/ is saved in the base model's own dtype.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
-from e2h_min.config import Config, UserError, exit_on_user_error, parse_config, schedule_params
+from e2h_min.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_final
+from e2h_min.config import Config, UserError, describe_preset, exit_on_user_error, resolve_config, schedule_params
 from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed, sum_gradients
 from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
@@ -46,8 +47,10 @@ from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_bat
                               shared_prompts_unsupported_reason)
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
                             sequence_kl, token_loss_weights, whiten)
-from e2h_min.models import (ValueHead, apply_lora, frozen_copy, load_lora_checkpoint, load_model, load_tokenizer,
-                            lora_reference, pick_device, resolve_model_name)
+from e2h_min.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
+from e2h_min.models import (ValueHead, apply_lora, checkpoint_dtype, checkpoint_file_bytes, frozen_copy, frozen_dtype,
+                            load_lora_checkpoint, load_model, load_tokenizer, lora_reference, pick_device,
+                            require_peft, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.runlog import append_jsonl, check_resume_config, log_completions, truncate_jsonl
 from e2h_min.samples import StepSamples
@@ -237,9 +240,14 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
 
 
 def build_models(cfg: Config, device, resume_from: Path | None):
-    """Policy (full or LoRA), reference (None when beta = 0) and PPO value head (None unless --advantage ppo)."""
+    """Policy (full or LoRA), reference (None when beta = 0) and PPO value head (None unless --advantage ppo).
+
+    Trained weights are fp32 master weights; frozen ones (the LoRA base, the reference copy) are in the frozen
+    dtype (--frozen-dtype; bf16 on CUDA). peft keeps the adapters of a bf16 base in fp32.
+    """
+    frozen = frozen_dtype(cfg.frozen_dtype, device)
     if cfg.lora_r:
-        base = load_model(cfg.model, device)
+        base = load_model(cfg.model, device, dtype=frozen)
         policy = (load_lora_checkpoint(base, resume_from) if resume_from
                   else apply_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
         reference = lora_reference(policy) if cfg.beta > 0 else None  # the adapter switched off: no copy
@@ -247,7 +255,8 @@ def build_models(cfg: Config, device, resume_from: Path | None):
         policy = load_model(str(resume_from) if resume_from else cfg.model, device)
         reference = None
         if cfg.beta > 0:  # the initial policy; on resume it is reloaded from --model
-            reference = frozen_copy(load_model(cfg.model, device, trainable=False) if resume_from else policy)
+            reference = frozen_copy(load_model(cfg.model, device, trainable=False, dtype=frozen) if resume_from
+                                    else policy, frozen)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     value_head = None
@@ -268,7 +277,8 @@ def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> No
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- setup
-    cfg = parse_config(argv)
+    cfg, preset, preset_values = resolve_config(argv)
+    require_peft(cfg.lora_r)  # before anything heavy: the paper preset turns LoRA on
     run_dir = Path(cfg.resume or cfg.out_dir or f"runs/{cfg.task}-{cfg.schedule}-s{cfg.seed}")
     resume_from = None
     if cfg.resume:
@@ -294,15 +304,30 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator(device=device)
     seed_step(cfg.seed, dist_info.rank, 0, generator)
 
-    def autocast():  # bf16 compute on CUDA; fp32 elsewhere (CPU autocast would only slow this down)
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # bf16 compute on CUDA; fp32 elsewhere (CPU autocast would only slow this down), unless the frozen weights
+    # were asked for in bf16 (their matmuls then need autocast to meet the fp32 activations)
+    bf16_compute = device.type == "cuda" or frozen_dtype(cfg.frozen_dtype, device) == torch.bfloat16
 
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute)
+
+    log(describe_preset(preset, preset_values))
+    if preset.name == "paper" and device.type == "cpu":
+        log("note: no GPU found: the paper's recipe will run on CPU in fp32 (no bf16), hours per step for a 1.5B "
+            "model; on a GPU machine install a CUDA build of torch (--device cuda)")
     if resolve_model_name(cfg.model) != cfg.model:
         log(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
     tokenizer = load_tokenizer(cfg.model)
+    process_bytes = resident_bytes() if device.type == "cpu" else 0  # RAM held before any weights (CPU runs)
     policy, reference, value_head = build_models(cfg, device, resume_from)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     trainable += list(value_head.parameters()) if value_head else []
+    separate_reference = reference.model if reference is not None and reference.model is not policy else None
+    value_params = sum(p.numel() for p in value_head.parameters()) if value_head else 0
+    memory = with_process(training_memory(policy, separate_reference, value_params), process_bytes)
+    loaded_from = resume_from if resume_from and not cfg.lora_r else cfg.model
+    log(format_memory(memory, loading_peak(memory, checkpoint_file_bytes(str(loaded_from)))
+                      if device.type == "cpu" else None))
     # fused: one kernel for all parameters on CPU and CUDA (4.7x faster than the per-tensor loop on the tiny model)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda") or None)
@@ -482,7 +507,8 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint(cfg.total_steps)
     final_dir = run_dir / "final"
     if main_rank:
-        policy.save_pretrained(final_dir, safe_serialization=True)  # with LoRA: the adapter
+        save_dtype = checkpoint_dtype(cfg.model) if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
+        save_final(policy, final_dir, save_dtype)  # with LoRA: the adapter, as peft saves it
         tokenizer.save_pretrained(final_dir)
         if cfg.lora_r and cfg.save_merged:
             merged = copy.deepcopy(policy).merge_and_unload()
