@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute)
 
     log(describe_preset(preset, preset_values))
-    if preset.name == "paper" and device.type == "cpu":
+    if preset.name == "paper" and device.type == "cpu" and cfg.device == "auto":
         log("note: no GPU found: the paper's recipe will run on CPU in fp32 (no bf16), hours per step for a 1.5B "
             "model; on a GPU machine install a CUDA build of torch (--device cuda)")
     if resolve_model_name(cfg.model) != cfg.model:
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.save_pretrained(final_dir)
         if cfg.lora_r and cfg.save_merged:
             merged = copy.deepcopy(policy).merge_and_unload()
-            merged.save_pretrained(run_dir / "final-merged", safe_serialization=True)
+            save_final(merged, run_dir / "final-merged", save_dtype)
             tokenizer.save_pretrained(run_dir / "final-merged")
         if first_eval:
             print("held-out greedy accuracy, start -> end: " + "  ".join(

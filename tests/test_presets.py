@@ -81,3 +81,16 @@ def test_lora_without_peft_is_one_line_naming_the_fix(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:  # before any model is loaded
         train.main(["--model", str(TINY_MODEL_DIR), "--lora-r", "4", "--device", "cpu"])
     assert exit_info.value.code == 2
+
+
+def test_resume_compares_the_fields_a_run_recorded_and_skips_those_it_predates():
+    import dataclasses
+
+    from e2h_min.runlog import check_resume_config
+
+    cfg = Config()
+    saved = dataclasses.asdict(cfg)
+    del saved["frozen_dtype"]  # a run saved before --frozen-dtype existed
+    check_resume_config(saved, cfg)
+    with pytest.raises(UserError, match="lora_r was 0"):
+        check_resume_config({**saved, "lora_r": 0}, dataclasses.replace(cfg, lora_r=32))
