@@ -313,8 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     log(describe_preset(preset, preset_values))
     if preset.name == "paper" and device.type == "cpu" and cfg.device == "auto":
-        log("note: no GPU found: the paper's recipe will run on CPU in fp32 (no bf16), hours per step for a 1.5B "
-            "model; on a GPU machine install a CUDA build of torch (--device cuda)")
+        log("note: no GPU found: the paper's recipe will run on the CPU in fp32 (no bf16), far too slowly for its "
+            "budgets; on a GPU machine install a CUDA build of torch")
     if resolve_model_name(cfg.model) != cfg.model:
         log(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
     tokenizer = load_tokenizer(cfg.model)

@@ -94,3 +94,14 @@ def test_resume_compares_the_fields_a_run_recorded_and_skips_those_it_predates()
     check_resume_config(saved, cfg)
     with pytest.raises(UserError, match="lora_r was 0"):
         check_resume_config({**saved, "lora_r": 0}, dataclasses.replace(cfg, lora_r=32))
+
+
+def test_a_paper_model_prints_its_preset_and_on_cpu_the_no_gpu_note_before_loading(tmp_path, capsys):
+    from e2h_min.models import pick_device
+
+    model = config_dir(tmp_path, Qwen2Config(**QWEN25_05B))  # config only: loading its tokenizer then fails
+    with pytest.raises(SystemExit):
+        train.main(["--model", model, "--out-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "preset paper (Qwen2ForCausalLM, 494.0M parameters" in out and "--lora-r 32" in out
+    assert ("note: no GPU found" in out) == (pick_device("auto").type == "cpu")
