@@ -141,8 +141,8 @@ def estimate_table() -> None:
     sys.path.insert(0, str(ROOT))
     from e2h_min.memory import GIB, estimate_memory, lora_parameter_count
 
-    print("| model | parameters (LoRA r 32) | full, CUDA (bf16 reference) | full, CPU (fp32) | LoRA, CUDA (bf16 base) | "
-          "LoRA, CPU (fp32) |")
+    print("| model | parameters (LoRA r 32) | full, CUDA (bf16 reference) | full, CPU (fp32) | "
+          "LoRA, CUDA (bf16 base) | LoRA, CPU (fp32) |")
     print("|---|---|---|---|---|---|")
     for name in SHAPES:
         with torch.device("meta"):  # shapes only, no memory

@@ -129,7 +129,8 @@ def save_final(model, directory: Path, dtype: torch.dtype) -> None:
     state = {}
     for name, tensor in model.state_dict().items():
         if tensor.data_ptr() not in cast:
-            cast[tensor.data_ptr()] = tensor.detach().to(device="cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            kind = dtype if tensor.is_floating_point() else tensor.dtype
+            cast[tensor.data_ptr()] = tensor.detach().to(device="cpu", dtype=kind)
         state[name] = cast[tensor.data_ptr()]
     model.save_pretrained(directory, state_dict=state, safe_serialization=True)
     # save_pretrained writes the in-memory parameters' dtype into config.json; record the one saved.
