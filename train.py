@@ -18,7 +18,8 @@ Design choices, in brief:
 - The update runs only what the gradient needs: samples with advantage exactly 0 are not run (they add exactly 0
   when the loss has no KL or value term), each distinct prompt runs once per iteration for all its samples
   (logprobs.SharedPrompts), and micro-batches are cut by rows and padded tokens after sorting by length.
-- fp32 master weights under AdamW; bf16 autocast on CUDA, fp32 on CPU; one code path for both.
+- fp32 master weights under AdamW; frozen weights (reference model, LoRA base) in bf16 on CUDA; bf16 autocast on
+  CUDA, fp32 on CPU; one code path for both. final/ is saved in the base model's own dtype.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from e2h_min.checkpoint import load_training_state, resume_checkpoint, save_checkpoint
-from e2h_min.config import (Config, UserError, check_context, combination_warnings, exit_on_user_error,
-                            kl_estimator_for, parse_config, schedule_params)
+from e2h_min.checkpoint import load_training_state, resume_checkpoint, save_checkpoint, save_final
+from e2h_min.config import (Config, UserError, check_context, combination_warnings, describe_preset,
+                            exit_on_user_error, kl_estimator_for, resolve_config, schedule_params)
 from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import (DistInfo, all_reduce_max, all_reduce_sum, barrier, gather_lists, init_distributed,
                                  sum_gradients)
@@ -54,8 +55,10 @@ from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_bat
                               shared_prompts_unsupported_reason)
 from e2h_min.losses import (clipped_value_loss, compute_advantages, gae_advantages, kl_penalised_advantages,
                             kl_penalty, policy_token_loss, sequence_kl, token_loss_weights, whiten)
-from e2h_min.models import (ValueHead, apply_lora, context_length, frozen_copy, load_lora_checkpoint, load_model,
-                            load_tokenizer, lora_reference, pick_device, resolve_model_name)
+from e2h_min.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
+from e2h_min.models import (ValueHead, apply_lora, checkpoint_dtype, checkpoint_file_bytes, context_length,
+                            frozen_copy, frozen_dtype, load_lora_checkpoint, load_model, load_tokenizer,
+                            lora_reference, pick_device, require_peft, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, default_run_dir, finished_run,
                             log_completions, truncate_jsonl)
@@ -264,9 +267,14 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
 
 
 def build_models(cfg: Config, device, resume_from: Path | None):
-    """Policy (full or LoRA), reference (None when beta = 0) and PPO value head (None unless --advantage ppo)."""
+    """Policy (full or LoRA), reference (None when beta = 0) and PPO value head (None unless --advantage ppo).
+
+    Trained weights are fp32 master weights; frozen ones (the LoRA base, the reference copy) are in the frozen
+    dtype (--frozen-dtype; bf16 on CUDA). peft keeps the adapters of a bf16 base in fp32.
+    """
+    frozen = frozen_dtype(cfg.frozen_dtype, device)
     if cfg.lora_r:
-        base = load_model(cfg.model, device)
+        base = load_model(cfg.model, device, dtype=frozen)
         policy = (load_lora_checkpoint(base, resume_from) if resume_from
                   else apply_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
         reference = lora_reference(policy) if cfg.beta > 0 else None  # the adapter switched off: no copy
@@ -274,7 +282,8 @@ def build_models(cfg: Config, device, resume_from: Path | None):
         policy = load_model(str(resume_from) if resume_from else cfg.model, device)
         reference = None
         if cfg.beta > 0:  # the initial policy; on resume it is reloaded from --model
-            reference = frozen_copy(load_model(cfg.model, device, trainable=False) if resume_from else policy)
+            reference = frozen_copy(load_model(cfg.model, device, trainable=False, dtype=frozen) if resume_from
+                                    else policy, frozen)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     value_head = None
@@ -297,14 +306,16 @@ def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> No
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(argv)
+    cfg, preset, preset_values = resolve_config(argv)
+    require_peft(cfg.lora_r)  # before anything heavy: the paper preset turns LoRA on
     task, sampler = load_task(cfg)  # the data and the schedule are checked before anything is written
     check_context(max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0), context_length(cfg.model))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes (and owns) the run directory
-        return train(cfg, task, sampler, Path(cfg.resume or cfg.out_dir or default_run_dir(cfg)))
+        return train(cfg, task, sampler, Path(cfg.resume or cfg.out_dir or default_run_dir(cfg)),
+                     (preset, preset_values))
     run_dir, lock = claim_run_dir(cfg, tqdm.write)  # created, writable and locked for this run, or a UserError
     with lock:
-        return train(cfg, task, sampler, run_dir)
+        return train(cfg, task, sampler, run_dir, (preset, preset_values))
 
 
 def load_task(cfg: Config) -> tuple:
@@ -319,7 +330,9 @@ def load_task(cfg: Config) -> tuple:
     return task, sampler
 
 
-def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
+def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path, preset: tuple | None = None) -> dict:
+    """The run, in run_dir (already claimed by main). preset: (config.Preset, the values it set), for the
+    start-up line that says which settings came from the model's preset."""
     # ---------------------------------------------------------------- setup
     resume_from = None
     if cfg.resume:  # the newest checkpoint that verifies (damaged newer ones are set aside, with a warning)
@@ -329,7 +342,7 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
                             f"{run_dir}/checkpoints/step_*); start it again with --out-dir {run_dir} --overwrite")
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         if cfg.chat_date is None:  # the run's pinned prompt date: resumed prompts tokenize as before
-            cfg.chat_date = saved["config"].get("chat_date")
+            cfg = dataclasses.replace(cfg, chat_date=saved["config"].get("chat_date"))
         check_resume_config(saved["config"], cfg)
         if saved["step"] >= cfg.total_steps and finished_run(run_dir, cfg.total_steps):
             tqdm.write(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, "
@@ -345,7 +358,7 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
             raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the "
                             f"{dist_info.world_size} ranks (each rank rolls out an equal share)")
     if cfg.chat_date is None:  # a new run's prompts are dated today (UTC), rank 0's date on every rank
-        cfg.chat_date = gather_lists([today()], dist_info)[0]
+        cfg = dataclasses.replace(cfg, chat_date=gather_lists([today()], dist_info)[0])
     main_rank = dist_info.is_main
     log = tqdm.write if main_rank else (lambda *_: None)
     for warning in combination_warnings(cfg):
@@ -353,18 +366,34 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
     generator = torch.Generator(device=device)
     seed_step(cfg.seed, dist_info.rank, 0, generator)
 
-    def autocast():  # bf16 compute on CUDA; fp32 elsewhere (CPU autocast would only slow this down)
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # bf16 compute on CUDA; fp32 elsewhere (CPU autocast would only slow this down), unless the frozen weights
+    # were asked for in bf16 (their matmuls then need autocast to meet the fp32 activations)
+    bf16_compute = device.type == "cuda" or frozen_dtype(cfg.frozen_dtype, device) == torch.bfloat16
 
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute)
+
+    if preset is not None:
+        log(describe_preset(*preset))
+    if preset is not None and preset[0].name == "paper" and device.type == "cpu" and cfg.device == "auto":
+        log("note: no GPU found: the paper's recipe will run on the CPU in fp32 (no bf16), far too slowly for its "
+            "budgets; on a GPU machine install a CUDA build of torch")
     if resolve_model_name(cfg.model) != cfg.model:
         log(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
     tokenizer = load_tokenizer(cfg.model)
+    process_bytes = resident_bytes() if device.type == "cpu" else 0  # RAM held before any weights (CPU runs)
     policy, reference, value_head = build_models(cfg, device, resume_from)
     sampling_model = policy  # the model that rolls out, evaluates and is saved: the policy, or under FSDP a copy
     if cfg.parallel == "fsdp" and dist_info.enabled:
         sampling_model = shard_policy(policy)  # full weights on every rank, refreshed after each update
     trainable = [p for p in policy.parameters() if p.requires_grad]
     trainable += list(value_head.parameters()) if value_head else []
+    separate_reference = reference.model if reference is not None and reference.model is not policy else None
+    value_params = sum(p.numel() for p in value_head.parameters()) if value_head else 0
+    memory = with_process(training_memory(policy, separate_reference, value_params), process_bytes)
+    loaded_from = resume_from if resume_from and not cfg.lora_r else cfg.model
+    log(format_memory(memory, loading_peak(memory, checkpoint_file_bytes(str(loaded_from)))
+                      if device.type == "cpu" else None))
     # fused: one kernel for all parameters on CPU and CUDA (4.7x faster than the per-tensor loop on the tiny model)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda") or None)
@@ -576,11 +605,12 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path) -> dict:
     checkpoint(cfg.total_steps)
     final_dir = run_dir / "final"
     if main_rank:
-        sampling_model.save_pretrained(final_dir, safe_serialization=True)  # with LoRA: the adapter
+        save_dtype = checkpoint_dtype(cfg.model) if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
+        save_final(sampling_model, final_dir, save_dtype)  # with LoRA: the adapter, as peft saves it
         tokenizer.save_pretrained(final_dir)
         if cfg.lora_r and cfg.save_merged:
             merged = copy.deepcopy(policy).merge_and_unload()
-            merged.save_pretrained(run_dir / "final-merged", safe_serialization=True)
+            save_final(merged, run_dir / "final-merged", save_dtype)
             tokenizer.save_pretrained(run_dir / "final-merged")
         if first_eval and last_eval:
             print("held-out greedy accuracy, start -> end: " + "  ".join(

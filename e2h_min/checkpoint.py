@@ -182,3 +182,25 @@ def resume_checkpoint(run_dir: Path, log=print, set_aside: bool = True) -> Path 
         log(f"warning: checkpoint {path} is damaged ({problem}); moved it to {aside.name} and resume from the "
             f"previous one")
     return None
+
+
+def save_final(model, directory: Path, dtype: torch.dtype) -> None:
+    """The trained policy for use elsewhere (eval.py, transformers, vLLM): a peft model saves its adapter as peft
+    does; a full model saves its weights cast to `dtype` (the base model's own, e.g. bf16: half the size of the
+    fp32 master weights). Checkpoints stay fp32 so that a resume continues exactly."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    cast: dict[int, torch.Tensor] = {}  # by storage: tied weights (embeddings = LM head) stay one tensor
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in cast:
+            kind = dtype if tensor.is_floating_point() else tensor.dtype
+            cast[tensor.data_ptr()] = tensor.detach().to(device="cpu", dtype=kind)
+        state[name] = cast[tensor.data_ptr()]
+    model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    # save_pretrained writes the in-memory parameters' dtype into config.json; record the one saved.
+    config_path = Path(directory) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

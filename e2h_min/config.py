@@ -4,8 +4,13 @@ Each field's `help` metadata becomes its `--flag` help text, so `python train.py
 Option names follow TRL's GRPOConfig where one exists (num_generations, epsilon, epsilon_high, beta,
 num_iterations, loss_type, scale_rewards, max_grad_norm) so users can map concepts between the two.
 
-The embedded tiny model cannot learn at the paper's lr of 1e-6 within a CPU demo, so when `--model tiny` (the
-default) is used, DEMO_PRESET fills every field the user did not set on the command line; the run prints it.
+Presets fill the fields the user did not set on the command line, chosen by what the model is (models.
+describe_model reads its config), never by how it was named; the run prints which applied and every value it set:
+- demo: the embedded tiny model (or a copy of it: its build_info.json names scripts/build_tiny_model.py), which
+  cannot learn at the paper's lr of 1e-6 within a CPU demo (DEMO_PRESET);
+- paper: a Qwen2 or Llama architecture (the paper's model families): the paper's release recipe for the task
+  (PAPER_RECIPE + PAPER_TASK_BUDGETS, spec section 5), LoRA included;
+- none: any other model: the flags' defaults (the paper's GRPO settings, full fine-tuning).
 """
 
 from __future__ import annotations
@@ -107,11 +112,16 @@ class Config:
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     max_nonfinite_steps: int = _f(3, "abort after this many updates in a row with a non-finite gradient")
     # --- LoRA (needs peft; the paper: r 32, alpha 64, dropout 0.1 on q_proj,v_proj) ---
-    lora_r: int = _f(0, "LoRA rank (0 = full fine-tuning)")
+    lora_r: int = _f(0, "LoRA rank (0 = full fine-tuning; the paper preset sets 32)")
     lora_alpha: float = _f(64.0, "LoRA alpha")
     lora_dropout: float = _f(0.1, "LoRA dropout")
     lora_targets: str = _f("q_proj,v_proj", "comma-separated module names that get adapters")
     save_merged: bool = _f(False, "LoRA: also save the merged model to <out>/final-merged")
+    # --- precision (trained weights are always fp32 master weights) ---
+    frozen_dtype: str = _f("auto", "dtype of frozen weights (reference model, LoRA base): auto (bfloat16 on CUDA, "
+                                   "float32 elsewhere), float32 or bfloat16 (bf16 on CPU also computes in bf16)")
+    save_dtype: str = _f("auto", "dtype of the weights in <out>/final: auto (the base model's own dtype, "
+                                 "config.json), float32 or bfloat16 (checkpoints keep fp32 for exact resume)")
     # --- evaluation, logging, checkpoints ---
     eval_every: int = _f(100, "greedy held-out evaluation every N steps (0 = only at start and end)")
     eval_problems: int = _f(100, "held-out problems per level in periodic evaluation")
@@ -128,19 +138,72 @@ class Config:
                               "(FSDP2: weights, gradients and AdamW state sharded across ranks; full fine-tuning)")
 
 
-# Settings that make the embedded tiny model learn visibly in a few CPU minutes (applied only with --model tiny,
-# only to flags the user did not give). Why each differs from the paper: a 1.8M-parameter model needs a far larger
-# lr (5e-4 and 2e-4 made it forget level 0; 1e-4 learned); its completions are ~20-40 tokens; a short run needs
-# a short clock. The schedule is E2H-C (cosine): gaussian(0.5, 0.5) moves its mass to levels 2-3 within a
-# third of a 200-step run, where this model solves 1.5% / 0%, so most groups carry no signal (README results).
-# One torch thread: the model is overhead-bound, and a second thread only waits on a loaded 2-core machine.
-# Micro-batches of 128 rows under a 512-token budget: sorted by length, the update pads ~4% (bench/step.py).
+# Settings that make the embedded tiny model learn visibly in a few CPU minutes (the demo preset: applied to the
+# model scripts/build_tiny_model.py built, whatever path names it, only to flags the user did not give). Why each
+# differs from the paper: a 1.8M-parameter model needs a far larger lr (5e-4 and 2e-4 made it forget level 0; 1e-4
+# learned); its completions are ~20-40 tokens; a short run needs a short clock. The schedule is E2H-C (cosine):
+# gaussian(0.5, 0.5) moves its mass to levels 2-3 within a third of a 200-step run, where this model solves 1.5% / 0%,
+# so most groups carry no signal (README results). One torch thread: the model is overhead-bound, and a second thread
+# only waits on a loaded 2-core machine. Micro-batches of 128 rows under a 512-token budget: sorted by length, the
+# update pads ~4% (bench/step.py).
 DEMO_PRESET: dict[str, Any] = dict(
     schedule="cosine", lr=1e-4, total_steps=200, prompts_per_step=16, max_new_tokens=64, micro_batch_size=128,
     micro_batch_tokens=512,
     beta=0.0, eval_every=50, eval_problems=200, save_every=50, log_completions_every=20, warmup_steps=5,
     threads=1,
 )
+
+
+# The paper's release recipe (spec section 5) for Qwen2.5 / Llama-3.2 models, every value written out so the
+# start-up line shows the whole recipe; PAPER_TASK_BUDGETS overrides it per task.
+PAPER_RECIPE: dict[str, Any] = dict(
+    lora_r=32, lora_alpha=64.0, lora_dropout=0.1, lora_targets="q_proj,v_proj", lr=1e-6, lr_schedule="cosine",
+    num_generations=8, prompts_per_step=8, temperature=1.0, beta=0.001, kl_estimator="k3", epsilon=0.2,
+    max_grad_norm=1.0, total_steps=1600, max_new_tokens=512,
+)
+PAPER_TASK_BUDGETS: dict[str, dict[str, Any]] = {
+    "math": dict(total_steps=1200, max_new_tokens=1600),
+    "blocksworld": dict(total_steps=1200),
+}
+PAPER_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a --model is, read before loading it (models.describe_model): its resolved path or hub id, its
+    architectures and parameter count from config.json (None when no config is reachable offline), and whether
+    scripts/build_tiny_model.py built it (its build_info.json says so)."""
+
+    path: str
+    architectures: tuple[str, ...] = ()
+    num_parameters: Optional[int] = None
+    tiny_build: bool = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str  # demo, paper or none
+    reason: str  # what the model is, in words
+    values: dict[str, Any]  # every field the preset sets where the user gave no flag
+
+
+def choose_preset(facts: ModelFacts, task: str) -> Preset:
+    """The preset for a model, by what it is: the tiny demo build, a paper architecture, or anything else.
+
+    Without a reachable config (a hub id not in the local cache) the hub id's family name decides.
+    """
+    size = f", {facts.num_parameters / 1e6:.1f}M parameters" if facts.num_parameters else ""
+    if facts.tiny_build:
+        return Preset("demo", f"{facts.path} was built by scripts/build_tiny_model.py{size}", dict(DEMO_PRESET))
+    paper_arch = next((a for a in facts.architectures if a in PAPER_ARCHITECTURES), None)
+    by_name = not facts.architectures and any(family in facts.path for family in ("Qwen2.5", "Llama-3"))
+    if paper_arch or by_name:
+        what = paper_arch or "a Qwen2.5 / Llama-3 hub id"
+        return Preset("paper", f"{what}{size}: the paper's release recipe for task {task}",
+                      {**PAPER_RECIPE, **PAPER_TASK_BUDGETS.get(task, {})})
+    what = "/".join(facts.architectures) or "no config.json reachable"
+    return Preset("none", f"{what}{size}: neither the tiny demo model nor a paper architecture "
+                          f"({', '.join(PAPER_ARCHITECTURES)}); the flags' defaults apply", {})
 
 
 def _flag(name: str) -> str:
@@ -220,18 +283,34 @@ def combination_warnings(cfg: Config) -> list[str]:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Parse the command line into a validated Config (demo preset applied for the tiny model)."""
+    """Parse the command line into a validated Config (the model's preset under the user's flags)."""
+    return resolve_config(argv)[0]
+
+
+def resolve_config(argv: list[str] | None = None) -> tuple[Config, Preset, dict[str, Any]]:
+    """The validated Config, the preset chosen for the model and the values it set (those the user's flags did
+    not override). The Config is built once from preset + flags and not changed afterwards."""
+    from e2h_min.models import describe_model
+
     given = vars(build_parser().parse_args(argv))
-    cfg = Config(**given)
-    if cfg.model == "tiny":
-        for key, value in DEMO_PRESET.items():
-            if key not in given:
-                setattr(cfg, key, value)
-        if "warmup_steps" not in given:  # a short run asked for on the command line keeps a valid warmup
-            cfg.warmup_steps = min(cfg.warmup_steps, cfg.total_steps - 1)
+    preset = choose_preset(describe_model(given.get("model", Config.model)), given.get("task", Config.task))
+    applied = {k: v for k, v in preset.values.items() if k not in given}
+    if "warmup_steps" in applied:  # a short run asked for on the command line keeps a valid warmup
+        total = given.get("total_steps", applied.get("total_steps", Config.total_steps))
+        applied["warmup_steps"] = min(applied["warmup_steps"], total - 1)
+    cfg = Config(**{**applied, **given})
     validate(cfg)
-    cfg.kl_estimator = kl_estimator_for(cfg)  # config.json records the estimator used
-    return cfg
+    # config.json records the estimator used (a new Config: the one built above is not changed)
+    cfg = dataclasses.replace(cfg, kl_estimator=kl_estimator_for(cfg))
+    return cfg, preset, applied
+
+
+def describe_preset(preset: Preset, applied: dict[str, Any]) -> str:
+    """The start-up line: which preset, why, every value it set and which of its values the user's flags won."""
+    kept = sorted(_flag(k) for k in set(preset.values) - set(applied))
+    values = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in applied.items()) or "nothing"
+    return (f"preset {preset.name} ({preset.reason}): sets {values}"
+            + (f"; your flags win over its {', '.join(kept)}" if kept else ""))
 
 
 def validate(cfg: Config) -> None:
@@ -315,6 +394,8 @@ def validate(cfg: Config) -> None:
     need(cfg.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be >= 1")
     need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
     need(cfg.data is None or cfg.task in ("gsm8k", "math", "aqua"), f"--data is not used by task {cfg.task!r}")
+    need(cfg.frozen_dtype in ("auto", "float32", "bfloat16"), "--frozen-dtype must be auto, float32 or bfloat16")
+    need(cfg.save_dtype in ("auto", "float32", "bfloat16"), "--save-dtype must be auto, float32 or bfloat16")
     need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
          f"unknown --device {cfg.device!r}; use auto, cpu, cuda, cuda:N or mps")
 

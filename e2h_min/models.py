@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import warnings
@@ -17,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from e2h_min.config import UserError
+from e2h_min.config import ModelFacts, UserError
 
 TINY_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-countdown"
 MODEL_ALIASES = {
@@ -89,12 +90,72 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, device: torch.device, trainable: bool = True):
-    """Causal LM in fp32 (the optimizer's master weights; bf16 compute comes from autocast on CUDA)."""
+def describe_model(name: str) -> ModelFacts:
+    """What `name` is, without loading weights: architectures and parameter count from its config.json (a local
+    directory, or the Hugging Face cache; never the network), and whether scripts/build_tiny_model.py built it.
+    The parameter count comes from instantiating the architecture on the meta device (shapes only, no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_name(name)
+    build_info = Path(path) / "build_info.json"
+    tiny_build = build_info.is_file() and "build_tiny_model" in json.loads(build_info.read_text()).get("recipe", "")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError):  # not local, not cached: the hub id's name is all we know
+        return ModelFacts(path, tiny_build=tiny_build)
+    try:
+        with torch.device("meta"):
+            num_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    except (ValueError, KeyError):  # an architecture this transformers cannot build
+        num_parameters = None
+    return ModelFacts(path, tuple(getattr(config, "architectures", None) or ()), num_parameters, tiny_build)
+
+
+def frozen_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """dtype of the frozen weights (reference, LoRA base): auto = bf16 on CUDA (the compute dtype there), fp32
+    elsewhere (CPU runs without autocast: bf16 weights would change the numerics and slow the matmuls)."""
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+def checkpoint_dtype(name: str) -> torch.dtype:
+    """The dtype the model's own config.json declares (`dtype`, or `torch_dtype` in older files); fp32 if none."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_name(name), local_files_only=True)
+    except (OSError, ValueError):
+        return torch.float32
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def checkpoint_file_bytes(name: str) -> int:
+    """Bytes of the model's weight files (*.safetensors, *.bin) in its directory or the Hugging Face cache; 0 if
+    they cannot be found offline."""
+    from transformers.utils import cached_file
+
+    path = resolve_model_name(name)
+    if os.path.isdir(path):
+        directory = Path(path)
+    else:
+        try:
+            directory = Path(cached_file(path, "config.json", local_files_only=True)).parent
+        except (OSError, ValueError, TypeError):
+            return 0
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in directory.glob(pattern))
+
+
+def load_model(name: str, device: torch.device, trainable: bool = True, dtype: torch.dtype = torch.float32):
+    """Causal LM in `dtype`: fp32 for trained weights (the optimizer's master weights; bf16 compute comes from
+    autocast on CUDA), the frozen dtype for a LoRA base or a reference model."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_name(name)
-    model = _from_pretrained(AutoModelForCausalLM, path, name, dtype=torch.float32)
+    model = _from_pretrained(AutoModelForCausalLM, path, name, dtype=dtype)
     model.to(device)
     model.train(trainable)
     model.requires_grad_(trainable)
@@ -136,9 +197,13 @@ class Reference:
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def frozen_copy(model) -> Reference:
-    """The reference policy: a frozen, eval-mode deep copy of the initial model (never updated)."""
+def frozen_copy(model, dtype: torch.dtype | None = None) -> Reference:
+    """The reference policy: a frozen, eval-mode deep copy of the initial model (never updated), in `dtype`
+    (the frozen dtype; default: the model's own). The fp32 copy exists only briefly, before any gradient or
+    optimizer state does, so it does not raise the run's peak."""
     reference = copy.deepcopy(model)
+    if dtype is not None:
+        reference.to(dtype)
     reference.eval()
     reference.requires_grad_(False)
     return Reference(reference)
@@ -153,12 +218,22 @@ def peft_building():
         yield
 
 
+def require_peft(lora_r: int) -> None:
+    """LoRA needs peft (a core dependency: requirements.txt); say so in one line before any model is loaded."""
+    import importlib.util
+
+    if lora_r and importlib.util.find_spec("peft") is None:
+        raise UserError(f"--lora-r {lora_r} (LoRA, the paper's recipe) needs peft, which is in requirements.txt: "
+                        f"pip install -r requirements.txt, or train without LoRA with --lora-r 0")
+
+
 def apply_lora(model, r: int, alpha: float, dropout: float, targets: str):
     """Wrap the model with LoRA adapters (peft, an optional dependency); only adapter weights train."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise UserError("--lora-r needs peft: pip install peft (or run without LoRA, --lora-r 0)") from None
+        raise UserError(f"--lora-r {r} needs peft (in requirements.txt): pip install -r requirements.txt, or "
+                        f"train without LoRA with --lora-r 0") from None
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                         target_modules=[t.strip() for t in targets.split(",") if t.strip()])
     try:

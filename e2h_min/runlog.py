@@ -30,13 +30,14 @@ RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "completions.jsonl", 
 RESUME_SAFE_FIELDS = {"resume", "out_dir", "eval_every", "eval_problems", "eval_max_new_tokens", "save_every",
                       "keep_checkpoints", "log_completions_every", "device", "threads", "micro_batch_size",
                       "micro_batch_tokens", "share_prompt_forward", "skip_zero_advantage", "gradient_checkpointing",
-                      "max_nonfinite_steps", "save_merged", "overwrite"}
+                      "max_nonfinite_steps", "save_merged", "overwrite", "save_dtype"}
 
 
 def check_resume_config(saved: dict, cfg: Config) -> None:
-    """Refuse to resume with a changed config unless every changed field is bookkeeping (RESUME_SAFE_FIELDS)."""
+    """Refuse to resume with a changed config unless every changed field is bookkeeping (RESUME_SAFE_FIELDS).
+    A field the saved run predates (absent from its config) is not compared: it cannot be given its old value."""
     current = dataclasses.asdict(cfg)
-    changed = [k for k in current if k not in RESUME_SAFE_FIELDS and saved.get(k) != current[k]]
+    changed = [k for k in current if k not in RESUME_SAFE_FIELDS and k in saved and saved[k] != current[k]]
     if changed:
         k = changed[0]
         raise UserError(f"--resume: {k} was {saved.get(k)!r} in the saved run but is {current[k]!r} now; "

@@ -211,7 +211,6 @@ def test_pass_at_k_on_the_tiny_model(tiny_run, tmp_path):
 
 @requires_tiny
 def test_a_lora_run_is_evaluated_as_base_plus_adapter(tmp_path):
-    pytest.importorskip("peft", reason="LoRA needs peft (optional dependency)")
     run_dir = tmp_path / "lora"
     result = train.main(["--model", "tiny", "--lora-r", "4", "--total-steps", "1", "--prompts-per-step", "2",
                          "--num-generations", "2", "--max-new-tokens", "16", "--eval-problems", "2", "--eval-every",

@@ -12,8 +12,6 @@ from e2h_min.logprobs import completion_logprobs, pack_sequences
 from e2h_min.models import apply_lora, lora_reference
 from tests.test_train import random_model, sample_batch
 
-pytest.importorskip("peft", reason="LoRA is optional: pip install peft (requirements-optional.txt)")
-
 
 def test_lora_update_trains_adapters_only_and_reference_is_the_base_model(tmp_path):
     base = random_model()

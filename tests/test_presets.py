@@ -1,0 +1,107 @@
+"""Presets are chosen by what the model is (its build_info / config), print every value they set, and lose to
+every explicit flag."""
+
+import shutil
+
+import pytest
+from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+import train
+from e2h_min.config import (DEMO_PRESET, PAPER_RECIPE, Config, UserError, describe_preset, parse_config,
+                            resolve_config)
+from e2h_min.models import TINY_MODEL_DIR, require_peft
+
+QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151_936, tie_word_embeddings=True, rope_theta=1e6)
+
+
+def config_dir(tmp_path, config) -> str:
+    """A model directory holding only config.json (presets never read weights)."""
+    config.architectures = [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                             "gpt2": "GPT2LMHeadModel"}[config.model_type]]
+    config.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_the_tiny_model_gets_the_demo_preset_by_alias_by_its_path_and_as_a_copy(tmp_path):
+    copy = tmp_path / "my-model"
+    shutil.copytree(TINY_MODEL_DIR, copy)
+    for model in ("tiny", str(TINY_MODEL_DIR), str(copy)):
+        cfg, preset, applied = resolve_config(["--model", model])
+        assert preset.name == "demo", model
+        assert applied == DEMO_PRESET and cfg.lr == DEMO_PRESET["lr"] and cfg.lora_r == 0
+
+
+def test_a_qwen25_shaped_model_gets_the_paper_recipe_with_the_task_budgets(tmp_path):
+    model = config_dir(tmp_path, Qwen2Config(**QWEN25_05B))
+    budgets = {"countdown": (1600, 512), "gsm8k": (1600, 512), "blocksworld": (1200, 512), "math": (1200, 1600)}
+    for task, (steps, tokens) in budgets.items():
+        cfg, preset, applied = resolve_config(["--model", model, "--task", task])
+        assert preset.name == "paper" and "494.0M parameters" in preset.reason
+        assert (cfg.total_steps, cfg.max_new_tokens) == (steps, tokens), task
+        assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) == (32, 64.0, 0.1, "q_proj,v_proj")
+        assert (cfg.lr, cfg.lr_schedule, cfg.num_generations, cfg.prompts_per_step, cfg.beta, cfg.kl_estimator) == \
+            (1e-6, "cosine", 8, 8, 0.001, "k3")
+        line = describe_preset(preset, applied)
+        assert all(f"--{k.replace('_', '-')} {v}" in line for k, v in applied.items())  # every value it set
+
+
+def test_llama_architecture_and_paper_hub_ids_get_the_paper_recipe_other_models_none(tmp_path):
+    llama = config_dir(tmp_path / "llama", LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2))
+    assert resolve_config(["--model", llama])[1].name == "paper"
+    # a hub id that is not in the local cache: its family name decides (no network is touched)
+    assert resolve_config(["--model", "Qwen2.5-1.5B", "--task", "math"])[0].max_new_tokens == 1600
+    gpt2 = config_dir(tmp_path / "gpt2", GPT2Config(n_layer=2, n_embd=64, n_head=4))
+    cfg, preset, applied = resolve_config(["--model", gpt2])
+    assert preset.name == "none" and applied == {}
+    assert cfg == Config(model=gpt2)  # the flags' defaults, full fine-tuning
+
+
+def test_explicit_flags_win_over_every_preset(tmp_path):
+    model = config_dir(tmp_path, Qwen2Config(**QWEN25_05B))
+    cfg, preset, applied = resolve_config(["--model", model, "--task", "math", "--lora-r", "0", "--lr", "3e-6",
+                                           "--max-new-tokens", "64"])
+    assert (cfg.lora_r, cfg.lr, cfg.max_new_tokens, cfg.total_steps) == (0, 3e-6, 64, 1200)
+    assert not {"lora_r", "lr", "max_new_tokens"} & set(applied)
+    assert "your flags win over its --lora-r, --lr, --max-new-tokens" in describe_preset(preset, applied)
+    demo = parse_config(["--model", str(TINY_MODEL_DIR), "--lr", "1e-6", "--beta", "0.01", "--total-steps", "3"])
+    assert (demo.lr, demo.beta, demo.total_steps, demo.warmup_steps) == (1e-6, 0.01, 3, 2)  # warmup kept valid
+    assert set(PAPER_RECIPE) <= {f for f in Config.__dataclass_fields__}
+
+
+def test_lora_without_peft_is_one_line_naming_the_fix(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(UserError, match=r"needs peft.*pip install -r requirements.txt.*--lora-r 0"):
+        require_peft(32)
+    require_peft(0)  # full fine-tuning does not need it
+    with pytest.raises(SystemExit) as exit_info:  # before any model is loaded
+        train.main(["--model", str(TINY_MODEL_DIR), "--lora-r", "4", "--device", "cpu"])
+    assert exit_info.value.code == 2
+
+
+def test_resume_compares_the_fields_a_run_recorded_and_skips_those_it_predates():
+    import dataclasses
+
+    from e2h_min.runlog import check_resume_config
+
+    cfg = Config()
+    saved = dataclasses.asdict(cfg)
+    del saved["frozen_dtype"]  # a run saved before --frozen-dtype existed
+    check_resume_config(saved, cfg)
+    with pytest.raises(UserError, match="lora_r was 0"):
+        check_resume_config({**saved, "lora_r": 0}, dataclasses.replace(cfg, lora_r=32))
+
+
+def test_a_paper_model_prints_its_preset_and_on_cpu_the_no_gpu_note_before_loading(tmp_path, capsys):
+    from e2h_min.models import pick_device
+
+    model = config_dir(tmp_path, Qwen2Config(**QWEN25_05B))  # config only: loading its tokenizer then fails
+    with pytest.raises(SystemExit):
+        train.main(["--model", model, "--out-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "preset paper (Qwen2ForCausalLM, 494.0M parameters" in out and "--lora-r 32" in out
+    assert ("note: no GPU found" in out) == (pick_device("auto").type == "cpu")
