@@ -101,7 +101,7 @@ def fake_generate(model, prompt_ids, num_samples, max_new_tokens, eos_token_ids,
                    logprobs=logprobs, finished=finished)
 
 
-def fake_score(task, problems, tokenizer, rollout):
+def fake_score(task, problems, tokenizer, rollout, stop_strings=()):
     """Equal rewards in the groups of FixedDraws.EQUAL problems; otherwise a reward that depends on the sample."""
     completions = rollout.completion_token_lists()
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)

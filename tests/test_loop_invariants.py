@@ -37,7 +37,7 @@ class Recorder:
             self.updates.append((copy.deepcopy(kept), advantages.detach().clone()))
             return real_update(policy, reference, optimizer, kept, advantages, *args, **kwargs)
 
-        def score(task, problems, tokenizer, rollout):
+        def score(task, problems, tokenizer, rollout, stop_strings=()):
             texts, rewards = real_score(task, problems, tokenizer, rollout)
             if self.script is not None:
                 rewards = np.array(self.script.pop(0), dtype=np.float64)
