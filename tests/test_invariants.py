@@ -151,7 +151,7 @@ def test_update_gradient_equals_a_plain_per_sample_reference(overrides):
     reference = frozen_copy(random_model(seed=5)) if cfg.beta else None
     policy = random_model()
     if cfg.gradient_checkpointing:  # as train.build_models sets it up; the update then packs whole sequences
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     delta, _, _ = run_policy_update(policy, reference, prompts, completions, advantages, cfg)
     plain = random_model()
     expected = gradient(plain, reference_grpo_loss(plain, reference and reference.model, prompts, completions,

@@ -38,7 +38,7 @@ class Recorder:
             return real_update(policy, reference, optimizer, kept, advantages, *args, **kwargs)
 
         def score(task, problems, tokenizer, rollout, stop_strings=()):
-            texts, rewards = real_score(task, problems, tokenizer, rollout)
+            texts, rewards = real_score(task, problems, tokenizer, rollout, stop_strings)
             if self.script is not None:
                 rewards = np.array(self.script.pop(0), dtype=np.float64)
                 assert len(rewards) == len(texts), "the reward script does not match the rollout"
