@@ -197,8 +197,8 @@ def test_kl_in_the_reward_lowers_the_advantage_of_samples_far_from_the_reference
     sequence KLs computed here (sampler log-probs vs a plain forward of the reference)."""
     references = []
 
-    def perturbed_copy(model):  # the reference differs from the initial policy, so the KL is not ~0 at step 1
-        reference = frozen_copy(model)
+    def perturbed_copy(model, *args):  # the reference differs from the initial policy: the KL is not ~0 at step 1
+        reference = frozen_copy(model, *args)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for p in reference.model.parameters():

@@ -55,7 +55,7 @@ def test_llama_architecture_and_paper_hub_ids_get_the_paper_recipe_other_models_
     gpt2 = config_dir(tmp_path / "gpt2", GPT2Config(n_layer=2, n_embd=64, n_head=4))
     cfg, preset, applied = resolve_config(["--model", gpt2])
     assert preset.name == "none" and applied == {}
-    assert cfg == Config(model=gpt2)  # the flags' defaults, full fine-tuning
+    assert cfg == Config(model=gpt2, kl_estimator="k3")  # the flags' defaults (k3: the in-loss KL's), full FT
 
 
 def test_explicit_flags_win_over_every_preset(tmp_path):
