@@ -29,7 +29,7 @@ import json
 import math
 import random
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +46,14 @@ from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_bat
                               shared_prompts_unsupported_reason)
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages, kl_penalty,
                             sequence_kl, token_loss_weights, whiten)
+from e2h_min.model_card import write_model_card
 from e2h_min.models import (ValueHead, apply_lora, frozen_copy, load_lora_checkpoint, load_model, load_tokenizer,
                             lora_reference, pick_device, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.runlog import append_jsonl, check_resume_config, log_completions, truncate_jsonl
 from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
+from e2h_min.tracking import Trackers, console_line, parse_report_to, require_trackers, resolve_log_every, should_log
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:
@@ -269,6 +271,8 @@ def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> No
 def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- setup
     cfg = parse_config(argv)
+    report_to = parse_report_to(cfg.report_to)
+    require_trackers(report_to)  # a missing optional package fails here, before any model loads
     run_dir = Path(cfg.resume or cfg.out_dir or f"runs/{cfg.task}-{cfg.schedule}-s{cfg.seed}")
     resume_from = None
     if cfg.resume:
@@ -337,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"run {run_dir} | device {device} x{dist_info.world_size} | task {task.name} | schedule {cfg.schedule} "
         f"| {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained")
+    trackers = Trackers(report_to if main_rank else [], run_dir, dataclasses.asdict(cfg), names, start_step)
+    log_every = resolve_log_every(cfg.log_every, cfg.total_steps)
 
     def run_eval(step: int) -> dict | None:
         """Greedy held-out evaluation on rank 0 (the others wait: the weights are the same everywhere)."""
@@ -344,8 +350,10 @@ def main(argv: list[str] | None = None) -> dict:
         if main_rank:
             summary, _ = evaluate(policy, tokenizer, task, eval_problems, eval_tokens, stop_checker,
                                   autocast=autocast)
-            append_jsonl(run_dir / "eval.jsonl", {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
-                                                                   for m in ("accuracy", "reward", "format_rate")}})
+            row = {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
+                                    for m in ("accuracy", "reward", "format_rate")}}
+            append_jsonl(run_dir / "eval.jsonl", row)
+            trackers.log_eval(row)
             log(f"eval step {step}: " + "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items()))
         barrier(dist_info)
         return summary
@@ -460,15 +468,12 @@ def main(argv: list[str] | None = None) -> dict:
             row[f"accuracy/{names[k]}"] = float(correct[levels == k].mean())
         if main_rank:
             append_jsonl(run_dir / "metrics.jsonl", row)
+            trackers.log_metrics(row)
             if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
                 log_completions(run_dir, step + 1, samples)
-        histogram = Counter(int(k) for k in levels[::G])
-        log(f"step {step + 1:4d} | reward {row['reward_mean']:.3f} | acc "
-            + " ".join(f"{names[k]} {row[f'accuracy/{names[k]}']:.2f}" for k in sorted(histogram))
-            + f" | levels {dict(sorted(histogram.items()))} | kl {row.get('kl', 0):.4f} | clip "
-            f"{row.get('clip_ratio', 0):.3f} | ent {row.get('entropy', 0):.2f} | "
-            f"len {row['completion_length_mean']:.1f} | {row['tokens_per_second']:.0f} tok/s")
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
+        if should_log(step + 1, cfg.total_steps, log_every):
+            log(console_line(row, names, cfg.total_steps, kl_computed=reference is not None))
+        bar.set_postfix({"reward": f"{row['reward_mean']:.3f}", "acc": f"{row['accuracy']:.2f}"})  # + tqdm's ETA
 
         # 6. periodic evaluation and checkpoint
         done = step + 1
@@ -484,14 +489,19 @@ def main(argv: list[str] | None = None) -> dict:
     if main_rank:
         policy.save_pretrained(final_dir, safe_serialization=True)  # with LoRA: the adapter
         tokenizer.save_pretrained(final_dir)
+        card = dict(config=dataclasses.asdict(cfg), last_eval=last_eval, first_eval=first_eval,
+                    step=cfg.total_steps, run_name=run_dir.resolve().name)
+        write_model_card(final_dir, adapter=bool(cfg.lora_r), **card)
         if cfg.lora_r and cfg.save_merged:
             merged = copy.deepcopy(policy).merge_and_unload()
             merged.save_pretrained(run_dir / "final-merged", safe_serialization=True)
             tokenizer.save_pretrained(run_dir / "final-merged")
+            write_model_card(run_dir / "final-merged", adapter=False, **card)
         if first_eval:
             print("held-out greedy accuracy, start -> end: " + "  ".join(
                 f"{k} {first_eval[k]['accuracy']:.1%} -> {last_eval[k]['accuracy']:.1%}" for k in last_eval))
-        print(f"saved final policy to {final_dir}")
+        print(f"saved final policy and its model card to {final_dir}")
+    trackers.close()
     barrier(dist_info)
     return {"first_eval": first_eval, "last_eval": last_eval, "run_dir": str(run_dir)}
 

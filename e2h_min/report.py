@@ -30,7 +30,7 @@ from e2h_min.config import OneLineErrorParser, UserError, exit_on_user_error
 
 # Config fields that do not change what a run computes: runs differing only in these and the seed are replicates.
 BOOKKEEPING_FIELDS = {"seed", "out_dir", "resume", "device", "threads", "save_every", "keep_checkpoints",
-                      "log_completions_every", "micro_batch_size", "eval_every"}
+                      "log_completions_every", "micro_batch_size", "eval_every", "log_every", "report_to"}
 
 
 @dataclass
