@@ -14,13 +14,16 @@ Design choices, in brief:
   unbiased estimator 1 - C(n-c,k)/C(n,k) averaged over problems (e2h_min/passk.py), not a max over draws.
 - Given a run directory (or one of its checkpoints), task, data, seed, max_new_tokens, stop string and N default to
   that run's config.json; flags override them.
-- Writes DIR/report.json (settings + per-level figures) and DIR/completions.jsonl (every prompt, completion, score).
+- Writes DIR/report.json (settings + per-level figures) and DIR/completions.jsonl (every prompt, completion, score);
+  DIR is --out, else next to what is evaluated (RUN/eval/final, RUN/eval/step_N, ./eval/<hub name>-<task>), where
+  `python -m e2h_min.report RUN` finds it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="sequences per generation call")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
-    p.add_argument("--out", help="output directory (default: RUN/eval for a run, else eval/<model>-<task>)")
+    p.add_argument("--out", help="output directory (default: RUN/eval/<final or step_N> for a run or checkpoint, "
+                                 "DIR/../eval/<DIR>-<task> for a model directory, ./eval/<name>-<task> for a hub id)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -259,14 +263,32 @@ def run_eval_line(loaded_from: str, run_config: dict | None, step: int | None) -
     return None
 
 
-def default_out_dir(model: str, loaded_from: str, run_config: dict | None, task_name: str) -> Path:
-    """RUN/eval for a run's final policy, RUN/eval-step_N for a checkpoint, eval/<model>-<task> otherwise."""
+def owning_run(loaded: Path) -> Path | None:
+    """The train.py run directory that holds `loaded` (RUN/final, RUN/final-merged, RUN/checkpoints/step_N)."""
+    for run_dir in (loaded.parent, loaded.parent.parent if loaded.parent.name == "checkpoints" else None):
+        if run_dir is not None and _read_run_config(run_dir) is not None:
+            return run_dir
+    return None
+
+
+def default_out_dir(model: str, loaded_from: str, task_name: str) -> Path:
+    """Where results go without --out: next to what is evaluated, in a folder named after it.
+
+    part of a run (its final/, final-merged/ or a checkpoint) -> RUN/eval/<that folder> (+ -TASK on another task)
+    another local model directory                           -> DIR/../eval/<DIR>-<task> (./eval/... if read-only)
+    a hub id or alias                                       -> ./eval/<name after the last slash>-<task>
+    Examples: runs/cd -> runs/cd/eval/final; runs/cd/checkpoints/step_000040 -> runs/cd/eval/step_000040;
+              Qwen/Qwen2.5-1.5B-Instruct -> eval/Qwen2.5-1.5B-Instruct-countdown
+    """
     loaded = Path(loaded_from)
-    if run_config is not None and loaded.name == "final":
-        return loaded.parent / "eval"
-    if run_config is not None and loaded.parent.name == "checkpoints":
-        return loaded.parent.parent / f"eval-{loaded.name}"
-    return Path("eval") / (re.sub(r"[^A-Za-z0-9._-]+", "--", model.strip("/")) + f"-{task_name}")
+    run_dir = owning_run(loaded) if loaded.is_dir() else None
+    if run_dir is not None:
+        run_task = _read_run_config(run_dir).get("task")
+        return run_dir / "eval" / (loaded.name if task_name == run_task else f"{loaded.name}-{task_name}")
+    if loaded.is_dir() and os.access(loaded.resolve().parent, os.W_OK):
+        return loaded.resolve().parent / "eval" / f"{loaded.resolve().name}-{task_name}"
+    name = Path(model.rstrip("/")).name or model
+    return Path("eval") / (re.sub(r"[^A-Za-z0-9._-]+", "-", name) + f"-{task_name}")
 
 
 @exit_on_user_error
@@ -303,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"model {loaded_from} -> {resolve_model_name(loaded_from)}")
     print(f"evaluating {loaded_from} on {task.name} | levels "
           f"{' '.join(task.level_names()[k] for k in levels)} | {len(problems)} problems | device {device}")
+    out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, task.name)
+    print(f"results will be written to {out}/")
     tokenizer = load_tokenizer(loaded_from)
     model = load_policy(loaded_from, run_config, device)
     stop_checker = StopChecker(tokenizer, [settings["stop"]], device)
@@ -325,7 +349,6 @@ def main(argv: list[str] | None = None) -> dict:
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["run_eval"] = run_eval_line(loaded_from, run_config, step)
 
-    out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, run_config, task.name)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     with open(out / "completions.jsonl", "w") as handle:
