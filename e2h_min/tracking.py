@@ -21,6 +21,7 @@ import atexit
 import importlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 from e2h_min.config import UserError
@@ -108,11 +109,10 @@ class _WandB:
 
     def __init__(self, run_dir: Path, config: dict, start_step: int):
         import wandb
-        from wandb.sdk.lib.runid import generate_id
 
         id_file = run_dir / WANDB_ID_FILE
-        resumed = start_step > 0 and id_file.is_file()
-        run_id = id_file.read_text().strip() if resumed else generate_id()
+        resumed = start_step > 0 and id_file.is_file()  # a fresh start in the same folder is a new W&B run
+        run_id = id_file.read_text().strip() if resumed else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "e2h-min"), name=run_dir.resolve().name,
                               id=run_id, resume="allow" if resumed else None, config=config,

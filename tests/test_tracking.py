@@ -246,3 +246,37 @@ def test_console_prints_a_line_every_log_every_steps(tmp_path, capsys):
     lines = [line for line in (out.out + out.err).replace("\r", "\n").splitlines() if line.startswith("step ")]
     assert [line.split("|")[0].strip() for line in lines] == ["step 1/7", "step 3/7", "step 6/7", "step 7/7"]
     assert not any("kl " in line for line in lines)  # beta 0: no reference model, no KL to show
+
+
+def test_wandb_run_is_named_after_the_run_folder_and_resumed_by_the_id_stored_there(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        def log(self, scalars, step):
+            calls[-1]["logged"].append((step, scalars))
+
+        def finish(self):
+            calls[-1]["finished"] = True
+
+    def init(**kwargs):
+        calls.append({**kwargs, "logged": []})
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", type(sys)("wandb"))
+    monkeypatch.setattr(sys.modules["wandb"], "init", init, raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    run_dir = tmp_path / "countdown-cosine-s0"
+    run_dir.mkdir()
+    first = tracking.Trackers(["wandb"], run_dir, {"lr": 0.1}, ["L0"])
+    first.log_metrics({"step": 1, "loss": 0.5, "level_probs": [1.0]})
+    first.close()
+    resumed = tracking.Trackers(["wandb"], run_dir, {"lr": 0.1}, ["L0"], start_step=2)
+    resumed.close()
+    fresh = tracking.Trackers(["wandb"], run_dir, {"lr": 0.1}, ["L0"])
+    fresh.close()
+    assert [c["name"] for c in calls] == ["countdown-cosine-s0"] * 3 and calls[0]["config"] == {"lr": 0.1}
+    assert calls[0]["dir"] == str(run_dir) and calls[0]["logged"] == [(1, {"loss": 0.5, "level_probs/L0": 1.0})]
+    assert calls[1]["id"] == calls[0]["id"] and calls[1]["resume"] == "allow"
+    assert calls[2]["id"] != calls[0]["id"] and calls[2]["resume"] is None
+    assert (run_dir / tracking.WANDB_ID_FILE).read_text().strip() == calls[2]["id"]
+    assert all(c.get("finished") for c in calls)
