@@ -280,3 +280,19 @@ def test_wandb_run_is_named_after_the_run_folder_and_resumed_by_the_id_stored_th
     assert calls[2]["id"] != calls[0]["id"] and calls[2]["resume"] is None
     assert (run_dir / tracking.WANDB_ID_FILE).read_text().strip() == calls[2]["id"]
     assert all(c.get("finished") for c in calls)
+
+
+def test_tensorboard_after_resume_shows_the_redone_steps_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = tracking.Trackers(["tensorboard"], tmp_path, {"lr": 0.1}, ["L0"])
+    for step in (1, 2, 3, 4):  # the run died after step 4; its checkpoint is at step 2
+        first.log_metrics({"step": step, "loss": float(step)})
+    first.close()
+    resumed = tracking.Trackers(["tensorboard"], tmp_path, {"lr": 0.1}, ["L0"], start_step=2)
+    for step in (3, 4):
+        resumed.log_metrics({"step": step, "loss": 10.0 * step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
