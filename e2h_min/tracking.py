@@ -86,9 +86,12 @@ class _TensorBoard:
     def __init__(self, run_dir: Path, config: dict, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
+        log_dir = run_dir / "tensorboard"
+        if not start_step:  # a fresh start replaces the folder's logs, as it does metrics.jsonl
+            for old in log_dir.glob("events.out.tfevents.*"):
+                old.unlink()
         # On resume, events logged after the checkpoint (redone now) are hidden by TensorBoard from here on.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None,
-                                    flush_secs=10)
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None, flush_secs=10)
         if not start_step:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
 

@@ -296,3 +296,9 @@ def test_tensorboard_after_resume_shows_the_redone_steps_once(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    fresh = tracking.Trackers(["tensorboard"], tmp_path, {"lr": 0.1}, ["L0"])  # a new run in the same folder
+    fresh.log_metrics({"step": 1, "loss": -1.0})
+    fresh.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, -1.0)]
