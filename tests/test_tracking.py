@@ -302,3 +302,12 @@ def test_tensorboard_after_resume_shows_the_redone_steps_once(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, -1.0)]
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--report-to", "tensorbord"], "unknown --report-to 'tensorbord'"),
+                                            (["--log-every", "-1"], "--log-every must be >= 0")])
+def test_bad_tracking_flags_give_one_line_and_exit_code_2(argv, fragment, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv + ["--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and fragment in err and len(err.splitlines()) == 1
