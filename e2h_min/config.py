@@ -98,7 +98,7 @@ class Config:
     eval_max_new_tokens: Optional[int] = _f(None, "max tokens in evaluation (default = max_new_tokens)")
     log_completions_every: int = _f(50, "write a few sampled completions per level every N steps (0 = off)")
     save_every: int = _f(200, "checkpoint every N steps (0 = only at the end)")
-    log_every: int = _f(0, "console line every N steps (0 = auto: max(5, total_steps // 100), ~100 lines in a long run)")
+    log_every: int = _f(0, "console line every N steps (0 = auto: max(5, total_steps // 100), ~100 lines per run)")
     report_to: str = _f("none", "live tracking: none, tensorboard, wandb, or both comma-separated (TRL's report_to)")
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")
     # --- system ---
