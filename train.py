@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
             if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
                 log_completions(run_dir, step + 1, samples)
         if should_log(step + 1, cfg.total_steps, log_every):
-            log(console_line(row, names, cfg.total_steps, kl_computed=reference is not None))
+            log(console_line(row, names, cfg.total_steps, kl_computed=reference is not None,
+                             clipping_possible=cfg.num_iterations > 1))
         bar.set_postfix({"reward": f"{row['reward_mean']:.3f}", "acc": f"{row['accuracy']:.2f}"})  # + tqdm's ETA
 
         # 6. periodic evaluation and checkpoint

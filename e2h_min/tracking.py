@@ -178,13 +178,15 @@ def should_log(step: int, total_steps: int, every: int) -> bool:
     return step == 1 or step % every == 0 or step == total_steps
 
 
-def console_line(row: dict, level_names: list[str], total_steps: int, kl_computed: bool) -> str:
+def console_line(row: dict, level_names: list[str], total_steps: int, kl_computed: bool,
+                 clipping_possible: bool) -> str:
     """A metrics.jsonl row as one short line holding only what this run computed.
 
-    The KL shows only when a reference model exists (beta > 0); clip ratio and entropy only when the update ran
-    at least one sample (all-equal rewards leave nothing to run); value loss only with --advantage ppo.
-    Example: 'step  50/200 | reward 0.412 | acc L0 0.81 L1 0.20 | prompts L0 12 L1 4 | clip 0.000 | ent 0.85 |
-              len 23.1 | 5123 tok/s'
+    The KL shows only when a reference model exists (beta > 0); entropy only when the update ran at least one
+    sample (all-equal rewards leave nothing to run); the clip ratio only when it can be nonzero, that is with
+    --num-iterations > 1 (the first pass's ratio is exactly 1); value loss only with --advantage ppo.
+    Example: 'step  50/200 | reward 0.412 | acc L0 0.81 L1 0.20 | prompts L0 12 L1 4 | ent 0.85 | len 23.1 |
+              5123 tok/s'
     """
     drawn = [k for k, count in enumerate(row["level_counts"]) if count]
     width = len(str(total_steps))
@@ -194,7 +196,7 @@ def console_line(row: dict, level_names: list[str], total_steps: int, kl_compute
     if kl_computed and "kl" in row:
         parts.append(f"kl {row['kl']:.4f}")
     if "entropy" in row:
-        parts += [f"clip {row['clip_ratio']:.3f}", f"ent {row['entropy']:.2f}"]
+        parts += [f"clip {row['clip_ratio']:.3f}"] * clipping_possible + [f"ent {row['entropy']:.2f}"]
     if "value_loss" in row:
         parts.append(f"vloss {row['value_loss']:.4f}")
     parts += [f"len {row['completion_length_mean']:.1f}", f"{row['tokens_per_second']:.0f} tok/s"]

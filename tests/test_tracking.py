@@ -66,11 +66,13 @@ def test_console_prints_about_a_hundred_lines_for_a_long_run(total, every, lines
 def test_console_line_shows_only_what_was_computed():
     row = {"step": 5, "reward_mean": 0.25, "level_counts": [3, 0, 1], "accuracy/L0": 0.5, "accuracy/L2": 0.0,
            "kl": 0.0, "clip_ratio": 0.0, "completion_length_mean": 20.0, "tokens_per_second": 900.0}
-    line = tracking.console_line(row, ["L0", "L1", "L2"], 200, kl_computed=False)
+    line = tracking.console_line(row, ["L0", "L1", "L2"], 200, kl_computed=False, clipping_possible=True)
     assert line == "step   5/200 | reward 0.250 | acc L0 0.50 L2 0.00 | prompts L0 3 L2 1 | len 20.0 | 900 tok/s"
     row.update(kl=0.0123, entropy=0.8, clip_ratio=0.05, value_loss=0.2)
-    line = tracking.console_line(row, ["L0", "L1", "L2"], 200, kl_computed=True)
+    line = tracking.console_line(row, ["L0", "L1", "L2"], 200, kl_computed=True, clipping_possible=True)
     assert "kl 0.0123 | clip 0.050 | ent 0.80 | vloss 0.2000" in line
+    line = tracking.console_line(row, ["L0", "L1", "L2"], 200, kl_computed=True, clipping_possible=False)
+    assert "kl 0.0123 | ent 0.80 | vloss 0.2000" in line
 
 
 def test_reproducing_command_lists_the_settings_that_differ_from_the_defaults():
@@ -245,7 +247,7 @@ def test_console_prints_a_line_every_log_every_steps(tmp_path, capsys):
     out = capsys.readouterr()
     lines = [line for line in (out.out + out.err).replace("\r", "\n").splitlines() if line.startswith("step ")]
     assert [line.split("|")[0].strip() for line in lines] == ["step 1/7", "step 3/7", "step 6/7", "step 7/7"]
-    assert not any("kl " in line for line in lines)  # beta 0: no reference model, no KL to show
+    assert not any("kl " in line or "clip " in line for line in lines)  # beta 0, one iteration: neither is computed
 
 
 def test_wandb_run_is_named_after_the_run_folder_and_resumed_by_the_id_stored_there(tmp_path, monkeypatch):
