@@ -222,6 +222,8 @@ def test_wandb_offline_run_holds_every_metric_at_every_step_and_the_config(track
     saved_config = json.loads((run_dir / "config.json").read_text())
     assert any({k: c.get(k) for k in saved_config} == saved_config for c in configs)
     assert names and set(names) == {"run"}  # named after the run folder
+    logs = " ".join(p.read_text() for p in files[0].parent.glob("logs/*.log"))
+    assert "127.0.0.1:9" not in logs  # any network attempt would have gone through the dead proxy and be logged
 
 
 @requires_tiny
