@@ -15,7 +15,9 @@ Design choices, in brief:
 - Given a run directory (or one of its checkpoints), task, data, seed, max_new_tokens, stop string, N and the chat
   date (the date a Llama 3 template writes into the prompts) default to that run's config.json; flags override
   them. The scored text is cut right after the stop string, as in training (evaluation.completion_texts).
-- Writes DIR/report.json (settings + per-level figures) and DIR/completions.jsonl (every prompt, completion, score).
+- Writes DIR/report.json (settings + per-level figures) and DIR/completions.jsonl (every prompt, completion, score);
+  DIR is --out, else next to what is evaluated (RUN/eval/final, RUN/eval/step_N, ./eval/<hub name>-<task>), where
+  `python -m e2h_min.report RUN` finds it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -73,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="sequences per generation call")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
-    p.add_argument("--out", help="output directory (default: RUN/eval for a run, else eval/<model>-<task>)")
+    p.add_argument("--out", help="output directory (default: RUN/eval/<final or step_N> for a run or checkpoint, "
+                                 "DIR/../eval/<DIR>-<task> for a model directory, ./eval/<name>-<task> for a hub id)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -280,14 +284,32 @@ def run_eval_line(loaded_from: str, run_config: dict | None, step: int | None) -
     return None
 
 
-def default_out_dir(model: str, loaded_from: str, run_config: dict | None, task_name: str) -> Path:
-    """RUN/eval for a run's final policy, RUN/eval-step_N for a checkpoint, eval/<model>-<task> otherwise."""
+def owning_run(loaded: Path) -> Path | None:
+    """The train.py run directory that holds `loaded` (RUN/final, RUN/final-merged, RUN/checkpoints/step_N)."""
+    for run_dir in (loaded.parent, loaded.parent.parent if loaded.parent.name == "checkpoints" else None):
+        if run_dir is not None and _read_run_config(run_dir) is not None:
+            return run_dir
+    return None
+
+
+def default_out_dir(model: str, loaded_from: str, task_name: str) -> Path:
+    """Where results go without --out: next to what is evaluated, in a folder named after it.
+
+    part of a run (its final/, final-merged/ or a checkpoint) -> RUN/eval/<that folder> (+ -TASK on another task)
+    another local model directory                           -> DIR/../eval/<DIR>-<task> (./eval/... if read-only)
+    a hub id or alias                                       -> ./eval/<name after the last slash>-<task>
+    Examples: runs/cd -> runs/cd/eval/final; runs/cd/checkpoints/step_000040 -> runs/cd/eval/step_000040;
+              Qwen/Qwen2.5-1.5B-Instruct -> eval/Qwen2.5-1.5B-Instruct-countdown
+    """
     loaded = Path(loaded_from)
-    if run_config is not None and loaded.name == "final":
-        return loaded.parent / "eval"
-    if run_config is not None and loaded.parent.name == "checkpoints":
-        return loaded.parent.parent / f"eval-{loaded.name}"
-    return Path("eval") / (re.sub(r"[^A-Za-z0-9._-]+", "--", model.strip("/")) + f"-{task_name}")
+    run_dir = owning_run(loaded) if loaded.is_dir() else None
+    if run_dir is not None:
+        run_task = _read_run_config(run_dir).get("task")
+        return run_dir / "eval" / (loaded.name if task_name == run_task else f"{loaded.name}-{task_name}")
+    if loaded.is_dir() and os.access(loaded.resolve().parent, os.W_OK):
+        return loaded.resolve().parent / "eval" / f"{loaded.resolve().name}-{task_name}"
+    name = Path(model.rstrip("/")).name or model
+    return Path("eval") / (re.sub(r"[^A-Za-z0-9._-]+", "-", name) + f"-{task_name}")
 
 
 @exit_on_user_error
@@ -324,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     task = make_task(settings["task"], seed=settings["seed"], data=settings["data"])
     levels = select_levels(task, args.levels)
     problems = select_problems(task, levels, settings["n"], explicit_levels=bool(args.levels))
-    out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, run_config, task.name)
+    out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, task.name)
     check_output_dir(out, "--out")  # an unwritable place fails now, not after the evaluation
     check_context(settings["max_new_tokens"], context_length(loaded_from))
 
@@ -339,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"model {loaded_from} -> {resolve_model_name(loaded_from)}")
     print(f"evaluating {loaded_from} on {task.name} | levels "
           f"{' '.join(task.level_names()[k] for k in levels)} | {len(problems)} problems | device {device}")
+    print(f"results will be written to {out}/")
     tokenizer = load_tokenizer(loaded_from)
     model = load_policy(loaded_from, run_config, device)
     stop_checker = StopChecker(tokenizer, [settings["stop"]], device)

@@ -31,7 +31,6 @@ import math
 import os
 import random
 import time
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,6 +55,7 @@ from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_bat
 from e2h_min.losses import (clipped_value_loss, compute_advantages, gae_advantages, kl_penalised_advantages,
                             kl_penalty, policy_token_loss, sequence_kl, token_loss_weights, whiten)
 from e2h_min.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
+from e2h_min.model_card import write_model_card
 from e2h_min.models import (ValueHead, apply_lora, checkpoint_dtype, checkpoint_file_bytes, context_length,
                             frozen_copy, frozen_dtype, load_lora_checkpoint, load_model, load_tokenizer,
                             lora_reference, pick_device, require_peft, resolve_model_name)
@@ -64,6 +64,7 @@ from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, de
                             log_completions, truncate_jsonl)
 from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
+from e2h_min.tracking import Trackers, console_line, parse_report_to, require_trackers, resolve_log_every, should_log
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:
@@ -308,6 +309,7 @@ def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> No
 def main(argv: list[str] | None = None) -> dict:
     cfg, preset, preset_values = resolve_config(argv)
     require_peft(cfg.lora_r)  # before anything heavy: the paper preset turns LoRA on
+    require_trackers(parse_report_to(cfg.report_to))  # a missing optional package fails here, before any model loads
     task, sampler = load_task(cfg)  # the data and the schedule are checked before anything is written
     check_context(max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0), context_length(cfg.model))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes (and owns) the run directory
@@ -425,6 +427,8 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path, preset: tuple
     log(f"run {run_dir} | device {device} x{dist_info.world_size} | task {task.name} | schedule {cfg.schedule} "
         f"| {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained")
+    trackers = Trackers(parse_report_to(cfg.report_to) if main_rank else [], run_dir, dataclasses.asdict(cfg), names, start_step)
+    log_every = resolve_log_every(cfg.log_every, cfg.total_steps)
 
     def run_eval(step: int) -> dict:
         """Greedy held-out evaluation, each rank on its contiguous share of the problems (the weights are the
@@ -432,8 +436,10 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path, preset: tuple
         summary, _ = evaluate_sharded(sampling_model, tokenizer, task, eval_problems, eval_tokens, stop_checker,
                                       dist_info, autocast=autocast, chat_date=cfg.chat_date)
         if main_rank:
-            append_jsonl(run_dir / "eval.jsonl", {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
-                                                                   for m in ("accuracy", "reward", "format_rate")}})
+            row = {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
+                                    for m in ("accuracy", "reward", "format_rate")}}
+            append_jsonl(run_dir / "eval.jsonl", row)
+            trackers.log_eval(row)
             log(f"eval step {step}: " + "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items()))
         return summary
 
@@ -581,15 +587,13 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path, preset: tuple
             row[f"accuracy/{names[k]}"] = float(correct[levels == k].mean())
         if main_rank:
             append_jsonl(run_dir / "metrics.jsonl", row)
+            trackers.log_metrics(row)
             if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
                 log_completions(run_dir, step + 1, samples)
-        histogram = Counter(int(k) for k in levels[::G])
-        log(f"step {step + 1:4d} | reward {row['reward_mean']:.3f} | acc "
-            + " ".join(f"{names[k]} {row[f'accuracy/{names[k]}']:.2f}" for k in sorted(histogram))
-            + f" | levels {dict(sorted(histogram.items()))} | kl {row.get('kl', 0):.4f} | clip "
-            f"{row.get('clip_ratio', 0):.3f} | ent {row.get('entropy', 0):.2f} | "
-            f"len {row['completion_length_mean']:.1f} | {row['tokens_per_second']:.0f} tok/s")
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
+        if should_log(step + 1, cfg.total_steps, log_every):
+            log(console_line(row, names, cfg.total_steps, kl_computed=reference is not None,
+                             clipping_possible=cfg.num_iterations > 1))
+        bar.set_postfix({"reward": f"{row['reward_mean']:.3f}", "acc": f"{row['accuracy']:.2f}"})  # + tqdm's ETA
 
         # 6. periodic evaluation and checkpoint
         done = step + 1
@@ -608,14 +612,19 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path, preset: tuple
         save_dtype = checkpoint_dtype(cfg.model) if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
         save_final(sampling_model, final_dir, save_dtype)  # with LoRA: the adapter, as peft saves it
         tokenizer.save_pretrained(final_dir)
+        card = dict(config=dataclasses.asdict(cfg), last_eval=last_eval, first_eval=first_eval,
+                    step=cfg.total_steps, run_name=run_dir.resolve().name)
+        write_model_card(final_dir, adapter=bool(cfg.lora_r), **card)
         if cfg.lora_r and cfg.save_merged:
             merged = copy.deepcopy(policy).merge_and_unload()
             save_final(merged, run_dir / "final-merged", save_dtype)
             tokenizer.save_pretrained(run_dir / "final-merged")
+            write_model_card(run_dir / "final-merged", adapter=False, **card)
         if first_eval and last_eval:
             print("held-out greedy accuracy, start -> end: " + "  ".join(
                 f"{k} {first_eval[k]['accuracy']:.1%} -> {last_eval[k]['accuracy']:.1%}" for k in last_eval))
-        print(f"saved final policy to {final_dir}")
+        print(f"saved final policy and its model card to {final_dir}")
+    trackers.close()
     barrier(dist_info)
     return {"first_eval": first_eval, "last_eval": last_eval, "run_dir": str(run_dir)}
 

@@ -128,6 +128,8 @@ class Config:
     eval_max_new_tokens: Optional[int] = _f(None, "max tokens in evaluation (default = max_new_tokens)")
     log_completions_every: int = _f(50, "write a few sampled completions per level every N steps (0 = off)")
     save_every: int = _f(200, "checkpoint every N steps (0 = only at the end)")
+    log_every: int = _f(0, "console line every N steps (0 = auto: max(5, total_steps // 100), ~100 lines per run)")
+    report_to: str = _f("none", "live tracking: none, tensorboard, wandb, or both comma-separated (TRL's report_to)")
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")
     # --- system ---
     resume: Optional[str] = _f(None, "continue the run in this directory from its latest checkpoint")
@@ -389,6 +391,9 @@ def validate(cfg: Config) -> None:
     need(cfg.schedule_beta >= 0, "--schedule-beta must be >= 0")
     need(cfg.eval_problems >= 1, "--eval-problems must be >= 1")
     need(min(cfg.eval_every, cfg.save_every, cfg.log_completions_every) >= 0, "--*-every flags must be >= 0")
+    need(cfg.log_every >= 0, "--log-every must be >= 0 (0 = auto)")
+    from e2h_min.tracking import parse_report_to
+    parse_report_to(cfg.report_to)  # raises UserError on an unknown tracker name
     need(cfg.lora_r >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1, "--lora-r must be >= 0, "
          "--lora-alpha > 0 and --lora-dropout in [0, 1)")
     need(cfg.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be >= 1")

@@ -13,7 +13,8 @@ eval.jsonl (one line per greedy evaluation). Writes into --out:
 - curriculum.png one panel per run: the schedule's p_t as a stacked area, the share of prompts actually drawn per
                  level (dashed, moving average) on top, and drawn vs expected counts in the legend;
 - table.md       final greedy accuracy per level (%), rows = runs labelled schedule + seed, plus mean ± std (sample
-                 std, ddof=1) over runs that differ only in their seed.
+                 std, ddof=1) over runs that differ only in their seed; then the eval.py results found in
+                 RUN/eval/*/ (greedy accuracy and pass@k per level).
 matplotlib is optional: without it only --no-plots works, and the command says how to install it.
 """
 
@@ -31,7 +32,7 @@ from e2h_min.jsonl import parse_json, read_log
 
 # Config fields that do not change what a run computes: runs differing only in these and the seed are replicates.
 BOOKKEEPING_FIELDS = {"seed", "out_dir", "resume", "device", "threads", "save_every", "keep_checkpoints",
-                      "log_completions_every", "micro_batch_size", "eval_every"}
+                      "log_completions_every", "micro_batch_size", "eval_every", "log_every", "report_to"}
 
 
 @dataclass
@@ -203,6 +204,59 @@ def accuracy_table(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def find_eval_reports(run_dir: Path) -> list[tuple[str, dict]]:
+    """eval.py's report.json files written next to a run: (what was evaluated, report), in folder order.
+
+    RUN/eval/<final | step_N | ...>/report.json (eval.py's default), and the older RUN/eval/report.json and
+    RUN/eval-step_N/report.json layouts. Unreadable files are skipped (a report being written right now).
+    """
+    found = []
+    paths = sorted(run_dir.glob("eval/*/report.json")) + sorted(run_dir.glob("eval/report.json")) \
+        + sorted(run_dir.glob("eval-*/report.json"))
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(report, dict) and isinstance(report.get("greedy"), dict):
+            name = path.parent.name if path.parent.name != "eval" else "final"
+            found.append((name.removeprefix("eval-"), report))
+    return found
+
+
+def eval_results_table(entries: list[tuple[str, str, dict]]) -> str:
+    """Markdown section of eval.py results, (run label, what was evaluated, report) per entry: one row for greedy
+    accuracy and one per pass@k, levels as columns, in %; '' when there are none.
+
+    Example row: '| gaussian s0 | final | 200 | countdown | 100 | pass@8 (8 samples) | 91.0 | 40.0 |'
+    """
+    if not entries:
+        return ""
+    levels = []
+    for _, _, report in entries:
+        levels += [name for name in report["greedy"] if name not in levels]
+
+    def cells(values: dict) -> str:
+        return " | ".join("–" if values.get(name) is None else f"{100 * values[name]:.1f}" for name in levels)
+
+    lines = ["", "## eval.py results", "",
+             "| run | evaluated | step | task | problems | metric | " + " | ".join(levels) + " |",
+             "|---|---|---:|---|---:|---|" + "---:|" * len(levels)]
+    for label, what, report in entries:
+        head = (f"| {label} | {what} | {'–' if report.get('step') is None else report['step']} | "
+                f"{report.get('task', '?')} | {report.get('n', '?')} |")
+        lines.append(f"{head} greedy accuracy | " + cells({k: v["accuracy"] for k, v in report["greedy"].items()})
+                     + " |")
+        passk = report.get("pass_at_k") or {}
+        by_level = passk.get("by_level") or {}
+        ks = sorted({key for row in by_level.values() for key in row if key.startswith("pass@")},
+                    key=lambda key: int(key.split("@")[1]))
+        for k in ks:
+            lines.append(f"{head} {k} ({passk.get('samples')} samples) | "
+                         + cells({name: row.get(k) for name, row in by_level.items()}) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Plots (matplotlib imported inside: it is optional)
 
@@ -354,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     label_runs(runs)
     out = Path(args.out) if args.out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
     check_output_dir(out, "--out")
-    table = accuracy_table(runs)
+    table = accuracy_table(runs) + eval_results_table(
+        [(run.label, what, report) for run in runs for what, report in find_eval_reports(run.path)])
     (out / "table.md").write_text(table)
     written = [out / "table.md"]
     if not args.no_plots:

@@ -30,7 +30,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "completions.jsonl", 
 RESUME_SAFE_FIELDS = {"resume", "out_dir", "eval_every", "eval_problems", "eval_max_new_tokens", "save_every",
                       "keep_checkpoints", "log_completions_every", "device", "threads", "micro_batch_size",
                       "micro_batch_tokens", "share_prompt_forward", "skip_zero_advantage", "gradient_checkpointing",
-                      "max_nonfinite_steps", "save_merged", "overwrite", "save_dtype"}
+                      "max_nonfinite_steps", "save_merged", "overwrite", "save_dtype", "log_every", "report_to"}
 
 
 def check_resume_config(saved: dict, cfg: Config) -> None:

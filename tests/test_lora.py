@@ -61,3 +61,8 @@ def test_lora_run_end_to_end_on_the_tiny_model_saves_adapter_and_a_reloadable_me
     assert (tmp_path / "checkpoints" / "step_000002" / "adapter_model.safetensors").is_file()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final-merged")
     assert merged.config.model_type == "qwen2" and not hasattr(merged, "peft_config")
+    from huggingface_hub import ModelCard  # a transformers dependency
+    adapter_card, merged_card = (ModelCard.load(tmp_path / name / "README.md") for name in ("final", "final-merged"))
+    assert adapter_card.data.library_name == "peft" and merged_card.data.library_name == "transformers"
+    assert adapter_card.data.base_model == merged_card.data.base_model == "e2h_min/assets/tiny-countdown"
+    assert "LoRA adapter for" in adapter_card.text and "LoRA r=4, alpha=8.0" in merged_card.text
