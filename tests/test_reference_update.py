@@ -1,0 +1,46 @@
+"""The fast update (train.policy_update, with every saving on) equals the plain reference update
+(e2h_min/reference_update.py): same parameter change under SGD, where the change is exactly -lr * gradient."""
+
+import pytest
+import torch
+
+import train
+from e2h_min.config import Config
+from e2h_min.losses import group_advantages
+from e2h_min.models import frozen_copy
+from e2h_min.reference_update import grpo_update_plain
+from tests.test_shared_prompts import grouped_batch
+from tests.test_train import random_model
+
+
+def parameter_change(update, cfg, lr, advantages, rows, completions):
+    policy = random_model()
+    reference = frozen_copy(random_model(seed=5)) if cfg.beta else None
+    before = [p.detach().clone() for p in policy.parameters()]
+    update(policy, reference, torch.optim.SGD(policy.parameters(), lr=lr), rows, completions, advantages, cfg)
+    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, policy.parameters())])
+
+
+def fast_update(policy, reference, optimizer, rows, completions, advantages, cfg):
+    train.policy_update(policy, reference, optimizer, rows, completions, advantages,
+                        [[0.0] * len(c) for c in completions], cfg, torch.device("cpu"),
+                        lambda: torch.autocast("cpu", enabled=False))
+
+
+@pytest.mark.parametrize("overrides, lr", [
+    ({}, 1.0),                                   # the defaults: beta 0, one iteration
+    ({"beta": 0.05}, 1.0),                       # k3 KL in the loss: every sample runs
+    ({"num_iterations": 2}, 0.3),                # the second iteration's ratios != 1: about 2/3 of tokens clipped
+    ({"num_iterations": 2, "beta": 0.05, "epsilon_high": 0.28}, 0.3),
+])
+def test_fast_update_equals_the_plain_reference_update(overrides, lr):
+    rows, completions = grouped_batch()
+    completions[0] = [3]  # a one-token completion (the EOS alone) must still move the weights
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
+    advantages = group_advantages(rewards, 3).float()  # two constant groups: the fast path skips their samples
+    cfg = Config(num_generations=3, max_new_tokens=8, temperature=0.9, micro_batch_size=4, micro_batch_tokens=9,
+                 max_grad_norm=0.0, **overrides)
+    plain = parameter_change(grpo_update_plain, cfg, lr, advantages, rows, completions)
+    fast = parameter_change(fast_update, cfg, lr, advantages, rows, completions)
+    assert plain.abs().max() > 1e-3  # the update is not trivially zero
+    assert torch.allclose(fast, plain, atol=1e-6, rtol=0), (fast - plain).abs().max()
