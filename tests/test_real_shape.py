@@ -103,7 +103,7 @@ def test_a_correct_answer_whose_last_token_is_merged_with_the_stop_string_scores
 
 
 def test_lora_rollouts_run_on_the_lean_decoder_and_equal_the_merged_models_greedy_tokens(shape_dir):
-    peft = pytest.importorskip("peft", reason="LoRA is optional: pip install peft (requirements-optional.txt)")
+    import peft  # a core dependency (requirements.txt): the paper's recipe is LoRA
 
     base = AutoModelForCausalLM.from_pretrained(shape_dir, dtype=torch.float32)
     torch.manual_seed(0)  # init_lora_weights=False: B is random too, so the adapter changes the output
@@ -158,16 +158,20 @@ def metrics(run_dir):
 def test_full_fine_tuning_end_to_end_then_eval_reproduces_the_runs_evaluation(shape_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "full"
     set_today(monkeypatch, dt.date(2025, 3, 9))
-    result = train.main(ARGS + ["--model", str(shape_dir), "--save-every", "0", "--out-dir", str(run_dir)])
+    # --lora-r 0: the paper preset these architectures get turns LoRA on; full fine-tuning is asked for
+    result = train.main(ARGS + ["--model", str(shape_dir), "--lora-r", "0", "--save-every", "0",
+                                "--out-dir", str(run_dir)])
     assert [row["step"] for row in metrics(run_dir)] == [1, 2]
-    assert json.loads((run_dir / "config.json").read_text())["chat_date"] == "2025-03-09"  # the start date, UTC
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["chat_date"] == "2025-03-09"  # the start date, UTC
+    assert saved["lora_r"] == 0  # the user's flag won over the preset's 32 (tests/test_presets.py)
+    assert not (run_dir / "final" / "adapter_config.json").exists()
     report = evaluate_cli.main(["--model", str(run_dir), "--threads", "1", "--quiet", "--out", str(tmp_path / "e")])
     assert report["greedy"] == result["last_eval"] and report["step"] == 2
 
 
 def test_lora_end_to_end_resumes_to_identical_metrics_on_another_day_and_eval_uses_the_runs_date(
         shape_dir, tmp_path, monkeypatch):
-    pytest.importorskip("peft", reason="LoRA is optional: pip install peft (requirements-optional.txt)")
 
     run_dir = tmp_path / "lora"
     set_today(monkeypatch, dt.date(2025, 1, 31))
