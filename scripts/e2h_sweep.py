@@ -34,13 +34,17 @@ def run_one(schedule: str, seed: int, out: Path, args, extra: list[str]) -> tupl
     if (run_dir / "final").is_dir():
         return str(run_dir), 0.0, 0
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--task", args.task, "--schedule",
-           schedule, "--seed", str(seed), "--out-dir", str(run_dir), "--threads", str(args.threads)]
+           schedule, "--seed", str(seed), "--threads", str(args.threads)]
     if args.quick:
         cmd += ["--total-steps", str(args.quick_steps)]
     cmd += extra
+    # an interrupted run continues from its last checkpoint; one killed before its first checkpoint starts over
+    # (train.py refuses to reuse a run directory unless told which of the two is meant)
+    checkpointed = any((run_dir / "checkpoints").glob("step_*"))
+    cmd += ["--resume", str(run_dir)] if checkpointed else ["--out-dir", str(run_dir), "--overwrite"]
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(run_dir / "train.log", "w") as log:
+    with open(run_dir / "train.log", "a") as log:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return str(run_dir), time.perf_counter() - start, code
 
