@@ -43,19 +43,17 @@ from e2h_min.checkpoint import load_training_state, resume_checkpoint, save_chec
 from e2h_min.config import (Config, UserError, check_context, combination_warnings, describe_preset,
                             exit_on_user_error, kl_estimator_for, resolve_config, schedule_params)
 from e2h_min.curriculum import LevelSampler
-from e2h_min.distributed import (DistInfo, all_reduce_max, all_reduce_sum, barrier, gather_lists, init_distributed,
-                                 sum_gradients)
+from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed
 from e2h_min.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
                                 probe_logits_finite)
 from e2h_min.evaluation import (encode_prompts, eos_token_ids, evaluate_sharded, held_out_problems, score_rollout,
                                 today)
 from e2h_min.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
-from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_batches,
-                              shared_prompts_unsupported_reason)
-from e2h_min.losses import (clipped_value_loss, compute_advantages, gae_advantages, kl_penalised_advantages,
-                            kl_penalty, policy_token_loss, sequence_kl, token_loss_weights, whiten)
+from e2h_min.logprobs import completion_logprobs, pack_micro_batches
+from e2h_min.losses import compute_advantages, kl_penalised_advantages, sequence_kl
 from e2h_min.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
 from e2h_min.model_card import write_model_card
+from e2h_min.ppo import ppo_update
 from e2h_min.models import (ValueHead, apply_lora, checkpoint_dtype, checkpoint_file_bytes, context_length,
                             frozen_copy, frozen_dtype, load_lora_checkpoint, load_model, load_tokenizer,
                             lora_reference, pick_device, require_peft, resolve_model_name)
@@ -65,6 +63,8 @@ from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, de
 from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
 from e2h_min.tracking import Trackers, console_line, parse_report_to, require_trackers, resolve_log_every, should_log
+from e2h_min.update import policy_update
+from e2h_min.update_batches import shared_prompts_for
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:
@@ -75,196 +75,6 @@ def lr_multiplier(step: int, cfg: Config) -> float:
         return 1.0
     progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def shared_prompts_for(model, prompt_ids: list[list[int]], cfg: Config, rows: list[int] | None = None
-                       ) -> SharedPrompts | None:
-    """The distinct prompts of the samples `rows` (default all), for the shared-prompt layout; None where the
-    whole-sequence layout is used."""
-    if not cfg.share_prompt_forward or not prompt_ids or (rows is not None and not rows) or is_sharded(model):
-        return None  # (FSDP2: the prompts' backward would run through each layer once more after its own)
-    if shared_prompts_unsupported_reason(model, cfg.gradient_checkpointing) is not None:
-        return None
-    return SharedPrompts.from_rows(prompt_ids, rows)
-
-
-def samples_to_run(advantages: torch.Tensor, cfg: Config, kl_in_loss: bool) -> list[int]:
-    """Indices of the samples the update must run: all, or with --skip-zero-advantage (when the loss has no KL
-    term and no value loss) those whose advantage is not exactly 0; the others add exactly 0 to the gradient."""
-    skip = cfg.skip_zero_advantage and cfg.advantage != "ppo" and not kl_in_loss
-    return [i for i, a in enumerate(advantages.tolist()) if not skip or a != 0]
-
-
-def policy_update(policy, reference, optimizer, prompt_ids, completions, advantages, sampler_logprobs, cfg,
-                  device, autocast, value_head=None, dist_info: DistInfo = DistInfo()) -> dict:
-    """num_iterations clipped-surrogate steps on one rollout batch.
-
-    prompt_ids / completions: N token lists (this rank's samples); sampler_logprobs: N lists of per-token
-    log-probs from the sampler. advantages [N]: one per sequence (grpo, dr_grpo, rloo), or, with --advantage ppo,
-    the sequence rewards [N], turned here into per-token GAE advantages with the value head.
-    reference: a models.Reference or None (beta = 0).
-    Loss per token: -min(rho A, clip(rho) A) [+ beta * losses.kl_loss_term] [+ vf_coef * value loss], weighted by
-    token_loss_weights, which are fixed for the whole step (global counts across ranks), so neither the
-    micro-batch size nor the number of ranks changes the gradient.
-    Two savings that leave the gradient unchanged:
-    - samples whose advantage is exactly 0 (every sample of a group with equal rewards) add exactly 0 to the loss
-      and its gradient when the loss has no KL term and no value loss, so they are not run at all
-      (--no-skip-zero-advantage runs them); their tokens still count in the loss weights. The diagnostics
-      (entropy, clip ratios, approx_kl_old, logprob_mismatch) then cover the samples that were run.
-    - each distinct prompt runs through the model once per iteration, not once per sample
-      (logprobs.SharedPrompts), unless --no-share-prompt-forward or gradient checkpointing is on.
-    """
-    n = len(completions)
-    width = max([1] + [len(c) for c in completions])
-    mask = torch.zeros((n, width), dtype=torch.bool)
-    for i, c in enumerate(completions):
-        mask[i, :len(c)] = True
-    reduce = lambda t: all_reduce_sum(t, dist_info)  # noqa: E731  (identity in a single process)
-    counts = reduce(torch.tensor([float(n), float(mask.sum())], device=device)).tolist()
-    weights = token_loss_weights(mask, cfg.loss_type, cfg.max_new_tokens, int(counts[0]), counts[1])  # [N, T]
-    eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
-    kl_in_loss = reference is not None and not cfg.kl_in_reward
-    active = samples_to_run(advantages, cfg, kl_in_loss)
-    shared = shared_prompts_for(policy, prompt_ids, cfg, active)
-    # Packed once, reused by every iteration.
-    batches, packed = zip(*pack_micro_batches(prompt_ids, completions, cfg.micro_batch_size, cfg.micro_batch_tokens,
-                                              shared, device, active)) if active else ((), ())
-    if is_sharded(policy):  # each FSDP forward all-gathers: every rank runs as many micro-batches as the most
-        most = int(all_reduce_max(torch.tensor([len(batches)], device=device), dist_info))
-        filler = pack_micro_batches([[0]], [[0]], 1, 0, None, device)[0][1]  # one token, no loss weight
-        batches, packed = batches + (None,) * (most - len(batches)), packed + (filler,) * (most - len(batches))
-    old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old (before any update of this step)
-    ref_logprobs: dict[int, torch.Tensor] = {}  # the reference is frozen: computed once, reused by iterations
-    ref_kv = None  # the reference model's prompt keys/values (shared layout), computed on first use
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # Token sums of the diagnostics, all_reduced at the end. The keys depend on the config only, never on what
-    # this rank ran: a rank with no sample to run (every advantage 0) reduces the same keys, as zeros, or the
-    # ranks' all_reduce sizes would differ (a gloo "size mismatch" or a hang). A plain dict: a new key must be
-    # added here, not appear on one rank only.
-    stat_keys = ["loss", "tokens", "entropy", "approx_kl_old", "logprob_mismatch", "active_samples",
-                 "clip_ratio/clipped_low", "clip_ratio/clipped_high", "clip_ratio/region"]
-    stat_keys += ["kl"] if kl_in_loss else []
-    stat_keys += ["value_loss"] if cfg.advantage == "ppo" else []
-    if reference is not None and (kl_in_loss or (cfg.advantage == "ppo" and cfg.kl_in_reward)):
-        stat_keys.append("kl_reference")  # the micro-batches' reference log-probs exist on these paths
-    stats = dict.fromkeys(stat_keys, 0.0)
-
-    def prompt_kv(model):  # the prompts' keys/values for the shared layout (graph kept under autograd)
-        if shared is None:
-            return None
-        with autocast():
-            return shared.keys_values(model)
-
-    def reference_logprobs(b: int, batch) -> torch.Tensor:
-        nonlocal ref_kv
-        if b not in ref_logprobs:
-            with torch.no_grad(), autocast(), reference.context():
-                if ref_kv is None:
-                    ref_kv = prompt_kv(reference.model)
-                ref_logprobs[b], _ = completion_logprobs(reference.model, batch, cfg.temperature, prompt_kv=ref_kv)
-        return ref_logprobs[b]
-
-    if cfg.advantage == "ppo":  # GAE needs V_old at every token before the first gradient step
-        old_values = torch.zeros((n, width), device=device)
-        token_rewards = torch.zeros((n, width), device=device)
-        with torch.no_grad():
-            kv = prompt_kv(policy)
-            for b, (rows, batch) in enumerate(zip(batches, packed)):
-                with autocast():
-                    logp, _, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True,
-                                                          prompt_kv=kv)
-                    old_values[rows, :logp.shape[1]] = value_head(hidden) * batch["completion_mask"]
-                old_logprobs[b] = logp
-                if cfg.kl_in_reward and reference is not None:  # per-token reward penalty -beta * k (default k1)
-                    kl = kl_penalty(logp, reference_logprobs(b, batch), kl_estimator_for(cfg))
-                    token_rewards[rows, :logp.shape[1]] -= cfg.beta * kl * batch["completion_mask"]
-        valid = mask.to(device)
-        if n:
-            lengths = mask.sum(-1).to(device)
-            token_rewards[torch.arange(n, device=device), lengths - 1] += advantages.to(device)  # verifier reward
-        gae, returns = gae_advantages(token_rewards, old_values, valid, cfg.gamma, cfg.lam)
-        token_advantages = whiten(gae, valid, reduce=reduce)
-        residual = (returns - old_values) * valid
-        moments = reduce(torch.stack([residual.sum(), (residual ** 2).sum(), (returns * valid).sum(),
-                                      (returns ** 2 * valid).sum(), valid.sum()]))
-        count = moments[4].clamp(min=1)
-        var_residual = moments[1] / count - (moments[0] / count) ** 2
-        var_returns = moments[3] / count - (moments[2] / count) ** 2
-        explained_variance = float(1 - var_residual / var_returns.clamp(min=1e-8))  # already global
-
-    skipped = 0
-    stats["active_samples"] = float(len(active))
-    for iteration in range(cfg.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        last = iteration == cfg.num_iterations - 1
-        kv = prompt_kv(policy)  # the prompts' forward, once per iteration; micro-batches attend to it
-        for b, (rows, batch) in enumerate(zip(batches, packed)):
-            if rows is None:  # an FSDP filler: this rank's part of the collectives, a zero gradient
-                with autocast():
-                    (completion_logprobs(policy, batch, cfg.temperature)[0].sum() * 0.0).backward()
-                continue
-            tokens = batch["completion_mask"]
-            t_mb = tokens.shape[1]
-            with autocast():
-                logp, entropy, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True,
-                                                            prompt_kv=kv)
-            old = old_logprobs.setdefault(b, logp.detach())  # first pass: ratio exactly 1
-            adv = token_advantages[rows, :t_mb] if cfg.advantage == "ppo" else advantages[rows].to(device)
-            loss_tok, kl, flags = policy_token_loss(
-                logp, old, adv, tokens, cfg.epsilon, eps_high, cfg.importance_sampling_level,
-                reference_logprobs(b, batch) if kl_in_loss else None, cfg.beta, kl_estimator_for(cfg),
-                cfg.use_bias_correction_kl)
-            if kl is not None and last:
-                stats["kl"] += float((kl.detach() * tokens).sum())
-            if cfg.advantage == "ppo":
-                with autocast():
-                    values = value_head(hidden)
-                value_loss = clipped_value_loss(values, old_values[rows, :t_mb], returns[rows, :t_mb],
-                                                cfg.cliprange_value)
-                loss_tok = loss_tok + cfg.vf_coef * value_loss
-                if last:
-                    stats["value_loss"] += float((value_loss.detach() * tokens).sum())
-            loss = (loss_tok * weights[rows, :t_mb].to(device)).sum()
-            loss.backward()
-            if last:  # diagnostics of the last pass, accumulated as token sums
-                stats["loss"] += float(loss.detach())
-                stats["tokens"] += float(tokens.sum())
-                stats["entropy"] += float((entropy * tokens).sum())
-                for name, flag in flags.items():
-                    stats[f"clip_ratio/{name}"] += float((flag & tokens).sum())
-                d = old - logp.detach()  # approx KL(pi_old || pi) = E[(rho - 1) - log rho]
-                stats["approx_kl_old"] += float(((torch.exp(-d) + d - 1.0) * tokens).sum())
-                if reference is not None and b in ref_logprobs:
-                    stats["kl_reference"] += float((kl_penalty(logp.detach(), ref_logprobs[b], "k3") * tokens).sum())
-                sampled = torch.zeros_like(old)
-                for j, i in enumerate(rows):
-                    sampled[j, :len(sampler_logprobs[i])] = torch.tensor(sampler_logprobs[i], device=device)
-                stats["logprob_mismatch"] += float(((sampled - old).abs() * tokens).sum())
-        if kv is not None:
-            kv.backward()  # the micro-batches' gradient on the prompts' keys/values, through the prompt forward
-        for p in params:  # a parameter no sample reached has gradient 0, not None: AdamW still steps its moments
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        sum_gradients(params, dist_info)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        else:  # a NaN/inf gradient would poison the weights and Adam's moments: skip this step
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-    totals = dict(zip(stat_keys, reduce(torch.tensor([stats[k] for k in stat_keys], device=device,
-                                                     dtype=torch.float64)).tolist()))
-    if totals["tokens"] == 0:  # no rank ran a sample: no per-token diagnostics to report
-        totals = {k: totals[k] for k in ("loss", "active_samples")}
-    tokens = max(totals.pop("tokens", 0.0), 1.0)
-    out = {"loss": totals.pop("loss", 0.0), "grad_norm": float(grad_norm), "skipped_updates": skipped,
-           "update_sample_share": totals.pop("active_samples", 0.0) / max(counts[0], 1.0)}
-    if cfg.advantage == "ppo":
-        out["explained_variance"] = explained_variance
-    out.update({k: v / tokens for k, v in totals.items()})
-    out["clip_ratio"] = out.get("clip_ratio/clipped_low", 0.0) + out.get("clip_ratio/clipped_high", 0.0)
-    out.setdefault("kl", out.get("kl_reference", 0.0))
-    return out
 
 
 def build_models(cfg: Config, device, resume_from: Path | None):
@@ -662,8 +472,11 @@ def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advan
     while True:
         steps_before = optimizer_steps(optimizer)
         try:
+            if cfg.advantage == "ppo":  # `advantages` are the raw rewards here: GAE makes the advantages
+                return ppo_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, advantages,
+                                  kept.sampler_logprobs, cfg, device, autocast, value_head, dist_info)
             return policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, advantages,
-                                 kept.sampler_logprobs, cfg, device, autocast, value_head, dist_info)
+                                 kept.sampler_logprobs, cfg, device, autocast, dist_info)
         except torch.OutOfMemoryError:
             if cfg.micro_batch_size == 1 or optimizer_steps(optimizer) != steps_before or dist_info.enabled:
                 raise
