@@ -215,7 +215,7 @@ MUTANTS = [
       "p = [0.0 if n == 0 else pk for pk, n in zip(p, self.rows)]", "p = list(p)",
       "levels without problems keep their probability", ["tests/test_curriculum.py"]),
     # ------------------------------------------------------------------ rewards and graders
-    m("rewards-numbers-not-all-used", "e2h_min/rewards.py",
+    m("rewards-numbers-not-all-used", "e2h_min/tasks/countdown.py",
       "if sorted(literals) != sorted(numbers) or", "if not set(literals) <= set(numbers) or",
       "Countdown accepts an answer that skips or reuses numbers", ["tests/test_rewards.py"]),
     m("rewards-duplicate-tags", "e2h_min/rewards.py",
@@ -224,7 +224,7 @@ MUTANTS = [
     m("rewards-empty-think", "e2h_min/rewards.py",
       "if not think.strip() or between.strip() or not answer.strip():", "if not answer.strip():",
       "format check accepts an empty think and text between the blocks", ["tests/test_rewards.py"]),
-    m("rewards-division-by-zero", "e2h_min/rewards.py",
+    m("rewards-division-by-zero", "e2h_min/tasks/countdown.py",
       "if op == \"/\" and right == 0:", "if False:",
       "the arithmetic grader crashes on division by zero", ["tests/test_rewards.py"]),
     m("grader-math-first-box", "e2h_min/tasks/math_grader.py",
