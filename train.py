@@ -57,6 +57,7 @@ from e2h_min.losses import compute_advantages, kl_penalised_advantages, sequence
 from e2h_min.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
 from e2h_min.model_card import write_model_card
 from e2h_min.ppo import ppo_update
+from e2h_min.reference_update import grpo_update_plain
 from e2h_min.models import (Reference, ValueHead, apply_lora, checkpoint_dtype, checkpoint_file_bytes, context_length,
                             frozen_copy, frozen_dtype, load_lora_checkpoint, load_model, load_tokenizer,
                             lora_reference, pick_device, require_peft, resolve_model_name)
@@ -191,6 +192,9 @@ def setup(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
     dist_info = init_distributed(device.type)
     if dist_info.enabled:
         device = torch.device(f"cuda:{dist_info.local_rank}") if device.type == "cuda" else device
+        if cfg.plain_update:
+            raise UserError("--plain-update runs in one process (its loss is normalised over this process's "
+                            "samples); drop it under torchrun")
         if cfg.prompts_per_step % dist_info.world_size:
             raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the "
                             f"{dist_info.world_size} ranks (each rank rolls out an equal share)")
@@ -328,15 +332,22 @@ class StepRollout(NamedTuple):
 
 
 def roll_out(run: Run, step: int, draw: list) -> StepRollout:
-    """The step's samples: `draw` rolled out and scored; with --dynamic-sampling, prompts are redrawn (same p_t)
-    until every group of the step is informative or the rounds run out. Each of this rank's groups keeps its
-    place in the step's draws, (round, slot): the choice of groups is taken on every rank's groups in that
-    order, so it is the same on every rank and the same as one process holding the whole batch."""
-    cfg, dist_info = run.cfg, run.dist_info
+    """The step's samples: `draw` rolled out and scored (with --dynamic-sampling: resample_until_informative)."""
     samples = collect(run, draw)
+    if run.cfg.dynamic_sampling:
+        return resample_until_informative(run, step, draw, samples)
+    return StepRollout(samples, 0, samples.informative_groups(), samples.num_groups)
+
+
+def resample_until_informative(run: Run, step: int, draw: list, samples: StepSamples) -> StepRollout:
+    """--dynamic-sampling (DAPO): redraw prompts (same p_t) until every group of the step is informative or the
+    rounds run out, then keep the informative groups first, topped up with the others. Each of this rank's groups
+    keeps its place in the step's draws, (round, slot): the choice of groups is taken on every rank's groups in
+    that order, so it is the same on every rank and the same as one process holding the whole batch."""
+    cfg, dist_info = run.cfg, run.dist_info
     slots = [(0, dist_info.shard_start(len(draw)) + j) for j in range(samples.num_groups)]
     rounds = 0
-    while cfg.dynamic_sampling and rounds < cfg.max_resample_rounds:
+    while rounds < cfg.max_resample_rounds:
         missing = cfg.prompts_per_step - sum(gather_lists([len(samples.informative_groups())], dist_info))
         if missing <= 0:
             break
@@ -346,12 +357,10 @@ def roll_out(run: Run, step: int, draw: list) -> StepRollout:
         slots += [(rounds, dist_info.shard_start(missing) + j) for j in range(extra.num_groups)]
     informative = samples.informative_groups()
     sampled_groups = samples.num_groups
-    if cfg.dynamic_sampling:  # informative groups first, topped up with the others if retries ran out
-        step_groups = sorted(gather_lists([(slot, g in set(informative)) for g, slot in enumerate(slots)],
-                                          dist_info))
-        ranked = [s for s, useful in step_groups if useful] + [s for s, useful in step_groups if not useful]
-        chosen = set(ranked[:cfg.prompts_per_step])
-        samples = samples.select(samples.group_rows([g for g, slot in enumerate(slots) if slot in chosen]))
+    step_groups = sorted(gather_lists([(slot, g in set(informative)) for g, slot in enumerate(slots)], dist_info))
+    ranked = [s for s, useful in step_groups if useful] + [s for s, useful in step_groups if not useful]
+    chosen = set(ranked[:cfg.prompts_per_step])
+    samples = samples.select(samples.group_rows([g for g, slot in enumerate(slots) if slot in chosen]))
     return StepRollout(samples, rounds, informative, sampled_groups)
 
 
@@ -418,6 +427,15 @@ def optimizer_steps(optimizer) -> int:
     return 0
 
 
+def plain_update(policy, reference, optimizer, kept: StepSamples, advantages: torch.Tensor, cfg: Config) -> dict:
+    """--plain-update: the plain reference update (e2h_min/reference_update.py) instead of the fast one; the same
+    parameter change (tests/test_reference_update.py), none of the savings, and only its loss is logged."""
+    if not kept.completions:  # --drop-zero-std or --mask-truncated left nothing to train on
+        return {"loss": 0.0, "skipped_updates": 0}
+    loss = grpo_update_plain(policy, reference, optimizer, kept.prompt_ids, kept.completions, advantages, cfg)
+    return {"loss": loss, "skipped_updates": 0}
+
+
 def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, learn_from: torch.Tensor, cfg: Config,
                           device, autocast, value_head, dist_info: DistInfo, log, limits: MicroBatchLimits
                           ) -> tuple[dict, MicroBatchLimits]:
@@ -433,6 +451,8 @@ def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, learn
     while True:
         steps_before = optimizer_steps(optimizer)
         try:
+            if cfg.plain_update:
+                return plain_update(policy, reference, optimizer, kept, learn_from, cfg), limits
             if cfg.advantage == "ppo":
                 return ppo_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, learn_from,
                                   kept.sampler_logprobs, cfg, device, autocast, value_head, dist_info,
