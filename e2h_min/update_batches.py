@@ -111,7 +111,7 @@ class UpdateBatches:
         for iteration in range(cfg.num_iterations):
             for mb in batches.micro_batches():      # the prompts' forward runs first
                 logp, entropy = mb.logprobs()       # [R, T], rows mb.rows of the step's samples
-                (loss_tok * weights[mb.rows]).sum().backward()
+                (loss_tok * mb.select(weights)).sum().backward()
             # here the prompts' backward has run: the gradients are complete
     """
 

@@ -6,7 +6,7 @@
 It runs step 1 of `python train.py --total-steps 1 --eval-problems 1` (the CPU demo's defaults otherwise) with a
 profiler from the loop's `seed_step` call to its `check_not_diverged` call: curriculum draw -> rollout -> reward
 -> advantages -> loss -> optimizer step. Counted:
-- the step loop's body in train.py (`for step in ...` to the end of the loop), whole;
+- train.py's `train` (the function that holds the step loop), whole;
 - every function of the project that runs in that window, once, whole (decorators, signature, docstring,
   comments and blank lines inside), except
 - the engine layers a reader takes on their word: the sampler (rollout.py, decoders.py), the log-prob kernel
@@ -45,14 +45,15 @@ def function_table(path: str) -> dict[int, tuple[str, int, int, int]]:
     return table
 
 
-def loop_body_lines(path: str) -> int:
-    """Lines of train()'s `for step in ...` loop, from its `for` line to its last line."""
+def loop_lines(path: str) -> tuple[int, int]:
+    """(lines of the function `train`, lines of its `for step in ...` loop)."""
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.FunctionDef) and node.name == "train":
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             for stmt in ast.walk(node):
                 if isinstance(stmt, ast.For) and isinstance(stmt.target, ast.Name) and stmt.target.id == "step":
-                    return stmt.end_lineno - stmt.lineno + 1
-    raise SystemExit("no `for step in ...` loop in train()")
+                    return node.end_lineno - start + 1, stmt.end_lineno - stmt.lineno + 1
+    raise SystemExit("no function train() with a `for step in ...` loop in train.py")
 
 
 def main() -> None:
@@ -122,9 +123,9 @@ def main() -> None:
     by_file = defaultdict(list)
     for (rel, name, start), n in counted.items():
         by_file[rel].append((start, name, n))
-    loop = loop_body_lines(os.path.join(repo, "train.py"))
-    print(f"train.py step loop body: {loop} lines")
-    total = loop
+    whole, loop = loop_lines(os.path.join(repo, "train.py"))
+    print(f"train.py: train {whole} lines (its step loop: {loop})")
+    total = whole
     for rel in sorted(by_file):
         functions = sorted(by_file[rel])
         lines = sum(n for _, _, n in functions)
