@@ -15,9 +15,11 @@ Design choices, in brief:
   on the first on-policy iteration and no extra forward pass is spent. The sampler's own log-probs are compared
   with them as a numerics check (logprob_mismatch).
 - Training log-probs use the sampling temperature, computed in chunks only at completion positions.
-- The update runs only what the gradient needs: samples with advantage exactly 0 are not run (they add exactly 0
-  when the loss has no KL or value term), each distinct prompt runs once per iteration for all its samples
-  (logprobs.SharedPrompts), and micro-batches are cut by rows and padded tokens after sorting by length.
+- The update (e2h_min/update.py; read e2h_min/reference_update.py, the same update written plainly, first) runs
+  only what the gradient needs: samples with advantage exactly 0 are not run (they add exactly 0 when the loss
+  has no KL term), each distinct prompt runs once per iteration for all its samples, and micro-batches are cut
+  by rows and padded tokens after sorting by length (all behind e2h_min/update_batches.py). --advantage ppo
+  trains a value head with GAE instead (e2h_min/ppo.py).
 - fp32 master weights under AdamW; frozen weights (reference model, LoRA base) in bf16 on CUDA; bf16 autocast on
   CUDA, fp32 on CPU; one code path for both. final/ is saved in the base model's own dtype.
 """
