@@ -15,9 +15,11 @@ Design choices, in brief:
   on the first on-policy iteration and no extra forward pass is spent. The sampler's own log-probs are compared
   with them as a numerics check (logprob_mismatch).
 - Training log-probs use the sampling temperature, computed in chunks only at completion positions.
-- The update runs only what the gradient needs: samples with advantage exactly 0 are not run (they add exactly 0
-  when the loss has no KL or value term), each distinct prompt runs once per iteration for all its samples
-  (logprobs.SharedPrompts), and micro-batches are cut by rows and padded tokens after sorting by length.
+- The update (e2h_min/update.py; read e2h_min/reference_update.py, the same update written plainly, first) runs
+  only what the gradient needs: samples with advantage exactly 0 are not run (they add exactly 0 when the loss
+  has no KL term), each distinct prompt runs once per iteration for all its samples, and micro-batches are cut
+  by rows and padded tokens after sorting by length (all behind e2h_min/update_batches.py). --advantage ppo
+  trains a value head with GAE instead (e2h_min/ppo.py).
 - fp32 master weights under AdamW; frozen weights (reference model, LoRA base) in bf16 on CUDA; bf16 autocast on
   CUDA, fp32 on CPU; one code path for both. final/ is saved in the base model's own dtype.
 """
@@ -26,13 +28,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -43,20 +48,19 @@ from e2h_min.checkpoint import load_training_state, resume_checkpoint, save_chec
 from e2h_min.config import (Config, UserError, check_context, combination_warnings, describe_preset,
                             exit_on_user_error, kl_estimator_for, resolve_config, schedule_params)
 from e2h_min.curriculum import LevelSampler
-from e2h_min.distributed import (DistInfo, all_reduce_max, all_reduce_sum, barrier, gather_lists, init_distributed,
-                                 sum_gradients)
+from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed
 from e2h_min.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
                                 probe_logits_finite)
 from e2h_min.evaluation import (encode_prompts, eos_token_ids, evaluate_sharded, held_out_problems, score_rollout,
                                 today)
 from e2h_min.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
-from e2h_min.logprobs import (SharedPrompts, completion_logprobs, pack_micro_batches,
-                              shared_prompts_unsupported_reason)
-from e2h_min.losses import (clipped_value_loss, compute_advantages, gae_advantages, kl_penalised_advantages,
-                            kl_penalty, policy_token_loss, sequence_kl, token_loss_weights, whiten)
+from e2h_min.logprobs import completion_logprobs, pack_micro_batches
+from e2h_min.losses import compute_advantages, kl_penalised_advantages, sequence_kl
 from e2h_min.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
 from e2h_min.model_card import write_model_card
-from e2h_min.models import (ValueHead, apply_lora, checkpoint_dtype, checkpoint_file_bytes, context_length,
+from e2h_min.ppo import ppo_update
+from e2h_min.reference_update import grpo_update_plain
+from e2h_min.models import (Reference, ValueHead, apply_lora, checkpoint_dtype, checkpoint_file_bytes, context_length,
                             frozen_copy, frozen_dtype, load_lora_checkpoint, load_model, load_tokenizer,
                             lora_reference, pick_device, require_peft, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
@@ -64,7 +68,10 @@ from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, de
                             log_completions, truncate_jsonl)
 from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
+from e2h_min.tasks.base import Task
 from e2h_min.tracking import Trackers, console_line, parse_report_to, require_trackers, resolve_log_every, should_log
+from e2h_min.update import policy_update
+from e2h_min.update_batches import MicroBatchLimits, shared_prompts_for
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:
@@ -77,194 +84,26 @@ def lr_multiplier(step: int, cfg: Config) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def shared_prompts_for(model, prompt_ids: list[list[int]], cfg: Config, rows: list[int] | None = None
-                       ) -> SharedPrompts | None:
-    """The distinct prompts of the samples `rows` (default all), for the shared-prompt layout; None where the
-    whole-sequence layout is used."""
-    if not cfg.share_prompt_forward or not prompt_ids or (rows is not None and not rows) or is_sharded(model):
-        return None  # (FSDP2: the prompts' backward would run through each layer once more after its own)
-    if shared_prompts_unsupported_reason(model, cfg.gradient_checkpointing) is not None:
-        return None
-    return SharedPrompts.from_rows(prompt_ids, rows)
+def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> None:
+    """Seed every RNG from (seed, rank, step): a resumed or multi-rank run draws exactly what it would have.
+    The rollout generator is seeded from (seed, step) alone, the same on every rank: the ranks draw the random
+    numbers of the whole step's samples and each keeps its own rows' (see collect), so a sample is the
+    same whichever rank rolls it out and however many ranks there are."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(1)
+    random.seed(int(state[0])), np.random.seed(int(state[0])), torch.manual_seed(int(state[0]))
+    generator.manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
 
-def samples_to_run(advantages: torch.Tensor, cfg: Config, kl_in_loss: bool) -> list[int]:
-    """Indices of the samples the update must run: all, or with --skip-zero-advantage (when the loss has no KL
-    term and no value loss) those whose advantage is not exactly 0; the others add exactly 0 to the gradient."""
-    skip = cfg.skip_zero_advantage and cfg.advantage != "ppo" and not kl_in_loss
-    return [i for i, a in enumerate(advantages.tolist()) if not skip or a != 0]
-
-
-def policy_update(policy, reference, optimizer, prompt_ids, completions, advantages, sampler_logprobs, cfg,
-                  device, autocast, value_head=None, dist_info: DistInfo = DistInfo()) -> dict:
-    """num_iterations clipped-surrogate steps on one rollout batch.
-
-    prompt_ids / completions: N token lists (this rank's samples); sampler_logprobs: N lists of per-token
-    log-probs from the sampler. advantages [N]: one per sequence (grpo, dr_grpo, rloo), or, with --advantage ppo,
-    the sequence rewards [N], turned here into per-token GAE advantages with the value head.
-    reference: a models.Reference or None (beta = 0).
-    Loss per token: -min(rho A, clip(rho) A) [+ beta * losses.kl_loss_term] [+ vf_coef * value loss], weighted by
-    token_loss_weights, which are fixed for the whole step (global counts across ranks), so neither the
-    micro-batch size nor the number of ranks changes the gradient.
-    Two savings that leave the gradient unchanged:
-    - samples whose advantage is exactly 0 (every sample of a group with equal rewards) add exactly 0 to the loss
-      and its gradient when the loss has no KL term and no value loss, so they are not run at all
-      (--no-skip-zero-advantage runs them); their tokens still count in the loss weights. The diagnostics
-      (entropy, clip ratios, approx_kl_old, logprob_mismatch) then cover the samples that were run.
-    - each distinct prompt runs through the model once per iteration, not once per sample
-      (logprobs.SharedPrompts), unless --no-share-prompt-forward or gradient checkpointing is on.
-    """
-    n = len(completions)
-    width = max([1] + [len(c) for c in completions])
-    mask = torch.zeros((n, width), dtype=torch.bool)
-    for i, c in enumerate(completions):
-        mask[i, :len(c)] = True
-    reduce = lambda t: all_reduce_sum(t, dist_info)  # noqa: E731  (identity in a single process)
-    counts = reduce(torch.tensor([float(n), float(mask.sum())], device=device)).tolist()
-    weights = token_loss_weights(mask, cfg.loss_type, cfg.max_new_tokens, int(counts[0]), counts[1])  # [N, T]
-    eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
-    kl_in_loss = reference is not None and not cfg.kl_in_reward
-    active = samples_to_run(advantages, cfg, kl_in_loss)
-    shared = shared_prompts_for(policy, prompt_ids, cfg, active)
-    # Packed once, reused by every iteration.
-    batches, packed = zip(*pack_micro_batches(prompt_ids, completions, cfg.micro_batch_size, cfg.micro_batch_tokens,
-                                              shared, device, active)) if active else ((), ())
-    if is_sharded(policy):  # each FSDP forward all-gathers: every rank runs as many micro-batches as the most
-        most = int(all_reduce_max(torch.tensor([len(batches)], device=device), dist_info))
-        filler = pack_micro_batches([[0]], [[0]], 1, 0, None, device)[0][1]  # one token, no loss weight
-        batches, packed = batches + (None,) * (most - len(batches)), packed + (filler,) * (most - len(batches))
-    old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old (before any update of this step)
-    ref_logprobs: dict[int, torch.Tensor] = {}  # the reference is frozen: computed once, reused by iterations
-    ref_kv = None  # the reference model's prompt keys/values (shared layout), computed on first use
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # Token sums of the diagnostics, all_reduced at the end. The keys depend on the config only, never on what
-    # this rank ran: a rank with no sample to run (every advantage 0) reduces the same keys, as zeros, or the
-    # ranks' all_reduce sizes would differ (a gloo "size mismatch" or a hang). A plain dict: a new key must be
-    # added here, not appear on one rank only.
-    stat_keys = ["loss", "tokens", "entropy", "approx_kl_old", "logprob_mismatch", "active_samples",
-                 "clip_ratio/clipped_low", "clip_ratio/clipped_high", "clip_ratio/region"]
-    stat_keys += ["kl"] if kl_in_loss else []
-    stat_keys += ["value_loss"] if cfg.advantage == "ppo" else []
-    if reference is not None and (kl_in_loss or (cfg.advantage == "ppo" and cfg.kl_in_reward)):
-        stat_keys.append("kl_reference")  # the micro-batches' reference log-probs exist on these paths
-    stats = dict.fromkeys(stat_keys, 0.0)
-
-    def prompt_kv(model):  # the prompts' keys/values for the shared layout (graph kept under autograd)
-        if shared is None:
-            return None
-        with autocast():
-            return shared.keys_values(model)
-
-    def reference_logprobs(b: int, batch) -> torch.Tensor:
-        nonlocal ref_kv
-        if b not in ref_logprobs:
-            with torch.no_grad(), autocast(), reference.context():
-                if ref_kv is None:
-                    ref_kv = prompt_kv(reference.model)
-                ref_logprobs[b], _ = completion_logprobs(reference.model, batch, cfg.temperature, prompt_kv=ref_kv)
-        return ref_logprobs[b]
-
-    if cfg.advantage == "ppo":  # GAE needs V_old at every token before the first gradient step
-        old_values = torch.zeros((n, width), device=device)
-        token_rewards = torch.zeros((n, width), device=device)
-        with torch.no_grad():
-            kv = prompt_kv(policy)
-            for b, (rows, batch) in enumerate(zip(batches, packed)):
-                with autocast():
-                    logp, _, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True,
-                                                          prompt_kv=kv)
-                    old_values[rows, :logp.shape[1]] = value_head(hidden) * batch["completion_mask"]
-                old_logprobs[b] = logp
-                if cfg.kl_in_reward and reference is not None:  # per-token reward penalty -beta * k (default k1)
-                    kl = kl_penalty(logp, reference_logprobs(b, batch), kl_estimator_for(cfg))
-                    token_rewards[rows, :logp.shape[1]] -= cfg.beta * kl * batch["completion_mask"]
-        valid = mask.to(device)
-        if n:
-            lengths = mask.sum(-1).to(device)
-            token_rewards[torch.arange(n, device=device), lengths - 1] += advantages.to(device)  # verifier reward
-        gae, returns = gae_advantages(token_rewards, old_values, valid, cfg.gamma, cfg.lam)
-        token_advantages = whiten(gae, valid, reduce=reduce)
-        residual = (returns - old_values) * valid
-        moments = reduce(torch.stack([residual.sum(), (residual ** 2).sum(), (returns * valid).sum(),
-                                      (returns ** 2 * valid).sum(), valid.sum()]))
-        count = moments[4].clamp(min=1)
-        var_residual = moments[1] / count - (moments[0] / count) ** 2
-        var_returns = moments[3] / count - (moments[2] / count) ** 2
-        explained_variance = float(1 - var_residual / var_returns.clamp(min=1e-8))  # already global
-
-    skipped = 0
-    stats["active_samples"] = float(len(active))
-    for iteration in range(cfg.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        last = iteration == cfg.num_iterations - 1
-        kv = prompt_kv(policy)  # the prompts' forward, once per iteration; micro-batches attend to it
-        for b, (rows, batch) in enumerate(zip(batches, packed)):
-            if rows is None:  # an FSDP filler: this rank's part of the collectives, a zero gradient
-                with autocast():
-                    (completion_logprobs(policy, batch, cfg.temperature)[0].sum() * 0.0).backward()
-                continue
-            tokens = batch["completion_mask"]
-            t_mb = tokens.shape[1]
-            with autocast():
-                logp, entropy, hidden = completion_logprobs(policy, batch, cfg.temperature, return_hidden=True,
-                                                            prompt_kv=kv)
-            old = old_logprobs.setdefault(b, logp.detach())  # first pass: ratio exactly 1
-            adv = token_advantages[rows, :t_mb] if cfg.advantage == "ppo" else advantages[rows].to(device)
-            loss_tok, kl, flags = policy_token_loss(
-                logp, old, adv, tokens, cfg.epsilon, eps_high, cfg.importance_sampling_level,
-                reference_logprobs(b, batch) if kl_in_loss else None, cfg.beta, kl_estimator_for(cfg),
-                cfg.use_bias_correction_kl)
-            if kl is not None and last:
-                stats["kl"] += float((kl.detach() * tokens).sum())
-            if cfg.advantage == "ppo":
-                with autocast():
-                    values = value_head(hidden)
-                value_loss = clipped_value_loss(values, old_values[rows, :t_mb], returns[rows, :t_mb],
-                                                cfg.cliprange_value)
-                loss_tok = loss_tok + cfg.vf_coef * value_loss
-                if last:
-                    stats["value_loss"] += float((value_loss.detach() * tokens).sum())
-            loss = (loss_tok * weights[rows, :t_mb].to(device)).sum()
-            loss.backward()
-            if last:  # diagnostics of the last pass, accumulated as token sums
-                stats["loss"] += float(loss.detach())
-                stats["tokens"] += float(tokens.sum())
-                stats["entropy"] += float((entropy * tokens).sum())
-                for name, flag in flags.items():
-                    stats[f"clip_ratio/{name}"] += float((flag & tokens).sum())
-                d = old - logp.detach()  # approx KL(pi_old || pi) = E[(rho - 1) - log rho]
-                stats["approx_kl_old"] += float(((torch.exp(-d) + d - 1.0) * tokens).sum())
-                if reference is not None and b in ref_logprobs:
-                    stats["kl_reference"] += float((kl_penalty(logp.detach(), ref_logprobs[b], "k3") * tokens).sum())
-                sampled = torch.zeros_like(old)
-                for j, i in enumerate(rows):
-                    sampled[j, :len(sampler_logprobs[i])] = torch.tensor(sampler_logprobs[i], device=device)
-                stats["logprob_mismatch"] += float(((sampled - old).abs() * tokens).sum())
-        if kv is not None:
-            kv.backward()  # the micro-batches' gradient on the prompts' keys/values, through the prompt forward
-        for p in params:  # a parameter no sample reached has gradient 0, not None: AdamW still steps its moments
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        sum_gradients(params, dist_info)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        else:  # a NaN/inf gradient would poison the weights and Adam's moments: skip this step
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-    totals = dict(zip(stat_keys, reduce(torch.tensor([stats[k] for k in stat_keys], device=device,
-                                                     dtype=torch.float64)).tolist()))
-    if totals["tokens"] == 0:  # no rank ran a sample: no per-token diagnostics to report
-        totals = {k: totals[k] for k in ("loss", "active_samples")}
-    tokens = max(totals.pop("tokens", 0.0), 1.0)
-    out = {"loss": totals.pop("loss", 0.0), "grad_norm": float(grad_norm), "skipped_updates": skipped,
-           "update_sample_share": totals.pop("active_samples", 0.0) / max(counts[0], 1.0)}
-    if cfg.advantage == "ppo":
-        out["explained_variance"] = explained_variance
-    out.update({k: v / tokens for k, v in totals.items()})
-    out["clip_ratio"] = out.get("clip_ratio/clipped_low", 0.0) + out.get("clip_ratio/clipped_high", 0.0)
-    out.setdefault("kl", out.get("kl_reference", 0.0))
-    return out
+def load_task(cfg: Config) -> tuple:
+    """The task and its curriculum sampler; UserError if the schedule's parameters do not fit the task's levels,
+    or if at some step of the run the schedule would draw only from levels with no training rows."""
+    task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
+    try:
+        sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
+        sampler.check_every_step_drawable()
+    except ValueError as exc:
+        raise UserError(f"--schedule {cfg.schedule} on task {task.name}: {exc}") from None
+    return task, sampler
 
 
 def build_models(cfg: Config, device, resume_from: Path | None):
@@ -295,86 +134,84 @@ def build_models(cfg: Config, device, resume_from: Path | None):
     return policy, reference, value_head
 
 
-def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> None:
-    """Seed every RNG from (seed, rank, step): a resumed or multi-rank run draws exactly what it would have.
-    The rollout generator is seeded from (seed, step) alone, the same on every rank: the ranks draw the random
-    numbers of the whole step's samples and each keeps its own rows' (see collect in main), so a sample is the
-    same whichever rank rolls it out and however many ranks there are."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(1)
-    random.seed(int(state[0])), np.random.seed(int(state[0])), torch.manual_seed(int(state[0]))
-    generator.manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+@dataclass
+class Run:
+    """What the setup builds for one run and the step's helpers below use."""
+
+    cfg: Config
+    task: Task
+    sampler: LevelSampler
+    run_dir: Path
+    device: torch.device
+    dist_info: DistInfo
+    autocast: Callable  # autocast() -> a context: bf16 compute on CUDA, fp32 elsewhere
+    log: Callable[[str], None]  # console lines, from rank 0 only
+    tokenizer: object
+    policy: torch.nn.Module  # the trained model (under FSDP: sharded)
+    sampling_model: torch.nn.Module  # the model that rolls out, evaluates and is saved: the policy or its full copy
+    reference: Reference | None  # None when beta = 0
+    value_head: ValueHead | None  # None unless --advantage ppo
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # the rollout's sampling noise
+    stop_checker: StopChecker
+    eos: list[int]
+    pad: int
+    eval_problems: list
+    trackers: Trackers
+    start_step: int
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> dict:
-    cfg, preset, preset_values = resolve_config(argv)
-    require_peft(cfg.lora_r)  # before anything heavy: the paper preset turns LoRA on
-    require_trackers(parse_report_to(cfg.report_to))  # a missing optional package fails here, before any model loads
-    task, sampler = load_task(cfg)  # the data and the schedule are checked before anything is written
-    check_context(max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0), context_length(cfg.model))
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes (and owns) the run directory
-        return train(cfg, task, sampler, Path(cfg.resume or cfg.out_dir or default_run_dir(cfg)),
-                     (preset, preset_values))
-    run_dir, lock = claim_run_dir(cfg, tqdm.write)  # created, writable and locked for this run, or a UserError
-    with lock:
-        return train(cfg, task, sampler, run_dir, (preset, preset_values))
+def no_log(*_) -> None:
+    """The log of every rank but rank 0."""
 
 
-def load_task(cfg: Config) -> tuple:
-    """The task and its curriculum sampler; UserError if the schedule's parameters do not fit the task's levels,
-    or if at some step of the run the schedule would draw only from levels with no training rows."""
-    task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
-    try:
-        sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
-        sampler.check_every_step_drawable()
-    except ValueError as exc:
-        raise UserError(f"--schedule {cfg.schedule} on task {task.name}: {exc}") from None
-    return task, sampler
+def resume_point(cfg: Config, run_dir: Path) -> tuple[Config, Path | None, bool]:
+    """(cfg, the checkpoint to resume from or None for a new run, whether that run already finished).
+
+    --resume takes the newest checkpoint that verifies (damaged newer ones are set aside, with a warning), pins
+    the run's prompt date (resumed prompts tokenize as before) and refuses a config that changed the run."""
+    if not cfg.resume:
+        return cfg, None, False
+    resume_from = resume_checkpoint(run_dir, tqdm.write, set_aside=int(os.environ.get("RANK", "0")) == 0)
+    if resume_from is None:
+        raise UserError(f"--resume {run_dir}: no intact checkpoint found there (expected "
+                        f"{run_dir}/checkpoints/step_*); start it again with --out-dir {run_dir} --overwrite")
+    saved = json.loads((resume_from / "trainer_state.json").read_text())
+    if cfg.chat_date is None:  # the run's pinned prompt date: resumed prompts tokenize as before
+        cfg = dataclasses.replace(cfg, chat_date=saved["config"].get("chat_date"))
+    check_resume_config(saved["config"], cfg)
+    return cfg, resume_from, saved["step"] >= cfg.total_steps and finished_run(run_dir, cfg.total_steps)
 
 
-def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path, preset: tuple | None = None) -> dict:
-    """The run, in run_dir (already claimed by main). preset: (config.Preset, the values it set), for the
-    start-up line that says which settings came from the model's preset."""
-    # ---------------------------------------------------------------- setup
-    resume_from = None
-    if cfg.resume:  # the newest checkpoint that verifies (damaged newer ones are set aside, with a warning)
-        resume_from = resume_checkpoint(run_dir, tqdm.write, set_aside=int(os.environ.get("RANK", "0")) == 0)
-        if resume_from is None:
-            raise UserError(f"--resume {run_dir}: no intact checkpoint found there (expected "
-                            f"{run_dir}/checkpoints/step_*); start it again with --out-dir {run_dir} --overwrite")
-        saved = json.loads((resume_from / "trainer_state.json").read_text())
-        if cfg.chat_date is None:  # the run's pinned prompt date: resumed prompts tokenize as before
-            cfg = dataclasses.replace(cfg, chat_date=saved["config"].get("chat_date"))
-        check_resume_config(saved["config"], cfg)
-        if saved["step"] >= cfg.total_steps and finished_run(run_dir, cfg.total_steps):
-            tqdm.write(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, "
-                       f"or a longer one with --out-dir, to train further)")
-            return {"first_eval": None, "last_eval": None, "run_dir": str(run_dir), "already_finished": True}
+def setup(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset: tuple | None,
+          resume_from: Path | None) -> Run:
+    """Device and ranks, models, optimizer, the held-out problems, the run directory's config and trackers; on
+    resume the optimizer, scheduler, sampler and RNG state of the checkpoint."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     dist_info = init_distributed(device.type)
     if dist_info.enabled:
         device = torch.device(f"cuda:{dist_info.local_rank}") if device.type == "cuda" else device
+        if cfg.plain_update:
+            raise UserError("--plain-update runs in one process (its loss is normalised over this process's "
+                            "samples); drop it under torchrun")
         if cfg.prompts_per_step % dist_info.world_size:
             raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the "
                             f"{dist_info.world_size} ranks (each rank rolls out an equal share)")
     if cfg.chat_date is None:  # a new run's prompts are dated today (UTC), rank 0's date on every rank
         cfg = dataclasses.replace(cfg, chat_date=gather_lists([today()], dist_info)[0])
     main_rank = dist_info.is_main
-    log = tqdm.write if main_rank else (lambda *_: None)
+    log = tqdm.write if main_rank else no_log
     for warning in combination_warnings(cfg):
         log(f"warning: {warning}")
     generator = torch.Generator(device=device)
     seed_step(cfg.seed, dist_info.rank, 0, generator)
-
     # bf16 compute on CUDA; fp32 elsewhere (CPU autocast would only slow this down), unless the frozen weights
     # were asked for in bf16 (their matmuls then need autocast to meet the fp32 activations)
     bf16_compute = device.type == "cuda" or frozen_dtype(cfg.frozen_dtype, device) == torch.bfloat16
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute)
-
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16_compute)
     if preset is not None:
         log(describe_preset(*preset))
     if preset is not None and preset[0].name == "paper" and device.type == "cpu" and cfg.device == "auto":
@@ -382,10 +219,11 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path, preset: tuple
             "budgets; on a GPU machine install a CUDA build of torch")
     if resolve_model_name(cfg.model) != cfg.model:
         log(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
+
     tokenizer = load_tokenizer(cfg.model)
     process_bytes = resident_bytes() if device.type == "cpu" else 0  # RAM held before any weights (CPU runs)
     policy, reference, value_head = build_models(cfg, device, resume_from)
-    sampling_model = policy  # the model that rolls out, evaluates and is saved: the policy, or under FSDP a copy
+    sampling_model = policy
     if cfg.parallel == "fsdp" and dist_info.enabled:
         sampling_model = shard_policy(policy)  # full weights on every rank, refreshed after each update
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -407,8 +245,6 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path, preset: tuple
              if not any(p.level == level for p in eval_problems)]
     if empty:
         tqdm.write(f"note: no held-out test problems at level(s) {', '.join(empty)}; their accuracy is not evaluated")
-    eval_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
-    G, names = cfg.num_generations, task.level_names()
 
     start_step = 0
     if main_rank:
@@ -427,206 +263,213 @@ def train(cfg: Config, task, sampler: LevelSampler, run_dir: Path, preset: tuple
     log(f"run {run_dir} | device {device} x{dist_info.world_size} | task {task.name} | schedule {cfg.schedule} "
         f"| {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained")
-    trackers = Trackers(parse_report_to(cfg.report_to) if main_rank else [], run_dir, dataclasses.asdict(cfg), names, start_step)
-    log_every = resolve_log_every(cfg.log_every, cfg.total_steps)
+    trackers = Trackers(parse_report_to(cfg.report_to) if main_rank else [], run_dir, dataclasses.asdict(cfg),
+                        task.level_names(), start_step)
+    return Run(cfg, task, sampler, run_dir, device, dist_info, autocast, log, tokenizer, policy, sampling_model,
+               reference, value_head, optimizer, scheduler, generator, stop_checker, eos, pad, eval_problems,
+               trackers, start_step)
 
-    def run_eval(step: int) -> dict:
-        """Greedy held-out evaluation, each rank on its contiguous share of the problems (the weights are the
-        same everywhere); the records are gathered in problem order, so the summary is one process's."""
-        summary, _ = evaluate_sharded(sampling_model, tokenizer, task, eval_problems, eval_tokens, stop_checker,
-                                      dist_info, autocast=autocast, chat_date=cfg.chat_date)
-        if main_rank:
-            row = {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
-                                    for m in ("accuracy", "reward", "format_rate")}}
-            append_jsonl(run_dir / "eval.jsonl", row)
-            trackers.log_eval(row)
-            log(f"eval step {step}: " + "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items()))
-        return summary
 
-    def checkpoint(step: int) -> None:
-        saved_optimizer = optimizer
-        if is_sharded(policy):  # gathering the AdamW state is a collective: every rank gathers, rank 0 writes
-            full_state = FullOptimizerState(policy, optimizer).state_dict()
-            saved_optimizer = SimpleNamespace(state_dict=lambda: full_state)
-        if main_rank:
-            save_checkpoint(run_dir, step, sampling_model, tokenizer, saved_optimizer, scheduler,
-                            {"config": dataclasses.asdict(cfg), "sampler": sampler.state_dict()}, generator,
-                            keep=cfg.keep_checkpoints,
-                            extra_modules={"value_head": value_head} if value_head else None)
-        barrier(dist_info)
+def run_eval(run: Run, step: int) -> dict:
+    """Greedy held-out evaluation, each rank on its contiguous share of the problems (the weights are the same
+    everywhere); the records are gathered in problem order, so the summary is one process's."""
+    cfg = run.cfg
+    summary, _ = evaluate_sharded(run.sampling_model, run.tokenizer, run.task, run.eval_problems,
+                                  cfg.eval_max_new_tokens or cfg.max_new_tokens, run.stop_checker, run.dist_info,
+                                  autocast=run.autocast, chat_date=cfg.chat_date)
+    if run.dist_info.is_main:
+        row = {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
+                                for m in ("accuracy", "reward", "format_rate")}}
+        append_jsonl(run.run_dir / "eval.jsonl", row)
+        run.trackers.log_eval(row)
+        run.log(f"eval step {step}: " + "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items()))
+    return summary
 
-    def collect(draw) -> StepSamples:
-        """Roll out G samples for this rank's share of the problems `draw` (the same list on every rank) in one
-        batched decode and score them (rewards in float64). The sampling noise is drawn for the whole draw on
-        every rank and each rank decodes with its own rows' slice of it: the samples do not depend on how the
-        draw is split across ranks, so a torchrun run rolls out what one process would."""
-        problems = dist_info.shard(draw)
-        uniforms = torch.rand((len(draw) * G, cfg.max_new_tokens), generator=generator, dtype=torch.float64,
-                              device=device)
-        start = dist_info.shard_start(len(draw)) * G
-        if not problems:  # an uneven --dynamic-sampling redraw can leave a rank nothing to roll out
-            return StepSamples(G, [], [], [], [], [], np.zeros(0), np.zeros(0, dtype=bool))
-        prompt_ids = encode_prompts(tokenizer, task, problems, cfg.chat_date)
-        sampling_model.eval()
-        with autocast():
-            rollout = generate(sampling_model, prompt_ids, G, cfg.max_new_tokens, eos, pad, stop_checker=stop_checker,
-                               temperature=cfg.temperature, uniforms=uniforms[start:start + len(problems) * G])
-        policy.train()
-        texts, rewards = score_rollout(task, problems, tokenizer, rollout, stop_checker.stop_strings)
-        completions = rollout.completion_token_lists()
-        return StepSamples(G, [p for p in problems for _ in range(G)], [p for p in prompt_ids for _ in range(G)],
-                           completions, [lp[:len(c)].tolist() for lp, c in zip(rollout.logprobs, completions)],
-                           texts, rewards, rollout.finished.numpy())
 
-    first_eval = run_eval(start_step) if start_step == 0 else None
-    nonfinite_in_a_row = 0
-    # ---------------------------------------------------------------- the loop
-    bar = tqdm(range(start_step, cfg.total_steps), initial=start_step, total=cfg.total_steps, desc="train",
-               disable=not main_rank)
-    for step in bar:
-        seed_step(cfg.seed, dist_info.rank, step, generator)
+def checkpoint(run: Run, step: int) -> None:
+    """Save run_dir/checkpoints/step_N (rank 0 writes; under FSDP every rank first gathers the AdamW state)."""
+    saved_optimizer = run.optimizer
+    if is_sharded(run.policy):  # gathering the AdamW state is a collective: every rank gathers, rank 0 writes
+        full_state = FullOptimizerState(run.policy, run.optimizer).state_dict()
+        saved_optimizer = SimpleNamespace(state_dict=lambda: full_state)
+    if run.dist_info.is_main:
+        save_checkpoint(run.run_dir, step, run.sampling_model, run.tokenizer, saved_optimizer, run.scheduler,
+                        {"config": dataclasses.asdict(run.cfg), "sampler": run.sampler.state_dict()}, run.generator,
+                        keep=run.cfg.keep_checkpoints,
+                        extra_modules={"value_head": run.value_head} if run.value_head else None)
+    barrier(run.dist_info)
 
-        # 1. curriculum: p_t over levels, then each prompt slot's level and problem (this rank's share)
-        level_p = sampler.probs(step)
-        draw = sampler.sample(step, cfg.prompts_per_step)  # the same on every rank; each rolls out its share
 
-        # 2. rollout and rewards; --dynamic-sampling redraws prompts (same p_t) until every group is informative.
-        #    Each of this rank's groups keeps its place in the step's draws, (round, slot): the decisions below
-        #    are taken on every rank's groups in that order, so they are the same on every rank and the same as
-        #    one process holding the whole batch.
-        t0 = time.perf_counter()
-        samples = collect(draw)
-        slots = [(0, dist_info.shard_start(len(draw)) + j) for j in range(samples.num_groups)]
-        rounds = 0
-        while cfg.dynamic_sampling and rounds < cfg.max_resample_rounds:
-            missing = cfg.prompts_per_step - sum(gather_lists([len(samples.informative_groups())], dist_info))
-            if missing <= 0:
-                break
-            rounds += 1
-            extra = collect(sampler.sample(step, missing))  # every rank draws, each rolls out its share
-            samples = samples.concat(extra)
-            slots += [(rounds, dist_info.shard_start(missing) + j) for j in range(extra.num_groups)]
-        informative = samples.informative_groups()
-        sampled_groups = samples.num_groups
-        if cfg.dynamic_sampling:  # informative groups first, topped up with the others if retries ran out
-            step_groups = sorted(gather_lists([(slot, g in set(informative)) for g, slot in enumerate(slots)],
-                                              dist_info))
-            ranked = [s for s, useful in step_groups if useful] + [s for s, useful in step_groups if not useful]
-            chosen = set(ranked[:cfg.prompts_per_step])
-            samples = samples.select(samples.group_rows([g for g, slot in enumerate(slots) if slot in chosen]))
-        rollout_seconds = time.perf_counter() - t0
+def collect(run: Run, draw: list) -> StepSamples:
+    """Roll out G samples for this rank's share of the problems `draw` (the same list on every rank) in one batched
+    decode and score them (rewards in float64). The sampling noise is drawn for the whole draw on every rank and
+    each rank decodes with its own rows' slice of it: the samples do not depend on how the draw is split across
+    ranks, so a torchrun run rolls out what one process would."""
+    cfg, G = run.cfg, run.cfg.num_generations
+    problems = run.dist_info.shard(draw)
+    uniforms = torch.rand((len(draw) * G, cfg.max_new_tokens), generator=run.generator, dtype=torch.float64,
+                          device=run.device)
+    start = run.dist_info.shard_start(len(draw)) * G
+    if not problems:  # an uneven --dynamic-sampling redraw can leave a rank nothing to roll out
+        return StepSamples(G, [], [], [], [], [], np.zeros(0), np.zeros(0, dtype=bool))
+    prompt_ids = encode_prompts(run.tokenizer, run.task, problems, cfg.chat_date)
+    run.sampling_model.eval()
+    with run.autocast():
+        rollout = generate(run.sampling_model, prompt_ids, G, cfg.max_new_tokens, run.eos, run.pad,
+                           stop_checker=run.stop_checker, temperature=cfg.temperature,
+                           uniforms=uniforms[start:start + len(problems) * G])
+    run.policy.train()
+    texts, rewards = score_rollout(run.task, problems, run.tokenizer, rollout, run.stop_checker.stop_strings)
+    completions = rollout.completion_token_lists()
+    return StepSamples(G, [p for p in problems for _ in range(G)], [p for p in prompt_ids for _ in range(G)],
+                       completions, [lp[:len(c)].tolist() for lp, c in zip(rollout.logprobs, completions)],
+                       texts, rewards, rollout.finished.numpy())
 
-        # 3. advantages over the whole step (every rank's samples): group-relative, in float64;
-        #    ppo gets the raw rewards and builds per-token GAE advantages in the update
-        #    --kl-in-reward: the KL penalty is subtracted after the normalisation (losses.kl_penalised_advantages)
-        rewards = torch.tensor(samples.rewards, dtype=torch.float64)
-        sequence_kl_values = None
-        if cfg.kl_in_reward and reference is not None and cfg.advantage != "ppo":
-            sequence_kl_values = reference_sequence_kl(reference, samples, cfg, device, autocast)
-        step_rewards = torch.tensor(gather_lists(rewards.tolist(), dist_info), dtype=torch.float64)
-        step_levels = np.array(gather_lists(samples.levels.tolist(), dist_info), dtype=np.int64)
-        group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, step_rewards, G,
-                                       cfg.scale_rewards)
-        sampler.update({int(k): float(group_adv[torch.from_numpy(step_levels == k)].abs().mean())
+
+class StepRollout(NamedTuple):
+    samples: StepSamples  # this rank's samples of the step (whole groups)
+    resample_rounds: int  # --dynamic-sampling redraws
+    informative_groups: list[int]  # of all groups this rank rolled out: those whose rewards are not all equal
+    sampled_groups: int  # how many groups this rank rolled out, redraws included
+
+
+def roll_out(run: Run, step: int, draw: list) -> StepRollout:
+    """The step's samples: `draw` rolled out and scored (with --dynamic-sampling: resample_until_informative)."""
+    samples = collect(run, draw)
+    if run.cfg.dynamic_sampling:
+        return resample_until_informative(run, step, draw, samples)
+    return StepRollout(samples, 0, samples.informative_groups(), samples.num_groups)
+
+
+def resample_until_informative(run: Run, step: int, draw: list, samples: StepSamples) -> StepRollout:
+    """--dynamic-sampling (DAPO): redraw prompts (same p_t) until every group of the step is informative or the
+    rounds run out, then keep the informative groups first, topped up with the others. Each of this rank's groups
+    keeps its place in the step's draws, (round, slot): the choice of groups is taken on every rank's groups in
+    that order, so it is the same on every rank and the same as one process holding the whole batch."""
+    cfg, dist_info = run.cfg, run.dist_info
+    slots = [(0, dist_info.shard_start(len(draw)) + j) for j in range(samples.num_groups)]
+    rounds = 0
+    while rounds < cfg.max_resample_rounds:
+        missing = cfg.prompts_per_step - sum(gather_lists([len(samples.informative_groups())], dist_info))
+        if missing <= 0:
+            break
+        rounds += 1
+        extra = collect(run, run.sampler.sample(step, missing))  # every rank draws, each rolls out its share
+        samples = samples.concat(extra)
+        slots += [(rounds, dist_info.shard_start(missing) + j) for j in range(extra.num_groups)]
+    informative = samples.informative_groups()
+    sampled_groups = samples.num_groups
+    step_groups = sorted(gather_lists([(slot, g in set(informative)) for g, slot in enumerate(slots)], dist_info))
+    ranked = [s for s, useful in step_groups if useful] + [s for s, useful in step_groups if not useful]
+    chosen = set(ranked[:cfg.prompts_per_step])
+    samples = samples.select(samples.group_rows([g for g, slot in enumerate(slots) if slot in chosen]))
+    return StepRollout(samples, rounds, informative, sampled_groups)
+
+
+@torch.no_grad()
+def reference_sequence_kl(reference, samples: StepSamples, cfg: Config, device, autocast,
+                          limits: MicroBatchLimits) -> torch.Tensor:
+    """sum_t KL_t(pi || pi_ref) per sample [N] (float64), from the sampler's log-probs, for --kl-in-reward."""
+    out = torch.zeros(len(samples.completions), dtype=torch.float64)
+    shared = shared_prompts_for(reference.model, samples.prompt_ids, cfg)
+    kv = None
+    for rows, batch in pack_micro_batches(samples.prompt_ids, samples.completions, limits.rows, limits.tokens,
+                                          shared, device):
+        with autocast(), reference.context():
+            if shared is not None and kv is None:
+                kv = shared.keys_values(reference.model)
+            ref, _ = completion_logprobs(reference.model, batch, cfg.temperature, prompt_kv=kv)
+        logp = torch.zeros_like(ref)
+        for j, i in enumerate(rows):
+            logp[j, :len(samples.sampler_logprobs[i])] = torch.tensor(samples.sampler_logprobs[i], device=device)
+        out[rows] = sequence_kl(logp, ref, batch["completion_mask"], kl_estimator_for(cfg)).double().cpu()
+    return out
+
+
+def step_advantages(run: Run, samples: StepSamples, rewards: torch.Tensor, limits: MicroBatchLimits
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(advantages [N] of this rank's samples, float32; the per-sample KL [N] with --kl-in-reward, else None).
+
+    Group-relative over the whole step (every rank's samples), in float64 (--advantage grpo, dr_grpo, rloo; the
+    grpo form under ppo, whose update makes its own per-token GAE advantages from the rewards). --kl-in-reward
+    subtracts the KL penalty after the normalisation (losses.kl_penalised_advantages). The curriculum gets each
+    level's mean |advantage| (what --schedule sec learns from)."""
+    cfg, dist_info, G = run.cfg, run.dist_info, run.cfg.num_generations
+    sequence_kl_values = None
+    if cfg.kl_in_reward and run.reference is not None and cfg.advantage != "ppo":
+        sequence_kl_values = reference_sequence_kl(run.reference, samples, cfg, run.device, run.autocast, limits)
+    step_rewards = torch.tensor(gather_lists(rewards.tolist(), dist_info), dtype=torch.float64)
+    step_levels = np.array(gather_lists(samples.levels.tolist(), dist_info), dtype=np.int64)
+    group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, step_rewards, G,
+                                   cfg.scale_rewards)
+    run.sampler.update({int(k): float(group_adv[torch.from_numpy(step_levels == k)].abs().mean())
                         for k in set(step_levels.tolist())})
-        start = sum(gather_lists([len(rewards)], dist_info)[:dist_info.rank])  # ranks may hold unequal shares
-        mine = slice(start, start + len(rewards))
-        advantages = rewards if cfg.advantage == "ppo" else group_adv[mine]
-        if sequence_kl_values is not None:  # groups are rank-local: each rank penalises its own samples
-            advantages = kl_penalised_advantages(advantages, sequence_kl_values, cfg.beta, G)
-        advantages = advantages.float()
+    start = sum(gather_lists([len(rewards)], dist_info)[:dist_info.rank])  # ranks may hold unequal shares
+    advantages = group_adv[start:start + len(rewards)]
+    if sequence_kl_values is not None:  # groups are rank-local: each rank penalises its own samples
+        advantages = kl_penalised_advantages(advantages, sequence_kl_values, cfg.beta, G)
+    return advantages.float(), sequence_kl_values
 
-        # 4. policy update, on the samples that train (--drop-zero-std, --mask-truncated leave some out)
-        t1 = time.perf_counter()
-        train_rows = np.ones(len(rewards), dtype=bool)
-        if cfg.drop_zero_std:  # group indices of the samples kept (dynamic sampling may have reordered them)
-            train_rows &= np.isin(np.arange(len(rewards)) // G, samples.informative_groups())
-        if cfg.mask_truncated:
-            train_rows &= samples.finished
-        rows = np.flatnonzero(train_rows).tolist()
-        kept = samples.select(rows)
-        update = update_with_oom_retry(policy, reference, optimizer, kept, advantages[rows], cfg, device,
-                                       autocast, value_head, dist_info, log)
-        lr_used = scheduler.get_last_lr()[0]
-        scheduler.step()
-        if is_sharded(policy):
-            refresh_full_copy(policy, sampling_model)
-            if step == start_step:
-                log_sharded_memory(policy, sampling_model, optimizer, dist_info, log)
-        update_seconds = time.perf_counter() - t1
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
-        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            raise DivergedError(f"non-finite gradients in {nonfinite_in_a_row} updates in a row (step "
-                                f"{step + 1}); lower --lr or check the model's dtype. Checkpoints are in {run_dir}")
-        if update["skipped_updates"]:
-            log(f"warning: step {step + 1}: non-finite gradient, update skipped")
-        check_not_diverged(policy, sampling_model, value_head, kept.prompt_ids[:1] or samples.prompt_ids[:1],
-                           step + 1, cfg, run_dir, device, autocast, dist_info)
 
-        # 5. log: one JSON line per step (rank 0, over every rank's samples), one console line
-        per_sample = gather_lists([(float(r), int(k), len(c), bool(f)) for r, k, c, f in zip(
-            samples.rewards, samples.levels, samples.completions, samples.finished)], dist_info)
-        all_rewards, levels, lengths, finished = (np.array(column) for column in zip(*per_sample))
-        counts = gather_lists([len(informative), sampled_groups, len(rows), len(rewards)], dist_info)
-        correct = np.array([task.is_correct(r) for r in all_rewards])
-        rollout_seconds = max(gather_lists([rollout_seconds], dist_info))
-        row = {"step": step + 1, "lr": lr_used, **update,
-               "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
-               "accuracy": float(correct.mean()), "level_probs": [round(p, 6) for p in level_p],
-               "level_counts": [int((levels == k).sum() // G) for k in range(task.num_levels)],
-               "completion_length_mean": float(lengths.mean()), "clipped_ratio": float((~finished).mean()),
-               "frac_reward_zero_std": 1.0 - sum(counts[0::4]) / sum(counts[1::4]), "resample_rounds": rounds,
-               "trained_fraction": sum(counts[2::4]) / sum(counts[3::4]),
-               "rollout_seconds": rollout_seconds, "update_seconds": update_seconds,
-               "tokens_per_second": float(lengths.sum() / rollout_seconds)}
-        if sequence_kl_values is not None:  # per-token mean, comparable with the in-loss KL metric
-            kl_sums = gather_lists([float(sequence_kl_values.sum())], dist_info)
-            row["kl"] = sum(kl_sums) / max(1, int(lengths.sum()))
-        for k in sorted(set(levels.tolist())):
-            row[f"reward/{names[k]}"] = float(all_rewards[levels == k].mean())
-            row[f"accuracy/{names[k]}"] = float(correct[levels == k].mean())
-        if main_rank:
-            append_jsonl(run_dir / "metrics.jsonl", row)
-            trackers.log_metrics(row)
-            if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
-                log_completions(run_dir, step + 1, samples)
-        if should_log(step + 1, cfg.total_steps, log_every):
-            log(console_line(row, names, cfg.total_steps, kl_computed=reference is not None,
-                             clipping_possible=cfg.num_iterations > 1))
-        bar.set_postfix({"reward": f"{row['reward_mean']:.3f}", "acc": f"{row['accuracy']:.2f}"})  # + tqdm's ETA
+def rows_to_train(samples: StepSamples, cfg: Config) -> list[int]:
+    """The samples the update trains on: all, less the groups with equal rewards (--drop-zero-std) and the
+    truncated samples (--mask-truncated)."""
+    keep = np.ones(len(samples.rewards), dtype=bool)
+    if cfg.drop_zero_std:  # group indices of the samples kept (dynamic sampling may have reordered them)
+        keep &= np.isin(np.arange(len(samples.rewards)) // cfg.num_generations, samples.informative_groups())
+    if cfg.mask_truncated:
+        keep &= samples.finished
+    return np.flatnonzero(keep).tolist()
 
-        # 6. periodic evaluation and checkpoint
-        done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.total_steps:
-            run_eval(done)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.total_steps:
-            checkpoint(done)
 
-    # ---------------------------------------------------------------- finish
-    logged = start_step == cfg.total_steps and (run_dir / "eval.jsonl").is_file() and any(
-        json.loads(line)["step"] == cfg.total_steps for line in (run_dir / "eval.jsonl").read_text().splitlines())
-    last_eval = None if logged else run_eval(cfg.total_steps)  # a resume that only has final/ left to write
-    checkpoint(cfg.total_steps)
-    final_dir = run_dir / "final"
-    if main_rank:
-        save_dtype = checkpoint_dtype(cfg.model) if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
-        save_final(sampling_model, final_dir, save_dtype)  # with LoRA: the adapter, as peft saves it
-        tokenizer.save_pretrained(final_dir)
-        card = dict(config=dataclasses.asdict(cfg), last_eval=last_eval, first_eval=first_eval,
-                    step=cfg.total_steps, run_name=run_dir.resolve().name)
-        write_model_card(final_dir, adapter=bool(cfg.lora_r), **card)
-        if cfg.lora_r and cfg.save_merged:
-            merged = copy.deepcopy(policy).merge_and_unload()
-            save_final(merged, run_dir / "final-merged", save_dtype)
-            tokenizer.save_pretrained(run_dir / "final-merged")
-            write_model_card(run_dir / "final-merged", adapter=False, **card)
-        if first_eval and last_eval:
-            print("held-out greedy accuracy, start -> end: " + "  ".join(
-                f"{k} {first_eval[k]['accuracy']:.1%} -> {last_eval[k]['accuracy']:.1%}" for k in last_eval))
-        print(f"saved final policy and its model card to {final_dir}")
-    trackers.close()
-    barrier(dist_info)
-    return {"first_eval": first_eval, "last_eval": last_eval, "run_dir": str(run_dir)}
+def optimizer_steps(optimizer) -> int:
+    """How many steps the optimizer has taken (Adam keeps a per-parameter step count)."""
+    for state in optimizer.state.values():
+        return int(state.get("step", 0))
+    return 0
+
+
+def plain_update(policy, reference, optimizer, kept: StepSamples, advantages: torch.Tensor, cfg: Config) -> dict:
+    """--plain-update: the plain reference update (e2h_min/reference_update.py) instead of the fast one; the same
+    parameter change (tests/test_reference_update.py), none of the savings, and only its loss is logged."""
+    if not kept.completions:  # --drop-zero-std or --mask-truncated left nothing to train on
+        return {"loss": 0.0, "skipped_updates": 0}
+    loss = grpo_update_plain(policy, reference, optimizer, kept.prompt_ids, kept.completions, advantages, cfg)
+    return {"loss": loss, "skipped_updates": 0}
+
+
+def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, learn_from: torch.Tensor, cfg: Config,
+                          device, autocast, value_head, dist_info: DistInfo, log, limits: MicroBatchLimits
+                          ) -> tuple[dict, MicroBatchLimits]:
+    """The update (update.policy_update; ppo.ppo_update under --advantage ppo, which learns from the rewards
+    rather than advantages); returns (its diagnostics, the micro-batch limits for the rest of the run). On a CUDA
+    out-of-memory error it halves the limits (rows, and tokens if capped) and retries.
+
+    The retry is exact (the loss weights do not depend on the micro-batch size) as long as no optimizer step was
+    taken yet; an OOM in a later iteration of --num-iterations > 1 is re-raised. Under torchrun it is re-raised
+    too: the other ranks are already waiting in the update's next collective, and a retry on one rank alone
+    would start its collectives over out of step with them (a mismatch or a hang).
+    """
+    while True:
+        steps_before = optimizer_steps(optimizer)
+        try:
+            if cfg.plain_update:
+                return plain_update(policy, reference, optimizer, kept, learn_from, cfg), limits
+            if cfg.advantage == "ppo":
+                return ppo_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, learn_from,
+                                  kept.sampler_logprobs, cfg, device, autocast, value_head, dist_info,
+                                  limits=limits), limits
+            return policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, learn_from,
+                                 kept.sampler_logprobs, cfg, device, autocast, dist_info, limits=limits), limits
+        except torch.OutOfMemoryError:
+            if limits.rows == 1 or optimizer_steps(optimizer) != steps_before or dist_info.enabled:
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            limits = limits.halved()
+            log(f"warning: out of memory in the update; retrying with --micro-batch-size {limits.rows}"
+                + (f" --micro-batch-tokens {limits.tokens}" if limits.tokens else ""))
 
 
 def check_not_diverged(policy, sampling_model, value_head, probe_prompt: list[list[int]], step: int, cfg: Config,
@@ -649,58 +492,171 @@ def check_not_diverged(policy, sampling_model, value_head, probe_prompt: list[li
         raise DivergedError(divergence_message(step, cfg.lr, what, run_dir))
 
 
-def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, advantages, cfg: Config, device,
-                          autocast, value_head, dist_info: DistInfo, log) -> dict:
-    """policy_update; on a CUDA out-of-memory error, halve --micro-batch-size (and --micro-batch-tokens, if set)
-    for the rest of the run and retry.
-
-    The retry is exact (the loss weights do not depend on the micro-batch size) as long as no optimizer step was
-    taken yet; an OOM in a later iteration of --num-iterations > 1 is re-raised. Under torchrun it is re-raised
-    too: the other ranks are already waiting in the update's next collective, and a retry on one rank alone
-    would start its collectives over out of step with them (a mismatch or a hang).
-    """
-    while True:
-        steps_before = optimizer_steps(optimizer)
-        try:
-            return policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, advantages,
-                                 kept.sampler_logprobs, cfg, device, autocast, value_head, dist_info)
-        except torch.OutOfMemoryError:
-            if cfg.micro_batch_size == 1 or optimizer_steps(optimizer) != steps_before or dist_info.enabled:
-                raise
-            optimizer.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            cfg.micro_batch_size = max(1, cfg.micro_batch_size // 2)
-            if cfg.micro_batch_tokens:  # 0 means no cap; a set budget halves but stays a cap
-                cfg.micro_batch_tokens = max(1, cfg.micro_batch_tokens // 2)
-            log(f"warning: out of memory in the update; retrying with --micro-batch-size {cfg.micro_batch_size}"
-                + (f" --micro-batch-tokens {cfg.micro_batch_tokens}" if cfg.micro_batch_tokens else ""))
-
-
-def optimizer_steps(optimizer) -> int:
-    """How many steps the optimizer has taken (Adam keeps a per-parameter step count)."""
-    for state in optimizer.state.values():
-        return int(state.get("step", 0))
-    return 0
+def step_metrics(run: Run, step: int, level_p: list[float], lr: float, update: dict, rolled: StepRollout,
+                 samples: StepSamples, trained: int, sequence_kl_values, rollout_seconds: float,
+                 update_seconds: float) -> dict:
+    """The step's metrics.jsonl row, over every rank's samples (TRL's names where they exist)."""
+    dist_info, G, names = run.dist_info, run.cfg.num_generations, run.task.level_names()
+    per_sample = gather_lists([(float(r), int(k), len(c), bool(f)) for r, k, c, f in zip(
+        samples.rewards, samples.levels, samples.completions, samples.finished)], dist_info)
+    all_rewards, levels, lengths, finished = (np.array(column) for column in zip(*per_sample))
+    group_counts = gather_lists([len(rolled.informative_groups), rolled.sampled_groups, trained,
+                                 len(samples.rewards)], dist_info)  # per rank: 4 counts
+    correct = np.array([run.task.is_correct(r) for r in all_rewards])
+    rollout_seconds = max(gather_lists([rollout_seconds], dist_info))
+    row = {"step": step + 1, "lr": lr, **update,
+           "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+           "accuracy": float(correct.mean()), "level_probs": [round(p, 6) for p in level_p],
+           "level_counts": [int((levels == k).sum() // G) for k in range(run.task.num_levels)],
+           "completion_length_mean": float(lengths.mean()), "clipped_ratio": float((~finished).mean()),
+           "frac_reward_zero_std": 1.0 - sum(group_counts[0::4]) / sum(group_counts[1::4]),
+           "resample_rounds": rolled.resample_rounds,
+           "trained_fraction": sum(group_counts[2::4]) / sum(group_counts[3::4]),
+           "rollout_seconds": rollout_seconds, "update_seconds": update_seconds,
+           "tokens_per_second": float(lengths.sum() / rollout_seconds)}
+    if sequence_kl_values is not None:  # per-token mean, comparable with the in-loss KL metric
+        kl_sums = gather_lists([float(sequence_kl_values.sum())], dist_info)
+        row["kl"] = sum(kl_sums) / max(1, int(lengths.sum()))
+    for k in sorted(set(levels.tolist())):
+        row[f"reward/{names[k]}"] = float(all_rewards[levels == k].mean())
+        row[f"accuracy/{names[k]}"] = float(correct[levels == k].mean())
+    return row
 
 
-@torch.no_grad()
-def reference_sequence_kl(reference, samples: StepSamples, cfg: Config, device, autocast) -> torch.Tensor:
-    """sum_t KL_t(pi || pi_ref) per sample [N] (float64), from the sampler's log-probs, for --kl-in-reward."""
-    out = torch.zeros(len(samples.completions), dtype=torch.float64)
-    shared = shared_prompts_for(reference.model, samples.prompt_ids, cfg)
-    kv = None
-    for rows, batch in pack_micro_batches(samples.prompt_ids, samples.completions, cfg.micro_batch_size,
-                                          cfg.micro_batch_tokens, shared, device):
-        with autocast(), reference.context():
-            if shared is not None and kv is None:
-                kv = shared.keys_values(reference.model)
-            ref, _ = completion_logprobs(reference.model, batch, cfg.temperature, prompt_kv=kv)
-        logp = torch.zeros_like(ref)
-        for j, i in enumerate(rows):
-            logp[j, :len(samples.sampler_logprobs[i])] = torch.tensor(samples.sampler_logprobs[i], device=device)
-        out[rows] = sequence_kl(logp, ref, batch["completion_mask"], kl_estimator_for(cfg)).double().cpu()
-    return out
+def log_step(run: Run, row: dict, samples: StepSamples, log_every: int) -> None:
+    """metrics.jsonl, the trackers and (every --log-completions-every steps) completions.jsonl on rank 0; the
+    console line every log_every steps."""
+    cfg, step = run.cfg, row["step"]
+    if run.dist_info.is_main:
+        append_jsonl(run.run_dir / "metrics.jsonl", row)
+        run.trackers.log_metrics(row)
+        if cfg.log_completions_every and step % cfg.log_completions_every == 0:
+            log_completions(run.run_dir, step, samples)
+    if should_log(step, cfg.total_steps, log_every):
+        run.log(console_line(row, run.task.level_names(), cfg.total_steps, kl_computed=run.reference is not None,
+                             clipping_possible=cfg.num_iterations > 1))
+
+
+def finish(run: Run, first_eval: dict | None) -> dict:
+    """The last evaluation and checkpoint, then final/: the policy (with LoRA its adapter; --save-merged adds
+    final-merged/) in the base model's dtype, the tokenizer and a model card."""
+    cfg, run_dir = run.cfg, run.run_dir
+    logged = run.start_step == cfg.total_steps and (run_dir / "eval.jsonl").is_file() and any(
+        json.loads(line)["step"] == cfg.total_steps for line in (run_dir / "eval.jsonl").read_text().splitlines())
+    last_eval = None if logged else run_eval(run, cfg.total_steps)  # a resume that only has final/ left to write
+    checkpoint(run, cfg.total_steps)
+    final_dir = run_dir / "final"
+    if run.dist_info.is_main:
+        save_dtype = checkpoint_dtype(cfg.model) if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
+        save_final(run.sampling_model, final_dir, save_dtype)  # with LoRA: the adapter, as peft saves it
+        run.tokenizer.save_pretrained(final_dir)
+        card = dict(config=dataclasses.asdict(cfg), last_eval=last_eval, first_eval=first_eval,
+                    step=cfg.total_steps, run_name=run_dir.resolve().name)
+        write_model_card(final_dir, adapter=bool(cfg.lora_r), **card)
+        if cfg.lora_r and cfg.save_merged:
+            merged = copy.deepcopy(run.policy).merge_and_unload()
+            save_final(merged, run_dir / "final-merged", save_dtype)
+            run.tokenizer.save_pretrained(run_dir / "final-merged")
+            write_model_card(run_dir / "final-merged", adapter=False, **card)
+        if first_eval and last_eval:
+            print("held-out greedy accuracy, start -> end: " + "  ".join(
+                f"{k} {first_eval[k]['accuracy']:.1%} -> {last_eval[k]['accuracy']:.1%}" for k in last_eval))
+        print(f"saved final policy and its model card to {final_dir}")
+    run.trackers.close()
+    barrier(run.dist_info)
+    return {"first_eval": first_eval, "last_eval": last_eval, "run_dir": str(run_dir)}
+
+
+def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset: tuple | None = None) -> dict:
+    """The run, in run_dir (already claimed by main). preset: (config.Preset, the values it set), for the
+    start-up line that says which settings came from the model's preset."""
+    # ---------------------------------------------------------------- setup
+    cfg, resume_from, already_finished = resume_point(cfg, run_dir)
+    if already_finished:
+        tqdm.write(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, "
+                   f"or a longer one with --out-dir, to train further)")
+        return {"first_eval": None, "last_eval": None, "run_dir": str(run_dir), "already_finished": True}
+    run = setup(cfg, task, sampler, run_dir, preset, resume_from)
+    cfg, dist_info, policy, optimizer = run.cfg, run.dist_info, run.policy, run.optimizer
+    log_every = resolve_log_every(cfg.log_every, cfg.total_steps)
+    limits = MicroBatchLimits(cfg.micro_batch_size, cfg.micro_batch_tokens)  # an OOM retry halves them for good
+    first_eval = run_eval(run, run.start_step) if run.start_step == 0 else None
+    nonfinite_in_a_row = 0
+    # ---------------------------------------------------------------- the loop
+    bar = tqdm(range(run.start_step, cfg.total_steps), initial=run.start_step, total=cfg.total_steps,
+               desc="train", disable=not dist_info.is_main)
+    for step in bar:
+        seed_step(cfg.seed, dist_info.rank, step, run.generator)
+
+        # 1. curriculum: p_t over levels, then each prompt slot's level and problem (the same on every rank)
+        level_p = sampler.probs(step)
+        draw = sampler.sample(step, cfg.prompts_per_step)
+
+        # 2. rollout and rewards: G samples per prompt, scored in float64 (each rank rolls out its share);
+        #    --dynamic-sampling redraws prompts (same p_t) until every group is informative
+        t0 = time.perf_counter()
+        rolled = roll_out(run, step, draw)
+        samples = rolled.samples
+        rollout_seconds = time.perf_counter() - t0
+
+        # 3. advantages: group-relative over the whole step; the curriculum learns each level's mean |A|
+        rewards = torch.tensor(samples.rewards, dtype=torch.float64)
+        advantages, sequence_kl_values = step_advantages(run, samples, rewards, limits)
+
+        # 4. policy update on the samples that train (--drop-zero-std, --mask-truncated leave some out);
+        #    PPO learns from the rewards (its GAE makes per-token advantages)
+        t1 = time.perf_counter()
+        trained = rows_to_train(samples, cfg)
+        kept = samples.select(trained)
+        learn_from = (rewards if cfg.advantage == "ppo" else advantages)[trained].float()
+        update, limits = update_with_oom_retry(policy, run.reference, optimizer, kept, learn_from, cfg, run.device,
+                                               run.autocast, run.value_head, dist_info, run.log, limits)
+        lr_used = run.scheduler.get_last_lr()[0]
+        run.scheduler.step()
+        if is_sharded(policy):
+            refresh_full_copy(policy, run.sampling_model)
+            if step == run.start_step:
+                log_sharded_memory(policy, run.sampling_model, optimizer, dist_info, run.log)
+        update_seconds = time.perf_counter() - t1
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
+        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise DivergedError(f"non-finite gradients in {nonfinite_in_a_row} updates in a row (step "
+                                f"{step + 1}); lower --lr or check the model's dtype. Checkpoints are in {run_dir}")
+        if update["skipped_updates"]:
+            run.log(f"warning: step {step + 1}: non-finite gradient, update skipped")
+        check_not_diverged(policy, run.sampling_model, run.value_head, kept.prompt_ids[:1] or samples.prompt_ids[:1],
+                           step + 1, cfg, run_dir, run.device, run.autocast, dist_info)
+
+        # 5. log: one JSON line per step (rank 0, over every rank's samples), one console line
+        row = step_metrics(run, step, level_p, lr_used, update, rolled, samples, len(trained), sequence_kl_values,
+                           rollout_seconds, update_seconds)
+        log_step(run, row, samples, log_every)
+        bar.set_postfix({"reward": f"{row['reward_mean']:.3f}", "acc": f"{row['accuracy']:.2f}"})  # + tqdm's ETA
+
+        # 6. periodic evaluation and checkpoint
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.total_steps:
+            run_eval(run, done)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.total_steps:
+            checkpoint(run, done)
+
+    # ---------------------------------------------------------------- finish
+    return finish(run, first_eval)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    cfg, preset, preset_values = resolve_config(argv)
+    require_peft(cfg.lora_r)  # before anything heavy: the paper preset turns LoRA on
+    require_trackers(parse_report_to(cfg.report_to))  # a missing optional package fails here, before any model loads
+    task, sampler = load_task(cfg)  # the data and the schedule are checked before anything is written
+    check_context(max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0), context_length(cfg.model))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes (and owns) the run directory
+        return train(cfg, task, sampler, Path(cfg.resume or cfg.out_dir or default_run_dir(cfg)),
+                     (preset, preset_values))
+    run_dir, lock = claim_run_dir(cfg, tqdm.write)  # created, writable and locked for this run, or a UserError
+    with lock:
+        return train(cfg, task, sampler, run_dir, (preset, preset_values))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """One full GRPO training step, timed phase by phase: rollout, reward, reference log-probs, update.
 
 The step is assembled from the real code, in train.py's order: LevelSampler -> encode_prompts -> rollout.generate
--> score_rollout -> compute_advantages -> train.policy_update (whose reference pass, with --beta > 0, is a
+-> score_rollout -> compute_advantages -> update.policy_update (whose reference pass, with --beta > 0, is a
 models.Reference from frozen_copy). The columns, all in the same run, differ in the sampler and the update:
   before       the step before issue 3: the sampler as it was (e2h_min/rollout.py at --old-commit, read with
                `git show` and imported from a temporary file; skipped with a note when git or that commit is not
@@ -32,7 +32,7 @@ completion length n (S = p + n):
             decode (n - 1 fed tokens)  sum_j [2 N_t + 2 N_h + A (p + j + 1)],  j = 0 .. n-2
   reference forward, whole layout      2 N_t S + 2 N_h n + A S(S+1)/2
             shared-prompt layout       per prompt 2 N_t (p-1) + A (p-1)p/2, per row sum_j [2 N_t + 2 N_h + A (p+j)]
-  update    forward + backward         3 x the forward figure, over the rows it runs (train.samples_to_run)
+  update    forward + backward         3 x the forward figure, over the rows it runs (update_batches.samples_to_run)
 The matmul terms match torch.utils.flop_counter.FlopCounterMode on completion_logprobs exactly (forward, and
 forward + backward, which adds the LM head's checkpoint recompute, 2 N_h n, when the logits are big enough to be
 checkpointed; that recompute is not model FLOPs).
@@ -66,12 +66,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402  (policy_update, seed_step: the trainer's own step code)
+import train  # noqa: E402  (seed_step: the trainer's own step code)
 from e2h_min.config import UserError, parse_config, schedule_params  # noqa: E402
 from e2h_min.curriculum import LevelSampler  # noqa: E402
 from e2h_min.decoders import lean_decoder_unsupported_reason  # noqa: E402
 from e2h_min.evaluation import encode_prompts, eos_token_ids, score_rollout  # noqa: E402
 from e2h_min.logprobs import pack_micro_batches  # noqa: E402
+from e2h_min.update import policy_update  # noqa: E402
+from e2h_min.update_batches import samples_to_run, shared_prompts_for  # noqa: E402
 from e2h_min.losses import compute_advantages  # noqa: E402
 from e2h_min.models import Reference, frozen_copy, load_model, load_tokenizer, pick_device  # noqa: E402
 from e2h_min.rollout import StopChecker, generate  # noqa: E402
@@ -158,7 +160,7 @@ def step_flops(shape: dict, prompt_lengths: list[int], group: int, completion_le
     """Model FLOPs of one step's phases (formulas in the module docstring); reference 0 without a reference model.
 
     prompt_lengths: P distinct prompts; completion_lengths: N = P * group, row i from prompt i // group.
-    run: the rows the update runs (train.samples_to_run); shared: the update uses the shared-prompt layout.
+    run: the rows the update runs (update_batches.samples_to_run); shared: the update uses the shared-prompt layout.
     The reference pass runs every row (a KL term in the loss means no row is skipped).
     Example: N_t = 10, N_h = 2, A = 0, one prompt of 3 tokens, G = 1, one completion of 2 tokens ->
              rollout 2*10*3 + 2*2 + (2*10 + 2*2) * 1 = 88; whole layout: reference 2*10*5 + 2*2*2 = 108,
@@ -220,8 +222,8 @@ def run_step(ctx: dict, variant: dict, index: int) -> dict:
                  else None)
     update_cfg = dataclasses.replace(cfg, **variant["update"])
     with PhaseTimer(device) as t:
-        train.policy_update(policy, reference, ctx["optimizer"], [p for p in prompt_ids for _ in range(G)],
-                            completions, advantages, sampler_logprobs, update_cfg, device, ctx["autocast"])
+        policy_update(policy, reference, ctx["optimizer"], [p for p in prompt_ids for _ in range(G)],
+                      completions, advantages, sampler_logprobs, update_cfg, device, ctx["autocast"])
     seconds["reference"] = reference_timer.seconds
     seconds["update"] = t.seconds - reference_timer.seconds
     seconds["step"] = sum(seconds[k] for k in PHASES)
@@ -235,15 +237,15 @@ def run_step(ctx: dict, variant: dict, index: int) -> dict:
 def update_work(shape: dict, prompt_ids: list[list[int]], group: int, completions: list[list[int]], advantages, cfg,
                 policy, with_reference: bool) -> dict:
     """Model FLOPs per phase ("flops") and (token positions the update's forward runs on, the same with padding)
-    ("update_tokens") for one iteration, read off the batches train.policy_update packs for this config.
+    ("update_tokens") for one iteration, read off the batches update.policy_update packs for this config.
 
-    Only the samples train.samples_to_run keeps. Whole-sequence layout: each one's prompt + completion, padded
+    Only the samples update_batches.samples_to_run keeps. Whole-sequence layout: each one's prompt + completion, padded
     per micro-batch. Shared-prompt layout: their distinct prompts minus the last token (padded to the longest),
     then each sample's completion-length suffix.
     """
     rows = [p for p in prompt_ids for _ in range(group)]
-    active = train.samples_to_run(advantages, cfg, kl_in_loss=with_reference and not cfg.kl_in_reward)
-    shared = train.shared_prompts_for(policy, rows, cfg, active)
+    active = samples_to_run(advantages, cfg.skip_zero_advantage, kl_in_loss=with_reference and not cfg.kl_in_reward)
+    shared = shared_prompts_for(policy, rows, cfg, active)
     real = int(shared.prefix_mask.sum()) if shared is not None else 0
     padded = shared.prefix_mask.numel() if shared is not None else 0
     packed = pack_micro_batches(rows, completions, cfg.micro_batch_size, cfg.micro_batch_tokens, shared, "cpu",

@@ -110,6 +110,8 @@ class Config:
                                          "and backward where they cannot change the gradient (no KL in the loss, "
                                          "not ppo)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    plain_update: bool = _f(False, "train with the plain reference update (e2h_min/reference_update.py): the same "
+                                   "parameter change as the fast one, none of its savings; the paper's loss only")
     max_nonfinite_steps: int = _f(3, "abort after this many updates in a row with a non-finite gradient")
     # --- LoRA (needs peft; the paper: r 32, alpha 64, dropout 0.1 on q_proj,v_proj) ---
     lora_r: int = _f(0, "LoRA rank (0 = full fine-tuning; the paper preset sets 32)")
@@ -375,6 +377,11 @@ def validate(cfg: Config) -> None:
     need(cfg.lr > 0, "--lr must be > 0")
     need(0 <= cfg.warmup_steps < cfg.total_steps, "--warmup-steps must be in [0, total_steps)")
     need(cfg.beta >= 0, "--beta (KL coefficient) must be >= 0")
+    need(not cfg.plain_update or (cfg.advantage != "ppo" and cfg.loss_type == "grpo" and not cfg.kl_in_reward
+                                  and cfg.importance_sampling_level == "token" and not cfg.use_bias_correction_kl
+                                  and cfg.kl_estimator in (None, "k3")),
+         "--plain-update writes out the paper's loss only: drop --advantage ppo, --loss-type, --kl-in-reward, "
+         "--importance-sampling-level sequence, --use-bias-correction-kl and --kl-estimator other than k3")
     need(not (cfg.use_bias_correction_kl and cfg.kl_in_reward), "--use-bias-correction-kl weights the KL in the "
          "loss; with --kl-in-reward it has no effect: drop one of the two")
     need(cfg.epsilon > 0, "--epsilon must be > 0")

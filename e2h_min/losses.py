@@ -144,7 +144,8 @@ def policy_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
                       ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """The update's per-token policy loss [N, T]: clipped surrogate + beta * kl_loss_term (KL in the loss, when
     ref_logp is given). Returns (loss, kl [N, T] or None, clip flags). The KL is ADDED: descending it moves pi
-    toward pi_ref. train.policy_update and the exact-gradient table (e2h_min/kl_gradients.py) both use it.
+    toward pi_ref. update.policy_update, ppo.ppo_update and the exact-gradient table (e2h_min/kl_gradients.py)
+    all use it.
     """
     loss, flags = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, mask, level)
     kl = None

@@ -1,4 +1,4 @@
-"""One GRPO update written plainly: read this before train.policy_update.
+"""One GRPO update written plainly: read this before the fast one, update.policy_update (e2h_min/update.py).
 
 It computes the same parameter change as the fast update at the same settings (tests/test_reference_update.py
 checks it to 1e-6), with none of the fast update's savings: every sample is run, each as a whole
@@ -47,10 +47,13 @@ def grpo_update_plain(policy, reference, optimizer, prompt_ids, completions, adv
         positions[i, :len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))  # token j is predicted at P-1+j
         targets[i, :len(c)] = torch.tensor(c)
         mask[i, :len(c)] = 1.0
-    batch = (input_ids, attention_mask, positions, targets, cfg.temperature)
+    device = next(policy.parameters()).device
+    batch = (input_ids.to(device), attention_mask.to(device), positions.to(device), targets.to(device),
+             cfg.temperature)
+    mask = mask.to(device)
     eps_low = cfg.epsilon
     eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
-    A = advantages.float()[:, None]                                      # [N, 1], broadcast over tokens
+    A = advantages.float().to(device)[:, None]                           # [N, 1], broadcast over tokens
     with torch.no_grad():
         old_logp = completion_logprobs_plain(policy, *batch)             # pi_old: the policy that sampled
         if cfg.beta:

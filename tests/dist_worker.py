@@ -164,7 +164,7 @@ def run_update(loss_type: str, dist_info: DistInfo) -> dict:
     stats = train.policy_update(policy, reference if cfg.beta else None, optimizer, [prompts[i] for i in mine],
                                 [completions[i] for i in mine], advantages[mine],
                                 [[0.0] * len(completions[i]) for i in mine], cfg, torch.device("cpu"),
-                                lambda: torch.autocast("cpu", enabled=False), None, dist_info)
+                                lambda: torch.autocast("cpu", enabled=False), dist_info)
     return {"stats": stats, "update": [p.detach() - b for p, b in zip(policy.parameters(), before)]}
 
 

@@ -13,6 +13,7 @@ import torch
 import train
 from e2h_min.config import Config
 from e2h_min.models import ValueHead, frozen_copy
+from e2h_min.ppo import ppo_update
 from tests.test_train import random_model
 
 CPU = torch.device("cpu")
@@ -117,8 +118,8 @@ def run_policy_update(policy, reference, prompts, completions, advantages, cfg, 
     before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])
     optimizer = RecordingSGD(params, lr)
     sampler_logprobs = sampler_logprobs or [[0.0] * len(c) for c in completions]
-    stats = train.policy_update(policy, reference, optimizer, prompts, completions, advantages, sampler_logprobs,
-                                cfg, CPU, NO_AUTOCAST, value_head)
+    args = (policy, reference, optimizer, prompts, completions, advantages, sampler_logprobs, cfg, CPU, NO_AUTOCAST)
+    stats = ppo_update(*args, value_head) if value_head else train.policy_update(*args)  # ppo: advantages = rewards
     after = torch.cat([p.detach().flatten() for p in policy.parameters()])
     return (before - after) / lr, stats, optimizer  # = the gradient when num_iterations == 1
 

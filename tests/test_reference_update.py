@@ -10,7 +10,7 @@ from e2h_min.losses import group_advantages
 from e2h_min.models import frozen_copy
 from e2h_min.reference_update import grpo_update_plain
 from tests.test_shared_prompts import grouped_batch
-from tests.test_train import random_model
+from tests.test_train import random_model, requires_tiny
 
 
 def parameter_change(update, cfg, lr, advantages, rows, completions):
@@ -44,3 +44,34 @@ def test_fast_update_equals_the_plain_reference_update(overrides, lr):
     fast = parameter_change(fast_update, cfg, lr, advantages, rows, completions)
     assert plain.abs().max() > 1e-3  # the update is not trivially zero
     assert torch.allclose(fast, plain, atol=1e-6, rtol=0), (fast - plain).abs().max()
+
+
+@requires_tiny
+def test_plain_update_flag_trains_with_the_reference_update(tmp_path, monkeypatch):
+    """python train.py --plain-update: the loop calls grpo_update_plain (and not the fast update) on the samples
+    it trains, and the weights move."""
+    calls = []
+    real_plain = train.grpo_update_plain
+
+    def recording_plain(policy, reference, optimizer, prompt_ids, completions, advantages, cfg):
+        calls.append(len(completions))
+        before = [p.detach().clone() for p in policy.parameters()]
+        loss = real_plain(policy, reference, optimizer, prompt_ids, completions, advantages, cfg)
+        calls.append(max(float((b - p.detach()).abs().max()) for b, p in zip(before, policy.parameters())))
+        return loss
+
+    monkeypatch.setattr(train, "grpo_update_plain", recording_plain)
+    monkeypatch.setattr(train, "policy_update", None)  # the fast update must not run
+    train.main(["--plain-update", "--total-steps", "1", "--prompts-per-step", "4", "--num-generations", "4",
+                "--max-new-tokens", "16", "--eval-problems", "1", "--eval-every", "0", "--save-every", "0",
+                "--log-completions-every", "0", "--threads", "1", "--beta", "0.05", "--out-dir", str(tmp_path)])
+    assert calls[0] == 16 and calls[1] > 0
+
+
+def test_plain_update_flag_refuses_what_the_plain_update_does_not_write_out():
+    from e2h_min.config import UserError, parse_config
+    for flags in (["--advantage", "ppo"], ["--loss-type", "dapo"], ["--kl-in-reward", "--beta", "0.1"],
+                  ["--importance-sampling-level", "sequence"]):
+        with pytest.raises(UserError, match="--plain-update"):
+            parse_config(["--plain-update", *flags])
+    assert parse_config(["--plain-update", "--advantage", "rloo"]).plain_update  # advantages are the loop's

@@ -1,5 +1,6 @@
-"""Tests for e2h_min/rewards.py: hand-worked format and Countdown cases, safe_arith against Python's own
-arithmetic on generated expressions, a hostile corpus with the per-call time bound, and a property test."""
+"""Tests for e2h_min/rewards.py (the format check) and the Countdown grader (e2h_min/tasks/countdown.py):
+hand-worked format and Countdown cases, safe_arith against Python's own arithmetic on generated expressions, a
+hostile corpus with the per-call time bound, and a property test."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from e2h_min.rewards import (
+from e2h_min.rewards import parse_think_answer
+from e2h_min.tasks.countdown import (
     MAX_LITERAL_DIGITS,
     MAX_NESTING,
+    NUMBERS_PER_LEVEL,
+    CountdownTask,
     countdown_reward,
     evaluate_expression,
-    parse_think_answer,
     safe_arith,
 )
-from e2h_min.tasks.countdown import NUMBERS_PER_LEVEL, CountdownTask
 
 ALLOWED = {0.0, 0.1, 1.0}
 CALL_LIMIT_S = 0.050  # per-call bound required of graders

@@ -14,6 +14,7 @@ from e2h_min.logprobs import (SharedPrompts, completion_logprobs, micro_batches,
                               pack_suffixes)
 from e2h_min.losses import group_advantages, rloo_advantages
 from e2h_min.models import frozen_copy
+from e2h_min.update_batches import MicroBatchLimits
 from tests.test_train import naive_logprobs, random_model
 
 CPU = torch.device("cpu")
@@ -196,20 +197,23 @@ def test_out_of_memory_in_the_update_halves_the_budgets_and_retries_to_the_same_
         real_update, calls, logged = train.policy_update, [], []
 
         def flaky_update(*args, **kwargs):
-            calls.append((cfg.micro_batch_size, cfg.micro_batch_tokens))
+            calls.append((kwargs["limits"].rows, kwargs["limits"].tokens))
             if fail_first and len(calls) == 1:
                 raise torch.OutOfMemoryError("simulated")
             return real_update(*args, **kwargs)
 
         monkeypatch.setattr(train, "policy_update", flaky_update)
         before = [p.detach().clone() for p in policy.parameters()]
-        train.update_with_oom_retry(policy, None, optimizer, samples, advantages, cfg, CPU, NO_AUTOCAST, None,
-                                    train.DistInfo(), logged.append)
+        limits = MicroBatchLimits(cfg.micro_batch_size, cfg.micro_batch_tokens)
+        _, limits = train.update_with_oom_retry(policy, None, optimizer, samples, advantages, cfg, CPU, NO_AUTOCAST,
+                                                None, train.DistInfo(), logged.append, limits)
+        assert (cfg.micro_batch_size, cfg.micro_batch_tokens) == (8, 40)  # the config is never changed
+        calls.append(("after", limits.rows, limits.tokens))
         delta = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, policy.parameters())])
         return delta, calls, logged
 
     retried, calls, logged = run(fail_first=True)
-    assert calls == [(8, 40), (4, 20)]
+    assert calls == [(8, 40), (4, 20), ("after", 4, 20)]  # the halved limits are kept for the rest of the run
     assert logged and "--micro-batch-size 4 --micro-batch-tokens 20" in logged[0]
     direct, _, _ = run(fail_first=False)
     assert torch.allclose(retried, direct, atol=1e-6)

@@ -11,6 +11,7 @@ import train
 from e2h_min.config import Config
 from e2h_min.logprobs import completion_logprobs, micro_batches, pack_sequences
 from e2h_min.models import TINY_MODEL_DIR, ValueHead, frozen_copy
+from e2h_min.ppo import ppo_update
 from e2h_min.rollout import generate
 
 requires_tiny = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),
@@ -101,9 +102,9 @@ def run_update(micro_batch_size, loss_type, beta=0.05, **overrides):
                  max_grad_norm=0.0, temperature=0.9, **overrides)
     before = [p.detach().clone() for p in params]
     sampler_lp = [[0.0] * len(c) for c in completions]
-    stats = train.policy_update(policy, reference, torch.optim.SGD(params, lr=1.0), prompts, completions,
-                                advantages, sampler_lp, cfg, torch.device("cpu"),
-                                lambda: torch.autocast("cpu", enabled=False), value_head)
+    args = (policy, reference, torch.optim.SGD(params, lr=1.0), prompts, completions, advantages, sampler_lp, cfg,
+            torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    stats = ppo_update(*args, value_head) if value_head else train.policy_update(*args)  # ppo: advantages = rewards
     return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)]), stats
 
 

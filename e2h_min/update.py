@@ -1,0 +1,64 @@
+"""The fast GRPO update: the same parameter change as e2h_min/reference_update.py (read that first), with the work
+savings of e2h_min/update_batches.py and the ablation menu (--loss-type, --importance-sampling-level, the KL
+estimators). PPO with a value head and GAE is in e2h_min/ppo.py."""
+
+from __future__ import annotations
+
+import torch
+
+from e2h_min.config import kl_estimator_for
+from e2h_min.diagnostics import UpdateDiagnostics
+from e2h_min.distributed import DistInfo
+from e2h_min.losses import policy_token_loss, token_loss_weights
+from e2h_min.update_batches import (MicroBatchLimits, UpdateBatches, completion_mask, finish_gradients,
+                                    global_counts, samples_to_run)
+
+
+def policy_update(policy, reference, optimizer, prompt_ids, completions, advantages, sampler_logprobs, cfg,
+                  device, autocast, dist_info: DistInfo = DistInfo(), limits: MicroBatchLimits | None = None
+                  ) -> dict:
+    """cfg.num_iterations clipped-surrogate steps on one rollout batch; returns the logged diagnostics.
+
+    prompt_ids / completions: N token lists (this rank's samples); advantages [N], one per sample (grpo,
+    dr_grpo, rloo); sampler_logprobs: N lists of the sampler's per-token log-probs (a numerics check only).
+    reference: a models.Reference, or None (beta = 0). limits: the micro-batch cut (default: from cfg).
+    Per token: loss = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) [+ beta * losses.kl_loss_term], weighted
+    by token_loss_weights, fixed for the whole step from the global counts across ranks, so neither the
+    micro-batch size nor the number of ranks changes the gradient. pi_old is the first pass's log-probs
+    (which the gradient needs anyway): the ratio is exactly 1 on the first iteration.
+    """
+    mask = completion_mask(completions)  # [N, T]
+    num_samples, num_tokens = global_counts(mask, device, dist_info)
+    weights = token_loss_weights(mask, cfg.loss_type, cfg.max_new_tokens, num_samples, num_tokens).to(device)
+    eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
+    kl_in_loss = reference is not None and not cfg.kl_in_reward
+    rows = samples_to_run(advantages, cfg.skip_zero_advantage, kl_in_loss)
+    batches = UpdateBatches(policy, reference, prompt_ids, completions, rows, cfg, device, autocast, dist_info,
+                            limits)
+    stats = UpdateDiagnostics(["kl", "kl_reference"] if kl_in_loss else [], len(rows))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old (before any update of this step)
+    skipped = 0
+    for iteration in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        last = iteration == cfg.num_iterations - 1
+        for mb in batches.micro_batches():
+            logp, entropy = mb.logprobs()  # [R, T] log pi at the sampling temperature, with gradient
+            old = old_logprobs.setdefault(mb.index, logp.detach())  # first pass: ratio exactly 1
+            ref = mb.reference_logprobs() if kl_in_loss else None
+            loss_tok, kl, flags = policy_token_loss(
+                logp, old, advantages[mb.rows].to(device), mb.mask, cfg.epsilon, eps_high,
+                cfg.importance_sampling_level, ref, cfg.beta, kl_estimator_for(cfg), cfg.use_bias_correction_kl)
+            loss = (loss_tok * mb.select(weights)).sum()
+            loss.backward()
+            if last:
+                stats.add(mb, loss, logp, old, entropy, flags, sampler_logprobs, kl, ref)
+        finish_gradients(params, dist_info)  # the prompts' backward has run: the gradients are complete
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # a NaN/inf gradient would poison the weights and Adam's moments: skip this step
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+    return stats.summary(grad_norm, skipped, num_samples, device, dist_info)
+
