@@ -145,11 +145,11 @@ class Config:
 # Settings that make the embedded tiny model learn visibly in a few CPU minutes (the demo preset: applied to the
 # model scripts/build_tiny_model.py built, whatever path names it, only to flags the user did not give). Why each
 # differs from the paper: a 1.8M-parameter model needs a far larger lr (5e-4 and 2e-4 made it forget level 0; 1e-4
-# learned); its completions are ~20-40 tokens; a short run needs a short clock. The schedule is E2H-C (cosine):
-# gaussian(0.5, 0.5) moves its mass to levels 2-3 within a third of a 200-step run, where this model solves 1.5% / 0%,
-# so most groups carry no signal (README results). One torch thread: the model is overhead-bound, and a second thread
-# only waits on a loaded 2-core machine. Micro-batches of 128 rows under a 512-token budget: sorted by length, the
-# update pads ~4% (bench/step.py).
+# learned); its completions are ~20-40 tokens; a short run needs a short clock. The schedule is E2H-C (cosine),
+# which visits every level equally, easy first; at 200 steps and 3 seeds it is not reliably better or worse than
+# balanced or gaussian on L1 (README results: the order changed between two sweeps). One torch thread: the model is
+# overhead-bound, and a second thread only waits on a loaded 2-core machine. Micro-batches of 128 rows under a
+# 512-token budget: sorted by length, the update pads ~4% (bench/step.py).
 DEMO_PRESET: dict[str, Any] = dict(
     schedule="cosine", lr=1e-4, total_steps=200, prompts_per_step=16, max_new_tokens=64, micro_batch_size=128,
     micro_batch_tokens=512,
