@@ -183,10 +183,17 @@ def test_sampled_error_rates_keep_problem_order_across_generation_calls(one_thre
 
 
 @requires_tiny
-def test_label_difficulty_end_to_end_on_the_tiny_model(tmp_path, capsys, one_thread):
+def test_label_difficulty_end_to_end_on_the_tiny_model(tmp_path, capsys, one_thread, monkeypatch):
+    from e2h_min.tasks import label_difficulty
+    dates, real_encode = [], label_difficulty.encode_prompts
+    monkeypatch.setattr(label_difficulty, "today", lambda: "2025-01-31")  # the pass starts on this day
+    monkeypatch.setattr(label_difficulty, "encode_prompts",
+                        lambda tokenizer, task, problems, chat_date=None: dates.append(chat_date)
+                        or real_encode(tokenizer, task, problems, chat_date))
     out = tmp_path / "labelled.jsonl"
     main(["--model", "tiny", "--task", "gsm8k", "--data", UNLABELLED, "--samples", "2", "--max-new-tokens", "16",
-          "--out", str(out), "--device", "cpu", "--threads", "1", "--quiet"])
+          "--out", str(out), "--device", "cpu", "--threads", "1", "--quiet", "--batch-size", "4"])
+    assert len(dates) > 1 and set(dates) == {"2025-01-31"}  # every chunk's prompts carry the pass's one date
     written = [json.loads(line) for line in out.read_text().splitlines()]
     source = [json.loads(line) for line in unlabelled_lines()]
     assert len(written) == len(source) == 8

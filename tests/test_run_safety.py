@@ -373,6 +373,8 @@ def test_label_difficulty_checks_its_output_before_sampling(tmp_path, capsys):
     one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", str(tmp_path)]), "a directory")
     one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", "o.jsonl", "--samples", "10000000"]),
                     "--samples must be <= 65,536 (the limit)")
+    one_line_exit_2(capsys, lambda: label_difficulty.main(base + ["--out", "o.jsonl", "--chat-date", "2025-13-40"]),
+                    "--chat-date must be a date YYYY-MM-DD")
 
 
 @requires_tiny

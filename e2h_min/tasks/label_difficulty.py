@@ -44,8 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from e2h_min.config import (MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS, OneLineErrorParser, UserError,
-                             check_context, check_output_file, exit_on_user_error)
-from e2h_min.evaluation import completion_texts, encode_prompts, eos_token_ids
+                             check_context, check_output_file, exit_on_user_error, is_iso_date)
+from e2h_min.evaluation import completion_texts, encode_prompts, eos_token_ids, today
 from e2h_min.models import context_length, load_model, load_tokenizer, pick_device
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.tasks import FILE_TASKS, Problem, Task, make_task
@@ -160,7 +160,7 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 @torch.no_grad()
 def sample_error_rates(model, tokenizer, task: Task, problems: list[Problem], samples: int, max_new_tokens: int,
                        temperature: float = 1.0, batch_size: int = 256, seed: int = 0,
-                       progress: bool = True) -> list[float]:
+                       progress: bool = True, chat_date: str | None = None) -> list[float]:
     """Error rate of each problem over `samples` sampled completions (share whose reward is not correct).
 
     Prompts go through the sampler in chunks of max(1, batch_size // samples) prompts (batch_size sequences per
@@ -177,8 +177,8 @@ def sample_error_rates(model, tokenizer, task: Task, problems: list[Problem], sa
         for start in range(0, len(problems), per_call):
             chunk = problems[start:start + per_call]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                rollout = generate(model, encode_prompts(tokenizer, task, chunk), samples, max_new_tokens, eos, pad,
-                                   stop_checker=stop_checker, temperature=temperature, generator=generator)
+                rollout = generate(model, encode_prompts(tokenizer, task, chunk, chat_date), samples, max_new_tokens,
+                                   eos, pad, stop_checker=stop_checker, temperature=temperature, generator=generator)
             texts = completion_texts(tokenizer, rollout, stop_checker.stop_strings)
             rates += group_error_rates(task, chunk, texts, samples)
             bar.update(len(chunk))
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--chat-date", default=None, help="YYYY-MM-DD a date-bearing chat template (Llama 3) writes into "
+                   "the prompts (default: today in UTC, fixed for the whole pass)")
     return p
 
 
@@ -225,6 +227,8 @@ def check_args(args: argparse.Namespace) -> None:
                               ("--threads", args.threads, MAX_THREADS)):
         if value > high:
             raise UserError(f"{flag} must be <= {high:,} (the limit), got {value}")
+    if args.chat_date is not None and not is_iso_date(args.chat_date):
+        raise UserError(f"--chat-date must be a date YYYY-MM-DD, got {args.chat_date!r}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     check_output_file(args.out, "--out")  # an unwritable place fails now, not after hours of sampling
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device, trainable=False)
     rates = sample_error_rates(model, tokenizer, task, [p for _, p in problems], args.samples, args.max_new_tokens,
-                               args.temperature, args.batch_size, args.seed, progress=not args.quiet)
+                               args.temperature, args.batch_size, args.seed, progress=not args.quiet,
+                               chat_date=args.chat_date or today())  # one date for every prompt of the pass
     out = labelled_rows(args.task, rows, [i for i, _ in problems], rates)
     write_jsonl(args.out, out)
 
