@@ -57,6 +57,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as `python scripts/build_tiny_model.py` from a plain checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from e2h_min.evaluation import cut_at_stop  # noqa: E402
 from e2h_min.tasks.countdown import CountdownTask  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "e2h_min" / "assets" / "tiny-countdown"
@@ -283,12 +284,14 @@ def greedy_completions(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFa
 
 def evaluate(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, task: CountdownTask,
              problems_per_level: int) -> dict[str, float]:
-    """Greedy accuracy (share with reward above the format reward) on the first TEST problems of every level."""
+    """Greedy accuracy (share with reward above the format reward) on the first TEST problems of every level, each
+    completion scored up to its first </answer> as training scores it (evaluation.cut_at_stop)."""
     accuracy = {}
     for level in tqdm(task.eval_levels, desc="eval"):
         problems = [task.problem(level, i, split="test") for i in range(problems_per_level)]
         completions = greedy_completions(model, tokenizer, [render_prompt(tokenizer, task, p) for p in problems])
-        correct = sum(task.is_correct(task.score(p, c)) for p, c in zip(problems, completions))
+        correct = sum(task.is_correct(task.score(p, cut_at_stop(c, ["</answer>"])))
+                      for p, c in zip(problems, completions))
         accuracy[task.level_names()[level]] = correct / problems_per_level
     return accuracy
 
