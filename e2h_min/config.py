@@ -162,9 +162,9 @@ DEMO_PRESET: dict[str, Any] = dict(
 # start-up line shows the whole recipe; PAPER_TASK_BUDGETS overrides it per task.
 PAPER_RECIPE: dict[str, Any] = dict(
     lora_r=32, lora_alpha=64.0, lora_dropout=0.1, lora_targets="q_proj,v_proj", lr=1e-6, lr_schedule="cosine",
-    num_generations=8, prompts_per_step=8, temperature=1.0, beta=0.001, kl_estimator="k3", epsilon=0.2,
-    max_grad_norm=1.0, total_steps=1600, max_new_tokens=512,
-)
+    num_generations=8, prompts_per_step=8, temperature=1.0, beta=0.001, epsilon=0.2, max_grad_norm=1.0,
+    total_steps=1600, max_new_tokens=512,
+)  # the KL estimator is left to its placement (kl_estimator_for): k3 in the loss as the paper, k1 with --kl-in-reward
 PAPER_TASK_BUDGETS: dict[str, dict[str, Any]] = {
     "math": dict(total_steps=1200, max_new_tokens=1600),
     "blocksworld": dict(total_steps=1200),
@@ -360,8 +360,9 @@ def validate(cfg: Config) -> None:
     need(cfg.scale_rewards in ("group", "batch", "none"), "--scale-rewards must be group, batch or none")
     need(cfg.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant")
     need(cfg.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp (got {cfg.parallel})")
-    need(cfg.parallel != "fsdp" or not cfg.lora_r, "--parallel fsdp shards full fine-tuning; LoRA trains few "
-                                                   "weights: drop --lora-r or use --parallel ddp")
+    need(cfg.parallel != "fsdp" or not cfg.lora_r, f"--parallel fsdp shards full fine-tuning, but LoRA is on "
+                                                   f"(--lora-r {cfg.lora_r}; the paper preset turns it on): pass "
+                                                   f"--lora-r 0, or use --parallel ddp for LoRA")
     need(cfg.parallel != "fsdp" or cfg.advantage != "ppo", "--parallel fsdp does not support --advantage ppo yet "
                                                            "(its value head); use --parallel ddp")
     need(cfg.num_generations >= 2, f"--num-generations must be >= 2 for group-relative advantages "

@@ -44,6 +44,12 @@ def test_a_qwen25_shaped_model_gets_the_paper_recipe_with_the_task_budgets(tmp_p
             (1e-6, "cosine", 8, 8, 0.001, "k3")
         line = describe_preset(preset, applied)
         assert all(f"--{k.replace('_', '-')} {v}" in line for k, v in applied.items())  # every value it set
+    # the estimator follows the KL's placement under the preset too: k1 when the KL is in the reward
+    assert resolve_config(["--model", model, "--kl-in-reward"])[0].kl_estimator == "k1"
+    # FSDP is full fine-tuning: the preset's LoRA is named in the one-line refusal, with the way out
+    with pytest.raises(UserError, match="the paper preset turns it on.*--lora-r 0"):
+        resolve_config(["--model", model, "--parallel", "fsdp"])
+    assert resolve_config(["--model", model, "--parallel", "fsdp", "--lora-r", "0"])[0].lora_r == 0
 
 
 def test_llama_architecture_and_paper_hub_ids_get_the_paper_recipe_other_models_none(tmp_path):
