@@ -41,7 +41,7 @@ from e2h_min.config import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS,
                              OneLineErrorParser, UserError, check_context, check_output_dir, exit_on_user_error,
                              is_iso_date)
 from e2h_min.jsonl import parse_json
-from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout
+from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout, today
 from e2h_min.models import (context_length, load_model, load_tokenizer, peft_building, pick_device,
                             resolve_model_name)
 from e2h_min.passk import mean_pass_at_k
@@ -86,6 +86,7 @@ def find_model(name: str) -> tuple[str, dict | None, int | None]:
     """Where to load `name` from, plus the training config and step when it is (part of) a run.
 
     run directory        -> RUN/final, else its newest checkpoint; config from RUN/config.json
+    RUN/final(-merged)   -> itself; config from RUN/config.json, step = its total_steps
     checkpoint directory -> itself; config and step from its trainer_state.json
     model directory, hub id or alias -> itself, no config.
     Example: find_model("runs/cd") == ("runs/cd/final", {...config.json...}, 120)
@@ -99,6 +100,10 @@ def find_model(name: str) -> tuple[str, dict | None, int | None]:
     if (path / "trainer_state.json").is_file():
         state = _read_json(path / "trainer_state.json")
         return str(path), state.get("config"), state.get("step")
+    run_dir = owning_run(path)
+    if run_dir is not None and path.name in ("final", "final-merged"):  # a run's saved policy: the run's settings
+        run_config = _read_run_config(run_dir)
+        return str(path), run_config, run_config.get("total_steps")
     run_config = _read_run_config(path)
     if run_config is None:
         return str(path), None, None
@@ -270,9 +275,8 @@ def format_table(report: dict) -> str:
 
 def run_eval_line(loaded_from: str, run_config: dict | None, step: int | None) -> dict | None:
     """The line of the run's eval.jsonl logged at `step`, when a run's final policy or checkpoint is evaluated."""
-    loaded = Path(loaded_from)
-    run_dir = loaded.parent if loaded.name == "final" else loaded.parent.parent
-    if run_config is None or step is None or not (run_dir / "eval.jsonl").is_file():
+    run_dir = owning_run(Path(loaded_from))
+    if run_config is None or step is None or run_dir is None or not (run_dir / "eval.jsonl").is_file():
         return None
     for line in reversed((run_dir / "eval.jsonl").read_text().splitlines()):
         try:
@@ -333,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("--temperature and --top-p must be finite numbers")
     if settings["chat_date"] is not None and not is_iso_date(settings["chat_date"]):
         raise UserError(f"--chat-date must be a date YYYY-MM-DD, got {settings['chat_date']!r}")
+    settings["chat_date"] = settings["chat_date"] or today()  # one date for every prompt, recorded in report.json
     if args.samples and not args.pass_k:
         raise UserError("--samples is for pass@k: add --pass-k K [K ...] (e.g. --pass-k 1 8 --samples 8)")
     samples = args.samples or (max(args.pass_k) if args.pass_k else None)

@@ -40,6 +40,15 @@ def test_eval_writes_next_to_what_it_evaluates(tmp_path):
         Path("eval") / "Qwen2.5-1.5B-Instruct-countdown"
 
 
+def test_a_runs_final_policy_is_evaluated_with_the_runs_settings(tmp_path):
+    run = fake_run(tmp_path / "runs" / "cd")
+    for saved in ("final", "final-merged"):  # named directly: still the run's policy, config and step
+        path, config, step = evaluate_cli.find_model(str(run / saved))
+        assert (path, config["schedule"], step) == (str(run / saved), "cosine", 4)
+    (run / "eval.jsonl").write_text(json.dumps({"step": 4, "L0/accuracy": 0.5}) + "\n")
+    assert evaluate_cli.run_eval_line(str(run / "final-merged"), {"total_steps": 4}, 4)["L0/accuracy"] == 0.5
+
+
 def test_report_table_shows_greedy_accuracy_and_pass_at_k_per_level():
     found = {"step": 200, "task": "countdown", "n": 100,
              "greedy": {"L0": {"accuracy": 0.5}, "OOD": {"accuracy": 0.0}},
