@@ -135,7 +135,8 @@ class Config:
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")
     # --- system ---
     resume: Optional[str] = _f(None, "continue the run in this directory from its latest checkpoint")
-    overwrite: bool = _f(False, "let --out-dir replace an earlier run there (its logs and checkpoints are deleted)")
+    overwrite: bool = _f(False, "let --out-dir replace an earlier run there (its logs, checkpoints, saved policies, "
+                                   "eval.py results and tracker files are deleted)")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     threads: int = _f(0, "CPU threads for torch (0 = torch default)")
     parallel: str = _f("ddp", "under torchrun: ddp (every rank holds the whole model; gradients summed) or fsdp "

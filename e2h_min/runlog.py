@@ -25,6 +25,9 @@ LOCK_FILE = ".lock"
 # What a train.py run writes into its directory; a directory holding any of these holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "completions.jsonl", "checkpoints", "final",
              "final-merged")
+# What else belongs to a run (written by eval.py, the report and the trackers): --overwrite deletes these too, so
+# the new run's report never shows the old run's results.
+RUN_EXTRAS = ("eval", "report", "tensorboard", "wandb", "wandb_run_id")
 
 # Fields that may differ when resuming: they change bookkeeping or speed, not what the run computes.
 RESUME_SAFE_FIELDS = {"resume", "out_dir", "eval_every", "eval_problems", "eval_max_new_tokens", "save_every",
@@ -172,7 +175,7 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
                 lock.release()
                 raise UserError(f"--out-dir {run_dir} holds an earlier run; pass --resume {run_dir} to continue "
                                 f"it, --overwrite to replace it, or another --out-dir")
-            for name in RUN_FILES:
+            for name in RUN_FILES + RUN_EXTRAS:
                 target = run_dir / name
                 if target.is_dir():
                     shutil.rmtree(target)

@@ -162,8 +162,12 @@ def test_same_command_twice_keeps_both_runs(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and "holds an earlier run" in err
     assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == snapshot
+    (first / "eval" / "final").mkdir(parents=True)  # what eval.py wrote about the old run's policy
+    (first / "eval" / "final" / "report.json").write_text("{}")
+    (first / "wandb_run_id").write_text("oldrun01")
     train.main(QUICK + ["--out-dir", str(first), "--overwrite"])  # asked for: replaced
     assert [r["step"] for r in read_jsonl(first / "metrics.jsonl")] == [1, 2, 3]
+    assert not (first / "eval").exists() and not (first / "wandb_run_id").exists()  # nothing of the old run left
 
 
 @requires_tiny
