@@ -54,13 +54,14 @@ def grpo_update_plain(policy, reference, optimizer, prompt_ids, completions, adv
     eps_low = cfg.epsilon
     eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
     A = advantages.float().to(device)[:, None]                           # [N, 1], broadcast over tokens
-    with torch.no_grad():
-        old_logp = completion_logprobs_plain(policy, *batch)             # pi_old: the policy that sampled
-        if cfg.beta:
-            with reference.context():
-                ref_logp = completion_logprobs_plain(reference.model, *batch)
+    if cfg.beta:
+        with torch.no_grad(), reference.context():
+            ref_logp = completion_logprobs_plain(reference.model, *batch)
+    old_logp = None
     for _ in range(cfg.num_iterations):
         logp = completion_logprobs_plain(policy, *batch)                 # [N, T], with gradient
+        if old_logp is None:  # pi_old, the policy that sampled: this first pass (same dropout draw as logp)
+            old_logp = logp.detach()
         ratio = torch.exp(logp - old_logp)                               # exactly 1 on the first iteration
         loss_tok = -torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
         if cfg.beta:

@@ -28,16 +28,18 @@ def fast_update(policy, reference, optimizer, rows, completions, advantages, cfg
 
 
 @pytest.mark.parametrize("overrides, lr", [
-    ({}, 1.0),                                   # the defaults: beta 0, one iteration
+    ({}, 1.0),                                   # the defaults: beta 0.001 (k3 in the loss), one iteration
+    ({"beta": 0.0}, 1.0),                        # no KL: the fast path skips the two constant groups' samples
     ({"beta": 0.05}, 1.0),                       # k3 KL in the loss: every sample runs
     ({"num_iterations": 2}, 0.3),                # the second iteration's ratios != 1: about 2/3 of tokens clipped
+    ({"num_iterations": 2, "beta": 0.0}, 0.3),   # two iterations with skipped samples
     ({"num_iterations": 2, "beta": 0.05, "epsilon_high": 0.28}, 0.3),
 ])
 def test_fast_update_equals_the_plain_reference_update(overrides, lr):
     rows, completions = grouped_batch()
     completions[0] = [3]  # a one-token completion (the EOS alone) must still move the weights
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
-    advantages = group_advantages(rewards, 3).float()  # two constant groups: the fast path skips their samples
+    advantages = group_advantages(rewards, 3).float()  # two constant groups: skipped by the fast path without a KL in the loss
     cfg = Config(num_generations=3, max_new_tokens=8, temperature=0.9, micro_batch_size=4, micro_batch_tokens=9,
                  max_grad_norm=0.0, **overrides)
     plain = parameter_change(grpo_update_plain, cfg, lr, advantages, rows, completions)
