@@ -63,5 +63,6 @@ class UpdateDiagnostics:
                "update_sample_share": totals.pop("active_samples", 0.0) / max(num_samples, 1.0), **(extra or {})}
         out.update({k: v / tokens for k, v in totals.items()})
         out["clip_ratio"] = out.get("clip_ratio/clipped_low", 0.0) + out.get("clip_ratio/clipped_high", 0.0)
-        out.setdefault("kl", out.get("kl_reference", 0.0))
-        return out
+        if "kl_reference" in out:  # PPO with the KL in its reward: the policy's k3 to the reference on these tokens
+            out.setdefault("kl", out["kl_reference"])
+        return out  # no reference model (beta 0): no kl field at all, rather than a 0 that was never measured

@@ -318,7 +318,7 @@ def plot_training(runs: list[Run], path: Path, window: int) -> None:
     for ax, (key, title) in zip(axes.flat, panels):
         drawn = False
         for run, color in zip(runs, _run_colors(len(runs))):
-            if key == "kl" and run.config.get("beta") == 0:  # no reference model: train.py logs a placeholder 0
+            if key == "kl" and run.config.get("beta") == 0:  # no reference (runs from before this was unlogged: 0)
                 continue
             steps, values = series(run.metrics, key) if run.metrics else (np.array([]), np.array([]))
             if not np.isfinite(values).any():
