@@ -200,6 +200,7 @@ def setup(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         if cfg.prompts_per_step % dist_info.world_size:
             raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the "
                             f"{dist_info.world_size} ranks (each rank rolls out an equal share)")
+    run_dir = Path(gather_lists([str(run_dir)], dist_info)[0])  # rank 0's claimed folder (maybe a fresh "-2")
     if cfg.chat_date is None:  # a new run's prompts are dated today (UTC), rank 0's date on every rank
         cfg = dataclasses.replace(cfg, chat_date=gather_lists([today()], dist_info)[0])
     main_rank = dist_info.is_main
@@ -462,7 +463,8 @@ def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, learn
             return policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, learn_from,
                                  kept.sampler_logprobs, cfg, device, autocast, dist_info, limits=limits), limits
         except torch.OutOfMemoryError:
-            if limits.rows == 1 or optimizer_steps(optimizer) != steps_before or dist_info.enabled:
+            if (limits.rows == 1 or optimizer_steps(optimizer) != steps_before or dist_info.enabled
+                    or cfg.plain_update):  # the plain update runs one whole batch: smaller limits do not help it
                 raise
             optimizer.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
@@ -621,11 +623,12 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
             raise DivergedError(f"non-finite gradients in {nonfinite_in_a_row} updates in a row (step "
-                                f"{step + 1}); lower --lr or check the model's dtype. Checkpoints are in {run_dir}")
+                                f"{step + 1}); lower --lr or check the model's dtype. Checkpoints are in "
+                                f"{run.run_dir}")
         if update["skipped_updates"]:
             run.log(f"warning: step {step + 1}: non-finite gradient, update skipped")
         check_not_diverged(policy, run.sampling_model, run.value_head, kept.prompt_ids[:1] or samples.prompt_ids[:1],
-                           step + 1, cfg, run_dir, run.device, run.autocast, dist_info)
+                           step + 1, cfg, run.run_dir, run.device, run.autocast, dist_info)
 
         # 5. log: one JSON line per step (rank 0, over every rank's samples), one console line
         row = step_metrics(run, step, level_p, lr_used, update, rolled, samples, len(trained), sequence_kl_values,

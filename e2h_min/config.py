@@ -93,7 +93,8 @@ class Config:
     scale_rewards: str = _f("group", "grpo advantage scale: group std, batch std, or none")
     loss_type: str = _f("grpo", f"loss aggregation: {', '.join(LOSS_TYPES)}")
     importance_sampling_level: str = _f("token", "importance ratio per token (PPO/GRPO) or per sequence (GSPO)")
-    kl_in_reward: bool = _f(False, "subtract beta * KL from the reward instead of adding it to the loss")
+    kl_in_reward: bool = _f(False, "penalise beta * KL per sequence in the advantage (after the group "
+                                   "normalisation, leave-one-out baseline; per token for ppo) instead of in the loss")
     drop_zero_std: bool = _f(False, "leave groups whose rewards are all equal out of the loss")
     dynamic_sampling: bool = _f(False, "draw extra prompts (same curriculum step) until every group is informative")
     max_resample_rounds: int = _f(4, "dynamic sampling: at most this many extra draws per step")

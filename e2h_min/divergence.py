@@ -34,7 +34,6 @@ def first_nonfinite_parameter(named_params: list[tuple[str, torch.Tensor]]) -> s
     return named_params[int((~finite).nonzero()[0])][0]
 
 
-@torch.no_grad()
 @torch.no_grad()  # a probe, not a training forward: no graph is kept
 def probe_logits_finite(model, prompt: list[int], device, autocast) -> bool:
     """Whether one forward pass of `model` on `prompt` gives finite logits at every position (eval mode, so no

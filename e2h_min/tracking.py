@@ -105,6 +105,7 @@ class _TensorBoard:
 
 class _WandB:
     """One W&B run per run directory: named after it, its id stored in RUN/wandb_run_id so --resume continues it.
+    W&B ignores a step lower than one it has: steps redone after a resume keep the interrupted run's values there.
 
     Files go to RUN/wandb/ unless WANDB_DIR is set; WANDB_PROJECT (default e2h-min), WANDB_ENTITY and WANDB_MODE
     (offline, for no network) are read by wandb itself.
