@@ -233,8 +233,11 @@ def setup(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
     value_params = sum(p.numel() for p in value_head.parameters()) if value_head else 0
     memory = with_process(training_memory(policy, separate_reference, value_params), process_bytes)
     loaded_from = resume_from if resume_from and not cfg.lora_r else cfg.model
-    log(format_memory(memory, loading_peak(memory, checkpoint_file_bytes(str(loaded_from)))
-                      if device.type == "cpu" else None))
+    if is_sharded(policy):  # the estimate is one process's; the shards' real sizes are logged after step 1
+        log("memory: per-rank figures of the FSDP2 shards follow the first step (the fsdp: line)")
+    else:
+        log(format_memory(memory, loading_peak(memory, checkpoint_file_bytes(str(loaded_from)))
+                          if device.type == "cpu" else None))
     # fused: one kernel for all parameters on CPU and CUDA (4.7x faster than the per-tensor loop on the tiny model)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda") or None)
