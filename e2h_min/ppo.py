@@ -18,8 +18,8 @@ from e2h_min.diagnostics import UpdateDiagnostics
 from e2h_min.distributed import DistInfo, all_reduce_sum
 from e2h_min.losses import (clipped_value_loss, gae_advantages, kl_penalty, policy_token_loss, token_loss_weights,
                             whiten)
-from e2h_min.update_batches import (MicroBatchLimits, UpdateBatches, completion_mask, finish_gradients,
-                                    global_counts)
+from e2h_min.update_batches import (MicroBatchLimits, UpdateBatches, completion_mask, global_counts,
+                                    step_optimizer)
 
 
 def ppo_update(policy, reference, optimizer, prompt_ids, completions, rewards, sampler_logprobs, cfg, device,
@@ -84,13 +84,9 @@ def ppo_update(policy, reference, optimizer, prompt_ids, completions, rewards, s
             if last:
                 stats.add(mb, loss, logp, old, entropy, flags, sampler_logprobs, kl,
                           batches.cached_reference_logprobs(mb.index), value_loss)
-        finish_gradients(params, dist_info)  # the prompts' backward has run: the gradients are complete
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        else:  # a NaN/inf gradient would poison the weights and Adam's moments: skip this step
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+        # the prompts' backward has run, so the gradients are complete: sum over ranks, clip, step (or skip NaN)
+        grad_norm, stepped = step_optimizer(params, optimizer, cfg.max_grad_norm, dist_info)
+        skipped += not stepped
     extra = {"explained_variance": explained_variance(returns, old_values, valid, reduce)}
     return stats.summary(grad_norm, skipped, num_samples, device, dist_info, extra)
 

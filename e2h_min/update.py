@@ -10,8 +10,8 @@ from e2h_min.config import kl_estimator_for
 from e2h_min.diagnostics import UpdateDiagnostics
 from e2h_min.distributed import DistInfo
 from e2h_min.losses import policy_token_loss, token_loss_weights
-from e2h_min.update_batches import (MicroBatchLimits, UpdateBatches, completion_mask, finish_gradients,
-                                    global_counts, samples_to_run)
+from e2h_min.update_batches import (MicroBatchLimits, UpdateBatches, completion_mask, global_counts,
+                                    samples_to_run, step_optimizer)
 
 
 def policy_update(policy, reference, optimizer, prompt_ids, completions, advantages, sampler_logprobs, cfg,
@@ -53,12 +53,8 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
             loss.backward()
             if last:
                 stats.add(mb, loss, logp, old, entropy, flags, sampler_logprobs, kl, ref)
-        finish_gradients(params, dist_info)  # the prompts' backward has run: the gradients are complete
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        else:  # a NaN/inf gradient would poison the weights and Adam's moments: skip this step
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+        # the prompts' backward has run, so the gradients are complete: sum over ranks, clip, step (or skip NaN)
+        grad_norm, stepped = step_optimizer(params, optimizer, cfg.max_grad_norm, dist_info)
+        skipped += not stepped
     return stats.summary(grad_norm, skipped, num_samples, device, dist_info)
 

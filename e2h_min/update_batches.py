@@ -10,7 +10,7 @@ demand. Three savings sit inside it, none of which changes the gradient (tests/t
 - micro-batches are cut by rows and by padded tokens after sorting by length (logprobs.micro_batches).
 Plus the plumbing the update must not forget: FSDP filler micro-batches (every rank runs as many forwards as
 the busiest), the frozen reference's log-probs (computed once per step, reused by every iteration), and
-`finish_gradients` (a zero gradient where no sample reached a parameter, then the sum over ranks).
+`step_optimizer` (a zero gradient where no sample reached a parameter, the sum over ranks, clip, step).
 """
 
 from __future__ import annotations
@@ -64,13 +64,22 @@ def shared_prompts_for(model, prompt_ids: list[list[int]], cfg, rows: list[int] 
     return SharedPrompts.from_rows(prompt_ids, rows)
 
 
-def finish_gradients(params: list[torch.nn.Parameter], dist_info: DistInfo) -> None:
+def step_optimizer(params: list[torch.nn.Parameter], optimizer, max_grad_norm: float, dist_info: DistInfo
+                   ) -> tuple[torch.Tensor, bool]:
     """After the last backward of an iteration: a parameter no sample reached gets gradient 0, not None (AdamW
-    still steps its moments), then every gradient is summed over ranks."""
+    still steps its moments); every gradient is summed over ranks; the global norm is clipped to max_grad_norm
+    (0: not clipped) and the optimizer steps, unless the norm is NaN/inf, which would poison the weights and
+    Adam's moments: then the gradients are dropped and the step skipped. Returns (grad norm, stepped)."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     sum_gradients(params, dist_info)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+        return grad_norm, True
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, False
 
 
 @dataclass

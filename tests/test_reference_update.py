@@ -39,7 +39,7 @@ def test_fast_update_equals_the_plain_reference_update(overrides, lr):
     rows, completions = grouped_batch()
     completions[0] = [3]  # a one-token completion (the EOS alone) must still move the weights
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
-    advantages = group_advantages(rewards, 3).float()  # two constant groups: skipped by the fast path without a KL in the loss
+    advantages = group_advantages(rewards, 3).float()  # two constant groups (skipped without a KL in the loss)
     cfg = Config(num_generations=3, max_new_tokens=8, temperature=0.9, micro_batch_size=4, micro_batch_tokens=9,
                  max_grad_norm=0.0, **overrides)
     plain = parameter_change(grpo_update_plain, cfg, lr, advantages, rows, completions)
