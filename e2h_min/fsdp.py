@@ -54,7 +54,7 @@ def shard_policy(policy) -> torch.nn.Module:
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
 
     def sharded_completion_logprobs(*args, **kwargs):
-        return logprobs.plain_completion_logprobs(policy, *args, **kwargs)
+        return logprobs.local_completion_logprobs(policy, *args, **kwargs)
 
     policy.e2h_completion_logprobs = sharded_completion_logprobs
     register_fsdp_forward_method(policy, "e2h_completion_logprobs")

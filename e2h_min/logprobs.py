@@ -78,15 +78,15 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: floa
     """log pi(o_t | q, o_<t) / T-scaled, and the true entropy of pi at each completion position.
 
     On an FSDP2-sharded model (e2h_min/fsdp.py) this runs as the model's registered forward method, so the
-    sharded embeddings / LM head are gathered around it; otherwise it is `plain_completion_logprobs`.
+    sharded embeddings / LM head are gathered around it; otherwise it is `local_completion_logprobs`.
     """
     sharded = getattr(model, "e2h_completion_logprobs", None)
     if sharded is not None:
         return sharded(batch, temperature, chunk_rows, return_hidden, prompt_kv)
-    return plain_completion_logprobs(model, batch, temperature, chunk_rows, return_hidden, prompt_kv)
+    return local_completion_logprobs(model, batch, temperature, chunk_rows, return_hidden, prompt_kv)
 
 
-def plain_completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+def local_completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
                               chunk_rows: int = 1024, return_hidden: bool = False,
                               prompt_kv: "PromptKV | None" = None):
     """log pi(o_t | q, o_<t) / T-scaled, and the true entropy of pi at each completion position.
