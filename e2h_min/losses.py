@@ -252,9 +252,3 @@ def token_loss_weights(completion_mask: torch.Tensor, loss_type: str, max_comple
             raise ValueError("dr_grpo aggregation needs max_completion_length")
         return mask / (n_seq * max_completion_length)
     raise ValueError(f"unknown loss type {loss_type!r}; use grpo, dapo or dr_grpo")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where mask is true: sum(v * m) / max(sum(m), 1). Any shapes that broadcast."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)

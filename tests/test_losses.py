@@ -8,7 +8,7 @@ import torch
 
 from e2h_min.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages,
                             group_advantages, importance_log_ratio, kl_loss_term, kl_penalised_advantages,
-                            kl_penalty, masked_mean, policy_token_loss, sequence_kl, whiten, rloo_advantages,
+                            kl_penalty, policy_token_loss, sequence_kl, whiten, rloo_advantages,
                             token_loss_weights)
 
 torch.manual_seed(0)
@@ -156,11 +156,6 @@ def test_token_loss_weights_hand_worked():
     mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
     assert token_loss_weights(mask, "grpo").tolist() == [[0.25, 0.25], [0.5, 0.0]]
     assert token_loss_weights(mask, "dapo").flatten().tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0])
-
-
-def test_masked_mean_ignores_masked_values():
-    values = torch.tensor([[1.0, 2.0, 100.0]])
-    assert masked_mean(values, torch.tensor([[1, 1, 0]])).item() == 1.5
 
 
 def naive_gae(rewards, values, gamma, lam):
