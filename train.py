@@ -64,8 +64,8 @@ from e2h_min.models import (Reference, ValueHead, apply_lora, checkpoint_dtype, 
                             frozen_copy, frozen_dtype, load_lora_checkpoint, load_model, load_tokenizer,
                             lora_reference, pick_device, require_peft, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
-from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, default_run_dir, finished_run,
-                            log_completions, truncate_jsonl)
+from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, default_run_dir, eval_logged,
+                            finished_run, log_completions, truncate_jsonl)
 from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
 from e2h_min.tasks.base import Task
@@ -546,8 +546,7 @@ def finish(run: Run, first_eval: dict | None) -> dict:
     """The last evaluation and checkpoint, then final/: the policy (with LoRA its adapter; --save-merged adds
     final-merged/) in the base model's dtype, the tokenizer and a model card."""
     cfg, run_dir = run.cfg, run.run_dir
-    logged = run.start_step == cfg.total_steps and (run_dir / "eval.jsonl").is_file() and any(
-        json.loads(line)["step"] == cfg.total_steps for line in (run_dir / "eval.jsonl").read_text().splitlines())
+    logged = run.start_step == cfg.total_steps and eval_logged(run_dir, cfg.total_steps)
     last_eval = None if logged else run_eval(run, cfg.total_steps)  # a resume that only has final/ left to write
     checkpoint(run, cfg.total_steps)
     final_dir = run_dir / "final"

@@ -135,18 +135,24 @@ def default_run_dir(cfg: Config) -> Path:
     return Path(f"runs/{cfg.task}-{cfg.schedule}-s{cfg.seed}")
 
 
-def finished_run(run_dir: Path, total_steps: int) -> bool:
-    """The run wrote its final evaluation (step total_steps) and its final policy."""
-    final, evals = Path(run_dir) / "final", Path(run_dir) / "eval.jsonl"
-    if not (final / "config.json").is_file() and not (final / "adapter_config.json").is_file():
-        return False
-    if not any(final.glob("*.safetensors")) or not evals.is_file():
+def eval_logged(run_dir: Path, step: int) -> bool:
+    """Whether the run's eval.jsonl holds the held-out evaluation of `step` (a torn last line is ignored)."""
+    evals = Path(run_dir) / "eval.jsonl"
+    if not evals.is_file():
         return False
     try:
         rows, _ = read_log(evals)
     except ValueError:
         return False
-    return any(row["step"] == total_steps for row in rows)
+    return any(row.get("step") == step for row in rows)
+
+
+def finished_run(run_dir: Path, total_steps: int) -> bool:
+    """The run wrote its final evaluation (step total_steps) and its final policy."""
+    final = Path(run_dir) / "final"
+    if not (final / "config.json").is_file() and not (final / "adapter_config.json").is_file():
+        return False
+    return any(final.glob("*.safetensors")) and eval_logged(run_dir, total_steps)
 
 
 def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
