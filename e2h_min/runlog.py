@@ -74,8 +74,24 @@ def truncate_jsonl(path: Path, step: int, log=print) -> None:
 
 
 def holds_run(path: Path) -> bool:
-    """True when `path` has something a train.py run wrote (an empty or unrelated directory does not)."""
-    return any((Path(path) / name).exists() for name in RUN_FILES)
+    """True when `path` has something a train.py run wrote (an empty or unrelated directory does not). A bare
+    config.json counts only when it is a train.py config (a model directory's config.json is not)."""
+    path = Path(path)
+    return any((path / name).exists() for name in RUN_FILES if name != "config.json") or is_run_config(path)
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether path/config.json is one train.py wrote (it has a schedule and total_steps)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "schedule" in config and "total_steps" in config
+
+
+def holds_other_files(path: Path) -> bool:
+    """A config.json that is not a run's, with no run beside it: a model directory, never to be written into."""
+    return (Path(path) / "config.json").exists() and not holds_run(path)
 
 
 class RunLock:
@@ -164,14 +180,18 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
     """
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        if not run_dir.is_dir():
-            raise UserError(f"--resume {run_dir}: no such directory; pass a run directory written by train.py")
+        if not run_dir.is_dir() or holds_other_files(run_dir):
+            raise UserError(f"--resume {run_dir}: not a run directory written by train.py; pass one (its "
+                            f"config.json names a schedule and total_steps)")
         lock, holder = _lock(run_dir, "--resume")
         if holder is not None:
             raise _in_use(run_dir, holder)
         return run_dir, lock
     if cfg.out_dir:
         run_dir = Path(cfg.out_dir)
+        if holds_other_files(run_dir):  # before the lock: nothing is written into a model directory
+            raise UserError(f"--out-dir {run_dir} holds a config.json that is not a train.py run's (a model "
+                            f"directory?); nothing was changed there: pass another --out-dir")
         check_output_dir(run_dir, "--out-dir")
         lock, holder = _lock(run_dir, "--out-dir")
         if holder is not None:
@@ -192,7 +212,7 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
     base = default_run_dir(cfg)
     for n in range(1, 10_000):
         run_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        if holds_run(run_dir):
+        if holds_run(run_dir) or holds_other_files(run_dir):
             continue
         check_output_dir(run_dir, "run directory")
         lock, holder = _lock(run_dir, "run directory")

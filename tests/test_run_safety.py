@@ -216,6 +216,22 @@ def test_lock_names_another_process_and_is_released_when_it_is_killed(tmp_path, 
     assert run_dir == tmp_path
 
 
+def test_a_model_directory_is_never_taken_for_a_run_nor_written_into(tmp_path, capsys):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 10}))
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--out-dir", str(model), "--total-steps", "1"] + extra)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and len(err.splitlines()) == 1 and "not a train.py run's" in err, err
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--resume", str(model)])
+    assert exc.value.code == 2 and "not a run directory" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # no file changed, no .lock left
+
+
 @pytest.mark.parametrize("make_path, fragment", [
     (lambda tmp: tmp / "file", "is a file"),
     (lambda tmp: tmp / "file" / "run", "is a file"),
