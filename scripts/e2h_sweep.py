@@ -24,24 +24,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from e2h_min.config import UserError, resolve_config  # noqa: E402
 from e2h_min.curriculum import expected_level_counts  # noqa: E402
 
 SCHEDULES = ["hard", "balanced", "classic", "cosine", "gaussian"]
+
+
+def run_args(schedule: str, seed: int, out: Path, args, extra: list[str]) -> list[str]:
+    """The train.py command of one run: an interrupted run continues from its last checkpoint, one killed before
+    its first checkpoint starts over (train.py reuses a run directory only when told which of the two is meant)."""
+    run_dir = out / f"{schedule}-s{seed}"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--task", args.task, "--schedule",
+           schedule, "--seed", str(seed), "--threads", str(args.threads)]
+    if args.quick:
+        cmd += ["--total-steps", str(args.quick_steps)]
+    checkpointed = any((run_dir / "checkpoints").glob("step_*"))
+    return cmd + extra + (["--resume", str(run_dir)] if checkpointed else ["--out-dir", str(run_dir), "--overwrite"])
 
 
 def run_one(schedule: str, seed: int, out: Path, args, extra: list[str]) -> tuple[str, float, int]:
     run_dir = out / f"{schedule}-s{seed}"
     if (run_dir / "final").is_dir():
         return str(run_dir), 0.0, 0
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--task", args.task, "--schedule",
-           schedule, "--seed", str(seed), "--threads", str(args.threads)]
-    if args.quick:
-        cmd += ["--total-steps", str(args.quick_steps)]
-    cmd += extra
-    # an interrupted run continues from its last checkpoint; one killed before its first checkpoint starts over
-    # (train.py refuses to reuse a run directory unless told which of the two is meant)
-    checkpointed = any((run_dir / "checkpoints").glob("step_*"))
-    cmd += ["--resume", str(run_dir)] if checkpointed else ["--out-dir", str(run_dir), "--overwrite"]
+    cmd = run_args(schedule, seed, out, args, extra)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run_dir / "train.log", "a") as log:
@@ -75,15 +80,27 @@ def main() -> int:
     if args.quick:
         args.seeds = args.seeds[:1]
         args.out = args.out + "-quick"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.jobs < 1 or args.threads < 0 or args.quick_steps < 1:
+        print("error: --jobs and --quick-steps must be >= 1 and --threads >= 0", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()  # train.py runs from the repository: its --out-dir must not depend on cwd
     jobs = [(s, seed) for seed in args.seeds for s in args.schedules]
+    try:  # every run's settings are checked here, once, before any run starts (one line, exit 2 if bad)
+        for schedule in args.schedules:
+            resolve_config(run_args(schedule, args.seeds[0], out, args, extra)[2:])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
     print(f"{len(jobs)} runs -> {out} ({args.jobs} at a time, {args.threads} thread(s) each)")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for run_dir, seconds, code in pool.map(lambda j: run_one(j[0], j[1], out, args, extra), jobs):
             status = "done" if code == 0 else f"FAILED (exit {code}, see {run_dir}/train.log)"
             print(f"  {run_dir}: {status}" + (f" in {seconds / 60:.1f} min" if seconds else " (already there)"))
             if code:
+                pool.shutdown(wait=True, cancel_futures=True)  # the queued runs would fail the same way
+                last = (Path(run_dir) / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
+                print(f"{run_dir}: {last[0] if last else f'exit {code}'}", file=sys.stderr)
                 return code
     runs = [str(out / f"{s}-s{seed}") for seed in args.seeds for s in args.schedules]
     code = subprocess.call([sys.executable, "-m", "e2h_min.report", *runs, "--out", str(out / "report")],
