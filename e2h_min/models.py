@@ -68,7 +68,8 @@ def context_length(name: str) -> int | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(name), trust_remote_code=False)
+        # local files only: this is a pre-check, and an uncached hub id must not wait on the network here
+        config = AutoConfig.from_pretrained(resolve_model_name(name), trust_remote_code=False, local_files_only=True)
     except Exception:  # noqa: BLE001  (unknown here; loading the model reports its own errors)
         return None
     context = getattr(config, "max_position_embeddings", None)
