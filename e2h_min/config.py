@@ -299,7 +299,11 @@ def resolve_config(argv: list[str] | None = None) -> tuple[Config, Preset, dict[
     from e2h_min.models import describe_model
 
     given = vars(build_parser().parse_args(argv))
-    preset = choose_preset(describe_model(given.get("model", Config.model)), given.get("task", Config.task))
+    saved = _resumed_run_settings(given.get("resume"))
+    if saved is not None:  # --resume RUN: the run's own settings under the flags given now (checked on resume)
+        preset = Preset("resumed", f"the settings of {given['resume']}/config.json", saved)
+    else:
+        preset = choose_preset(describe_model(given.get("model", Config.model)), given.get("task", Config.task))
     applied = {k: v for k, v in preset.values.items() if k not in given}
     if "warmup_steps" in applied:  # a short run asked for on the command line keeps a valid warmup
         total = given.get("total_steps", applied.get("total_steps", Config.total_steps))
@@ -311,9 +315,29 @@ def resolve_config(argv: list[str] | None = None) -> tuple[Config, Preset, dict[
     return cfg, preset, applied
 
 
+def _resumed_run_settings(run_dir: str | None) -> dict[str, Any] | None:
+    """The settings a train.py run recorded in RUN/config.json (None if run_dir is None or holds no such file),
+    without the bookkeeping of how it was started (resume, out_dir, overwrite)."""
+    import json
+    from pathlib import Path
+
+    if run_dir is None:
+        return None
+    try:
+        saved = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or "schedule" not in saved or "total_steps" not in saved:
+        return None
+    fields = {f.name for f in dataclasses.fields(Config)} - {"resume", "out_dir", "overwrite"}
+    return {k: v for k, v in saved.items() if k in fields}
+
+
 def describe_preset(preset: Preset, applied: dict[str, Any]) -> str:
     """The start-up line: which preset, why, every value it set and which of its values the user's flags won."""
     kept = sorted(_flag(k) for k in set(preset.values) - set(applied))
+    if preset.name == "resumed":  # every setting comes from the run; name only what the flags give again
+        return f"resuming with {preset.reason}" + (f"; flags given again: {', '.join(kept)}" if kept else "")
     values = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in applied.items()) or "nothing"
     return (f"preset {preset.name} ({preset.reason}): sets {values}"
             + (f"; your flags win over its {', '.join(kept)}" if kept else ""))

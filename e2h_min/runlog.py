@@ -42,9 +42,9 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
     current = dataclasses.asdict(cfg)
     changed = [k for k in current if k not in RESUME_SAFE_FIELDS and k in saved and saved[k] != current[k]]
     if changed:
-        k = changed[0]
-        raise UserError(f"--resume: {k} was {saved.get(k)!r} in the saved run but is {current[k]!r} now; "
-                        f"resume with the same value (only {', '.join(sorted(RESUME_SAFE_FIELDS))} may change)")
+        what = "; ".join(f"--{k.replace('_', '-')} was {saved[k]!r}, now {current[k]!r}" for k in changed)
+        raise UserError(f"--resume: the run's settings changed ({what}); drop those flags (the run's own "
+                        f"settings apply) or start a new run")
 
 
 def append_jsonl(path: Path, row: dict) -> None:

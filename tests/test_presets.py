@@ -98,7 +98,7 @@ def test_resume_compares_the_fields_a_run_recorded_and_skips_those_it_predates()
     saved = dataclasses.asdict(cfg)
     del saved["frozen_dtype"]  # a run saved before --frozen-dtype existed
     check_resume_config(saved, cfg)
-    with pytest.raises(UserError, match="lora_r was 0"):
+    with pytest.raises(UserError, match="--lora-r was 0, now 32"):
         check_resume_config({**saved, "lora_r": 0}, dataclasses.replace(cfg, lora_r=32))
 
 

@@ -216,6 +216,21 @@ def test_lock_names_another_process_and_is_released_when_it_is_killed(tmp_path, 
     assert run_dir == tmp_path
 
 
+@requires_tiny
+def test_resume_needs_only_the_run_directory_and_names_every_changed_setting(tmp_path, capsys):
+    train.main(QUICK + ["--out-dir", str(tmp_path), "--seed", "3"])
+    (tmp_path / "final" / "config.json").unlink()  # as if killed before final/: only that is left to write
+    capsys.readouterr()
+    result = train.main(["--resume", str(tmp_path)])  # no flags: the run's own settings (seed 3, 3 steps, ...)
+    assert "resuming with the settings of" in capsys.readouterr().out
+    assert result["run_dir"] == str(tmp_path) and (tmp_path / "final" / "config.json").is_file()
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--resume", str(tmp_path), "--seed", "4", "--lr", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert "--seed was 3, now 4" in err and "--lr was 0.0001, now 0.5" in err
+
+
 def test_a_model_directory_is_never_taken_for_a_run_nor_written_into(tmp_path, capsys):
     model = tmp_path / "my-model"
     model.mkdir()
