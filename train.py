@@ -216,8 +216,11 @@ def setup(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
     if preset is not None:
         log(describe_preset(*preset))
     if preset is not None and preset[0].name == "paper" and device.type == "cpu" and cfg.device == "auto":
-        log("note: no GPU found: the paper's recipe will run on the CPU in fp32 (no bf16), far too slowly for its "
-            "budgets; on a GPU machine install a CUDA build of torch")
+        precision = "bf16 frozen weights" if bf16_compute else "in fp32"
+        log(f"note: no GPU found: the paper's recipe will run on the CPU ({precision}, far too slowly for its "
+            f"budgets); on a GPU machine install a CUDA build of torch")
+    if cfg.parallel == "fsdp" and not dist_info.enabled:
+        log("note: --parallel fsdp takes effect under torchrun; this single process trains the whole model")
     if resolve_model_name(cfg.model) != cfg.model:
         log(f"model {cfg.model} -> {resolve_model_name(cfg.model)}")
 
@@ -577,8 +580,9 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
     # ---------------------------------------------------------------- setup
     cfg, resume_from, already_finished = resume_point(cfg, run_dir)
     if already_finished:
-        tqdm.write(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, "
-                   f"or a longer one with --out-dir, to train further)")
+        say = tqdm.write if int(os.environ.get("RANK", "0")) == 0 else no_log  # once, not once per rank
+        say(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, or a longer "
+            f"one with --out-dir, to train further)")
         return {"first_eval": None, "last_eval": None, "run_dir": str(run_dir), "already_finished": True}
     run = setup(cfg, task, sampler, run_dir, preset, resume_from)
     cfg, dist_info, policy, optimizer = run.cfg, run.dist_info, run.policy, run.optimizer

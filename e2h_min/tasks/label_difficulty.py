@@ -231,6 +231,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--chat-date must be a date YYYY-MM-DD, got {args.chat_date!r}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    if Path(args.out).resolve() == Path(args.data).resolve():
+        raise UserError(f"--out {args.out} is the --data file; write the labelled rows to another file")
     check_output_file(args.out, "--out")  # an unwritable place fails now, not after hours of sampling
 
 
