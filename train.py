@@ -65,7 +65,7 @@ from e2h_min.models import (Reference, ValueHead, apply_lora, checkpoint_dtype, 
                             lora_reference, pick_device, require_peft, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, default_run_dir, eval_logged,
-                            finished_run, log_completions, truncate_jsonl)
+                            finished_run, log_completions, remove_if_unused, truncate_jsonl)
 from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
 from e2h_min.tasks.base import Task
@@ -664,8 +664,12 @@ def main(argv: list[str] | None = None) -> dict:
         return train(cfg, task, sampler, Path(cfg.resume or cfg.out_dir or default_run_dir(cfg)),
                      (preset, preset_values))
     run_dir, lock = claim_run_dir(cfg, tqdm.write)  # created, writable and locked for this run, or a UserError
-    with lock:
-        return train(cfg, task, sampler, run_dir, (preset, preset_values))
+    try:
+        with lock:
+            return train(cfg, task, sampler, run_dir, (preset, preset_values))
+    except BaseException:
+        remove_if_unused(run_dir)  # a run stopped before it wrote anything (e.g. a model that does not load)
+        raise
 
 
 if __name__ == "__main__":

@@ -304,6 +304,9 @@ def resolve_config(argv: list[str] | None = None) -> tuple[Config, Preset, dict[
         preset = Preset("resumed", f"the settings of {given['resume']}/config.json", saved)
     else:
         preset = choose_preset(describe_model(given.get("model", Config.model)), given.get("task", Config.task))
+    if given.get("lora_r") == 0:  # full fine-tuning asked for: the preset's LoRA shape is neither set nor shown
+        preset = dataclasses.replace(preset, values={k: v for k, v in preset.values.items()
+                                                     if k not in ("lora_alpha", "lora_dropout", "lora_targets")})
     applied = {k: v for k, v in preset.values.items() if k not in given}
     if "warmup_steps" in applied:  # a short run asked for on the command line keeps a valid warmup
         total = given.get("total_steps", applied.get("total_steps", Config.total_steps))

@@ -171,6 +171,18 @@ def finished_run(run_dir: Path, total_steps: int) -> bool:
     return any(final.glob("*.safetensors")) and eval_logged(run_dir, total_steps)
 
 
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove run_dir if it holds nothing but the lock file (the lock must be released): a run that stopped
+    before writing anything leaves no empty folder behind to be mistaken for one."""
+    run_dir = Path(run_dir)
+    try:
+        if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+            (run_dir / LOCK_FILE).unlink()
+            run_dir.rmdir()
+    except OSError:  # gone, not ours to remove, or written meanwhile: leave it
+        pass
+
+
 def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
     """The run directory this run will write, created and locked; raises UserError if it may not be used.
 

@@ -50,6 +50,9 @@ def test_a_qwen25_shaped_model_gets_the_paper_recipe_with_the_task_budgets(tmp_p
     with pytest.raises(UserError, match="the paper preset turns it on.*--lora-r 0"):
         resolve_config(["--model", model, "--parallel", "fsdp"])
     assert resolve_config(["--model", model, "--parallel", "fsdp", "--lora-r", "0"])[0].lora_r == 0
+    # full fine-tuning asked for: the line does not claim to set the LoRA shape it does not use
+    line = describe_preset(*resolve_config(["--model", model, "--lora-r", "0"])[1:])
+    assert "--lora-alpha" not in line and "--lr 1e-06" in line and line.endswith("your flags win over its --lora-r")
 
 
 def test_llama_architecture_and_paper_hub_ids_get_the_paper_recipe_other_models_none(tmp_path):

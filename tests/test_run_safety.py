@@ -231,6 +231,13 @@ def test_resume_needs_only_the_run_directory_and_names_every_changed_setting(tmp
     assert "--seed was 3, now 4" in err and "--lr was 0.0001, now 0.5" in err
 
 
+def test_a_run_stopped_before_writing_anything_leaves_no_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--model", "nonexistent-model-xyz", "--out-dir", str(tmp_path / "run"), "--total-steps", "1"])
+    assert exc.value.code == 2 and "cannot load model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_model_directory_is_never_taken_for_a_run_nor_written_into(tmp_path, capsys):
     model = tmp_path / "my-model"
     model.mkdir()
