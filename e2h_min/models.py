@@ -229,7 +229,7 @@ def require_peft(lora_r: int) -> None:
 
 
 def apply_lora(model, r: int, alpha: float, dropout: float, targets: str):
-    """Wrap the model with LoRA adapters (peft, an optional dependency); only adapter weights train."""
+    """Wrap the model with LoRA adapters (peft, a core dependency: requirements.txt); only adapter weights train."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
