@@ -29,10 +29,14 @@ import numpy as np
 
 from e2h_min.config import MAX_STEPS, OneLineErrorParser, UserError, check_output_dir, exit_on_user_error
 from e2h_min.jsonl import parse_json, read_log
+from e2h_min.stats import paired_difference, percentile_interval
 
 # Config fields that do not change what a run computes: runs differing only in these and the seed are replicates.
 BOOKKEEPING_FIELDS = {"seed", "out_dir", "resume", "device", "threads", "save_every", "keep_checkpoints",
                       "log_completions_every", "micro_batch_size", "eval_every", "log_every", "report_to"}
+# What tells two arms of a schedule comparison apart: the schedule and its own parameters. Every other setting
+# must be equal across the arms, or the comparison would credit the schedule with another setting's effect.
+SCHEDULE_FIELDS = {"schedule", "schedule_beta", "sigma", "min_prob", "sec_temperature", "sec_ema"}
 
 
 @dataclass
@@ -201,6 +205,88 @@ def accuracy_table(runs: list[Run]) -> str:
             name = run_label(members[0].config).rsplit(" s", 1)[0]
             lines.append(f"| **{name}** mean ± std ({len(members)} seeds) | {steps.pop()} | "
                          + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def arm_label(config: dict) -> str:
+    """A comparison arm: the run label without its seed. Example: 'gaussian(β=0.5,σ=0.5)'."""
+    return run_label(config).rsplit(" s", 1)[0]
+
+
+def _points(value: float, signed: bool = False) -> str:
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def interval_table(runs: list[Run], baseline: str = "balanced", confidence: float = 0.95) -> str:
+    """Markdown: per schedule, the final greedy accuracy per level as mean [95% bootstrap interval] over seeds and
+    the share of groups with no GRPO signal (all G rewards equal; mean over steps and seeds), then each schedule's
+    paired difference from `baseline` (same seed) with its interval (e2h_min.stats).
+
+    Only runs that share every setting but the schedule, its parameters and the seed are compared (else the line
+    names the setting that differs); each arm's runs must end at the same step. Empty string for < 2 seeds in
+    every arm (nothing to put an interval on).
+    """
+    evaluated = [run for run in runs if run.evals]
+    if not evaluated:
+        return ""
+    others = BOOKKEEPING_FIELDS | SCHEDULE_FIELDS
+    keys = {json.dumps({k: v for k, v in sorted(r.config.items()) if k not in others}) for r in evaluated}
+    if len(keys) > 1:
+        first = evaluated[0].config
+        differ = sorted({k for r in evaluated for k, v in r.config.items() if k not in others and first.get(k) != v})
+        return (f"\n(no interval table: the runs differ in {', '.join(differ)} as well as the schedule; compare arms "
+                f"that share every other setting)\n")
+    arms: dict[str, dict[int, dict[str, float]]] = {}
+    arm_steps: dict[str, set] = {}
+    no_signal: dict[str, list[float]] = {}  # per run: mean share of groups whose samples all got one reward
+    for run in evaluated:
+        step, acc = final_accuracy(run)
+        arms.setdefault(arm_label(run.config), {})[run.config.get("seed", 0)] = acc
+        arm_steps.setdefault(arm_label(run.config), set()).add(step)
+        shares = [row["frac_reward_zero_std"] for row in run.metrics if row.get("frac_reward_zero_std") is not None]
+        if shares:
+            no_signal.setdefault(arm_label(run.config), []).append(float(np.mean(shares)))
+    if max(len(seeds) for seeds in arms.values()) < 2:
+        return ""
+    levels = eval_level_names([row for run in evaluated for row in run.evals])
+    pct = f"{100 * confidence:g}%"
+    start = [run.evals[0] for run in evaluated if run.evals[0]["step"] == 0]
+    lines = [f"\nFinal greedy accuracy (%): mean over seeds [{pct} bootstrap interval]", "",
+             "| schedule | seeds | step | " + " | ".join(levels) + " | zero-std groups |",
+             "|---|---:|---:|" + "---:|" * (len(levels) + 1)]
+    if start:
+        lines.append(f"| (step 0) | {len(start)} runs | 0 | " + " | ".join(
+            _points(float(np.mean([row[f"{name}/accuracy"] for row in start]))) for name in levels) + " | |")
+    for arm, by_seed in arms.items():
+        steps = arm_steps[arm]
+        cells = []
+        for name in levels:
+            values = [acc[name] for acc in by_seed.values() if name in acc]
+            if len(values) < 2 or len(steps) > 1:
+                cells.append(_points(values[0]) if len(values) == 1 else "–")
+                continue
+            mean, low, high = percentile_interval(values, confidence)
+            cells.append(f"{_points(mean)} [{_points(low)}, {_points(high)}]")
+        wasted = f"{100 * np.mean(no_signal[arm]):.0f}%" if arm in no_signal else "–"
+        lines.append(f"| {arm} | {len(by_seed)} | {'/'.join(str(s) for s in sorted(steps))} | "
+                     + " | ".join(cells) + f" | {wasted} |")
+    if baseline in arms and len(arms) > 1:
+        lines += ["", f"Paired difference from {baseline} (same seed), points [{pct} bootstrap interval]", "",
+                  f"| schedule − {baseline} | seeds | " + " | ".join(levels) + " |",
+                  "|---|---:|" + "---:|" * len(levels)]
+        for arm, by_seed in arms.items():
+            if arm == baseline:
+                continue
+            cells, paired = [], 0
+            for name in levels:
+                treated = {s: acc[name] for s, acc in by_seed.items() if name in acc}
+                base = {s: acc[name] for s, acc in arms[baseline].items() if name in acc}
+                if not set(treated) & set(base):
+                    cells.append("–")
+                    continue
+                mean, low, high, paired = paired_difference(treated, base, confidence)
+                cells.append(f"{_points(mean, True)} [{_points(low, True)}, {_points(high, True)}]")
+            lines.append(f"| {arm} | {paired} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -399,6 +485,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smooth", type=int, default=0,
                         help="moving-average window in steps (0 = steps/25, at least 5)")
     parser.add_argument("--no-plots", action="store_true", help="write only the table (no matplotlib needed)")
+    parser.add_argument("--baseline", default="balanced",
+                        help="the schedule every other one is compared with, seed by seed (default: balanced)")
     args = parser.parse_args(argv)
     if not args.no_plots and not matplotlib_available():
         raise UserError("plots need matplotlib: pip install matplotlib (or pass --no-plots for the table only)")
@@ -408,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     label_runs(runs)
     out = Path(args.out) if args.out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
     check_output_dir(out, "--out")
-    table = accuracy_table(runs) + eval_results_table(
+    table = accuracy_table(runs) + interval_table(runs, args.baseline) + eval_results_table(
         [(run.label, what, report) for run in runs for what, report in find_eval_reports(run.path)])
     (out / "table.md").write_text(table)
     written = [out / "table.md"]

@@ -25,7 +25,7 @@ def write_run(path, schedule="gaussian", seed=0, steps=30, final_acc=(0.9, 0.7, 
             probs = probs / probs.sum()
             counts = np.bincount(rng.choice(4, size=8, p=probs), minlength=4)
             row = {"step": t + 1, "reward_mean": 0.2 + 0.5 * x, "completion_length_mean": 30 - 10 * x,
-                   "entropy": 1.5 - x, "level_probs": probs.round(6).tolist(), "level_counts": counts.tolist()}
+                   "entropy": 1.5 - x, "frac_reward_zero_std": 0.25 + 0.5 * x, "level_probs": probs.round(6).tolist(), "level_counts": counts.tolist()}
             if beta > 0:
                 row["kl"] = 0.01 * x
             for k in np.flatnonzero(counts):  # like train.py: only levels drawn this step
@@ -144,3 +144,29 @@ def test_without_matplotlib_it_says_how_to_install(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "pip install matplotlib" in err and err.count("\n") == 1
     assert not (tmp_path / "r" / "report").exists()
+
+
+def test_interval_table_gives_bootstrap_intervals_and_paired_differences(tmp_path):
+    accs = {"balanced": [(0.9, 0.5, 0.10, 0.0, 0.0), (0.8, 0.4, 0.20, 0.0, 0.0), (0.85, 0.6, 0.15, 0.01, 0.0)],
+            "cosine": [(0.9, 0.6, 0.15, 0.0, 0.0), (0.8, 0.5, 0.30, 0.02, 0.0), (0.85, 0.6, 0.20, 0.01, 0.0)]}
+    runs = [report.load_run(write_run(tmp_path / f"{s}{seed}", schedule=s, seed=seed, final_acc=acc))
+            for s, per_seed in accs.items() for seed, acc in enumerate(per_seed)]
+    table = report.interval_table(runs)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| schedule")}
+    # three seeds: the 95% interval of the mean is the seeds' range (stats module doc)
+    assert rows["balanced"][:4] == ["3", "30", "85.0 [80.0, 90.0]", "50.0 [40.0, 60.0]"]
+    assert rows["balanced"][-1] == "49% |"  # zero-std share: mean over steps of 0.25 + 0.5 t/30, t = 0..29
+    assert rows["(step 0)"][2] == "42.5"  # the eval at step 0 scales final_acc by 0.5: mean of 85% * 0.5
+    # paired by seed: cosine - balanced on L2 is +5, +10, +5 points -> mean +6.7 in [+5.0, +10.0]
+    assert rows["cosine"][0] == "3" and rows["cosine"][3] == "+6.7 [+5.0, +10.0]"
+    assert rows["cosine"][1] == "+0.0 [+0.0, +0.0]"  # L0 equal on every seed
+
+
+def test_interval_table_refuses_arms_that_differ_in_another_setting(tmp_path):
+    runs = [write_run(tmp_path / "b0", schedule="balanced"), write_run(tmp_path / "b1", schedule="balanced", seed=1),
+            write_run(tmp_path / "c0", schedule="cosine")]
+    config = json.loads((runs[2] / "config.json").read_text())
+    (runs[2] / "config.json").write_text(json.dumps({**config, "total_steps": 99}))
+    table = report.interval_table([report.load_run(r) for r in runs])
+    assert "differ in total_steps" in table and "[" not in table
