@@ -51,8 +51,8 @@ from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed
 from e2h_min.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
                                 probe_logits_finite)
-from e2h_min.evaluation import (encode_prompts, eos_token_ids, evaluate_sharded, held_out_problems, score_rollout,
-                                today)
+from e2h_min.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate_sharded,
+                                held_out_problems, score_rollout, today)
 from e2h_min.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
 from e2h_min.logprobs import completion_logprobs, pack_micro_batches
 from e2h_min.losses import compute_advantages, kl_penalised_advantages, sequence_kl
@@ -160,6 +160,7 @@ class Run:
     eval_problems: list
     trackers: Trackers
     start_step: int
+    template_vars: dict  # chat-template variables that pin the prompts' date (evaluation.chat_date_variables)
 
 
 def no_log(*_) -> None:
@@ -274,7 +275,7 @@ def setup(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
                         task.level_names(), start_step)
     return Run(cfg, task, sampler, run_dir, device, dist_info, autocast, log, tokenizer, policy, sampling_model,
                reference, value_head, optimizer, scheduler, generator, stop_checker, eos, pad, eval_problems,
-               trackers, start_step)
+               trackers, start_step, chat_date_variables(cfg.chat_date))
 
 
 def run_eval(run: Run, step: int) -> dict:
@@ -308,10 +309,9 @@ def checkpoint(run: Run, step: int) -> None:
 
 
 def collect(run: Run, draw: list) -> StepSamples:
-    """Roll out G samples for this rank's share of the problems `draw` (the same list on every rank) in one batched
-    decode and score them (rewards in float64). The sampling noise is drawn for the whole draw on every rank and
-    each rank decodes with its own rows' slice of it: the samples do not depend on how the draw is split across
-    ranks, so a torchrun run rolls out what one process would."""
+    """Roll out G samples for this rank's share of `draw` (the same list on every rank) in one batched decode and
+    score them (float64). The noise is drawn for the whole draw and each rank takes its rows' slice, so a
+    torchrun run rolls out what one process would."""
     cfg, G = run.cfg, run.cfg.num_generations
     problems = run.dist_info.shard(draw)
     uniforms = torch.rand((len(draw) * G, cfg.max_new_tokens), generator=run.generator, dtype=torch.float64,
@@ -319,7 +319,7 @@ def collect(run: Run, draw: list) -> StepSamples:
     start = run.dist_info.shard_start(len(draw)) * G
     if not problems:  # an uneven --dynamic-sampling redraw can leave a rank nothing to roll out
         return StepSamples(G, [], [], [], [], [], np.zeros(0), np.zeros(0, dtype=bool))
-    prompt_ids = encode_prompts(run.tokenizer, run.task, problems, cfg.chat_date)
+    prompt_ids = encode_prompts(run.tokenizer, run.task, problems, run.template_vars)
     run.sampling_model.eval()
     with run.autocast():
         rollout = generate(run.sampling_model, prompt_ids, G, cfg.max_new_tokens, run.eos, run.pad,
@@ -397,30 +397,41 @@ def step_advantages(run: Run, samples: StepSamples, rewards: torch.Tensor, limit
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(advantages [N] of this rank's samples, float32; the per-sample KL [N] with --kl-in-reward, else None).
 
-    Group-relative over the whole step (every rank's samples), in float64 (--advantage grpo, dr_grpo, rloo; the
-    grpo form under ppo, whose update makes its own per-token GAE advantages from the rewards). --kl-in-reward
-    subtracts the KL penalty after the normalisation (losses.kl_penalised_advantages). The curriculum gets each
-    level's mean |advantage| (what --schedule sec learns from)."""
-    cfg, dist_info, G = run.cfg, run.dist_info, run.cfg.num_generations
-    sequence_kl_values = None
-    if cfg.kl_in_reward and run.reference is not None and cfg.advantage != "ppo":
-        sequence_kl_values = reference_sequence_kl(run.reference, samples, cfg, run.device, run.autocast, limits)
+    Group-relative over the whole step (every rank's samples), in float64; under ppo the grpo form, which only
+    the sec curriculum reads (ppo.ppo_update makes per-token GAE advantages from the rewards)."""
+    cfg, dist_info = run.cfg, run.dist_info
     step_rewards = torch.tensor(gather_lists(rewards.tolist(), dist_info), dtype=torch.float64)
-    step_levels = np.array(gather_lists(samples.levels.tolist(), dist_info), dtype=np.int64)
-    group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, step_rewards, G,
-                                   cfg.scale_rewards)
-    run.sampler.update({int(k): float(group_adv[torch.from_numpy(step_levels == k)].abs().mean())
-                        for k in set(step_levels.tolist())})
+    group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, step_rewards,
+                                   cfg.num_generations, cfg.scale_rewards)
+    if cfg.schedule == "sec":
+        feed_sec_curriculum(run, samples, group_adv)
     start = sum(gather_lists([len(rewards)], dist_info)[:dist_info.rank])  # ranks may hold unequal shares
     advantages = group_adv[start:start + len(rewards)]
-    if sequence_kl_values is not None:  # groups are rank-local: each rank penalises its own samples
-        advantages = kl_penalised_advantages(advantages, sequence_kl_values, cfg.beta, G)
-    return advantages.float(), sequence_kl_values
+    if cfg.kl_in_reward and run.reference is not None and cfg.advantage != "ppo":
+        return kl_penalised(run, samples, advantages, limits)
+    return advantages.float(), None
+
+
+def feed_sec_curriculum(run: Run, samples: StepSamples, group_adv: torch.Tensor) -> None:
+    """--schedule sec: the curriculum learns each level's mean |advantage| over the step's samples."""
+    step_levels = np.array(gather_lists(samples.levels.tolist(), run.dist_info), dtype=np.int64)
+    run.sampler.update({int(k): float(group_adv[torch.from_numpy(step_levels == k)].abs().mean())
+                        for k in set(step_levels.tolist())})
+
+
+def kl_penalised(run: Run, samples: StepSamples, advantages: torch.Tensor, limits: MicroBatchLimits
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """--kl-in-reward: (advantages less the KL penalty, subtracted after the normalisation (see
+    losses.kl_penalised_advantages), float32; the per-sample KL [N]). Groups are rank-local: each rank
+    penalises its own samples."""
+    sequence_kl_values = reference_sequence_kl(run.reference, samples, run.cfg, run.device, run.autocast, limits)
+    penalised = kl_penalised_advantages(advantages, sequence_kl_values, run.cfg.beta, run.cfg.num_generations)
+    return penalised.float(), sequence_kl_values
 
 
 def rows_to_train(samples: StepSamples, cfg: Config) -> list[int]:
-    """The samples the update trains on: all, less the groups with equal rewards (--drop-zero-std) and the
-    truncated samples (--mask-truncated)."""
+    """The samples the update trains on: all, less equal-reward groups (--drop-zero-std), truncated samples
+    (--mask-truncated)."""
     keep = np.ones(len(samples.rewards), dtype=bool)
     if cfg.drop_zero_std:  # group indices of the samples kept (dynamic sampling may have reordered them)
         keep &= np.isin(np.arange(len(samples.rewards)) // cfg.num_generations, samples.informative_groups())
@@ -430,10 +441,8 @@ def rows_to_train(samples: StepSamples, cfg: Config) -> list[int]:
 
 
 def optimizer_steps(optimizer) -> int:
-    """How many steps the optimizer has taken (Adam keeps a per-parameter step count)."""
-    for state in optimizer.state.values():
-        return int(state.get("step", 0))
-    return 0
+    """How many steps the optimizer has taken (Adam keeps a per-parameter step count; none before its first)."""
+    return int(next(iter(optimizer.state.values()), {}).get("step", 0))
 
 
 def plain_update(policy, reference, optimizer, kept: StepSamples, advantages: torch.Tensor, cfg: Config) -> dict:
@@ -448,15 +457,10 @@ def plain_update(policy, reference, optimizer, kept: StepSamples, advantages: to
 def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, learn_from: torch.Tensor, cfg: Config,
                           device, autocast, value_head, dist_info: DistInfo, log, limits: MicroBatchLimits
                           ) -> tuple[dict, MicroBatchLimits]:
-    """The update (update.policy_update; ppo.ppo_update under --advantage ppo, which learns from the rewards
-    rather than advantages); returns (its diagnostics, the micro-batch limits for the rest of the run). On a CUDA
-    out-of-memory error it halves the limits (rows, and tokens if capped) and retries.
-
-    The retry is exact (the loss weights do not depend on the micro-batch size) as long as no optimizer step was
-    taken yet; an OOM in a later iteration of --num-iterations > 1 is re-raised. Under torchrun it is re-raised
-    too: the other ranks are already waiting in the update's next collective, and a retry on one rank alone
-    would start its collectives over out of step with them (a mismatch or a hang).
-    """
+    """The update (update.policy_update; --plain-update: reference_update; --advantage ppo: ppo.ppo_update, on the
+    rewards) -> (its diagnostics, the micro-batch limits for the rest of the run). A CUDA out-of-memory error
+    halves the limits and retries: exact (the loss weights do not depend on the micro-batch size) while no
+    optimizer step was taken and in one process (under torchrun the other ranks wait in the next collective)."""
     while True:
         steps_before = optimizer_steps(optimizer)
         try:
@@ -472,12 +476,33 @@ def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, learn
             if (limits.rows == 1 or optimizer_steps(optimizer) != steps_before or dist_info.enabled
                     or cfg.plain_update):  # the plain update runs one whole batch: smaller limits do not help it
                 raise
-            optimizer.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            limits = limits.halved()
-            log(f"warning: out of memory in the update; retrying with --micro-batch-size {limits.rows}"
-                + (f" --micro-batch-tokens {limits.tokens}" if limits.tokens else ""))
+            limits = smaller_limits(optimizer, limits, log)
+
+
+def smaller_limits(optimizer, limits: MicroBatchLimits, log) -> MicroBatchLimits:
+    """After an out-of-memory error: the gradients dropped, the CUDA cache emptied, the limits halved."""
+    optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    limits = limits.halved()
+    log(f"warning: out of memory in the update; retrying with --micro-batch-size {limits.rows}"
+        + (f" --micro-batch-tokens {limits.tokens}" if limits.tokens else ""))
+    return limits
+
+
+def refresh_sampling_copy(run: Run, step: int) -> None:
+    """FSDP: the full-weight copy that rolls out takes the updated shards (after step 1: their memory is logged)."""
+    refresh_full_copy(run.policy, run.sampling_model)
+    if step == run.start_step:
+        log_sharded_memory(run.policy, run.sampling_model, run.optimizer, run.dist_info, run.log)
+
+
+def skipped_update(run: Run, step: int, in_a_row: int) -> None:
+    """A non-finite gradient skipped this step's update: warn, or stop after --max-nonfinite-steps in a row."""
+    if in_a_row >= run.cfg.max_nonfinite_steps:
+        raise DivergedError(f"non-finite gradients in {in_a_row} updates in a row (step {step + 1}); lower --lr "
+                            f"or check the model's dtype. Checkpoints are in {run.run_dir}")
+    run.log(f"warning: step {step + 1}: non-finite gradient, update skipped")
 
 
 def check_not_diverged(policy, sampling_model, value_head, probe_prompt: list[list[int]], step: int, cfg: Config,
@@ -545,6 +570,24 @@ def log_step(run: Run, row: dict, samples: StepSamples, log_every: int) -> None:
                              clipping_possible=cfg.num_iterations > 1))
 
 
+def evaluate_and_save_every(run: Run, done: int) -> None:
+    """The held-out evaluation every --eval-every steps and the checkpoint every --save-every steps (the last step's
+    are finish's)."""
+    cfg = run.cfg
+    if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.total_steps:
+        run_eval(run, done)
+    if cfg.save_every and done % cfg.save_every == 0 and done < cfg.total_steps:
+        checkpoint(run, done)
+
+
+def nothing_to_do(cfg: Config, run_dir: Path) -> dict:
+    """The result of a --resume whose run already finished every step, said once (not once per rank)."""
+    say = tqdm.write if int(os.environ.get("RANK", "0")) == 0 else no_log
+    say(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, or a longer "
+        f"one with --out-dir, to train further)")
+    return {"first_eval": None, "last_eval": None, "run_dir": str(run_dir), "already_finished": True}
+
+
 def finish(run: Run, first_eval: dict | None) -> dict:
     """The last evaluation and checkpoint, then final/: the policy (with LoRA its adapter; --save-merged adds
     final-merged/) in the base model's dtype, the tokenizer and a model card."""
@@ -580,10 +623,7 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
     # ---------------------------------------------------------------- setup
     cfg, resume_from, already_finished = resume_point(cfg, run_dir)
     if already_finished:
-        say = tqdm.write if int(os.environ.get("RANK", "0")) == 0 else no_log  # once, not once per rank
-        say(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, or a longer "
-            f"one with --out-dir, to train further)")
-        return {"first_eval": None, "last_eval": None, "run_dir": str(run_dir), "already_finished": True}
+        return nothing_to_do(cfg, run_dir)
     run = setup(cfg, task, sampler, run_dir, preset, resume_from)
     cfg, dist_info, policy, optimizer = run.cfg, run.dist_info, run.policy, run.optimizer
     log_every = resolve_log_every(cfg.log_every, cfg.total_steps)
@@ -622,17 +662,11 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         lr_used = run.scheduler.get_last_lr()[0]
         run.scheduler.step()
         if is_sharded(policy):
-            refresh_full_copy(policy, run.sampling_model)
-            if step == run.start_step:
-                log_sharded_memory(policy, run.sampling_model, optimizer, dist_info, run.log)
+            refresh_sampling_copy(run, step)
         update_seconds = time.perf_counter() - t1
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
-        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            raise DivergedError(f"non-finite gradients in {nonfinite_in_a_row} updates in a row (step "
-                                f"{step + 1}); lower --lr or check the model's dtype. Checkpoints are in "
-                                f"{run.run_dir}")
-        if update["skipped_updates"]:
-            run.log(f"warning: step {step + 1}: non-finite gradient, update skipped")
+        if nonfinite_in_a_row:
+            skipped_update(run, step, nonfinite_in_a_row)
         check_not_diverged(policy, run.sampling_model, run.value_head, kept.prompt_ids[:1] or samples.prompt_ids[:1],
                            step + 1, cfg, run.run_dir, run.device, run.autocast, dist_info)
 
@@ -643,11 +677,7 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         bar.set_postfix({"reward": f"{row['reward_mean']:.3f}", "acc": f"{row['accuracy']:.2f}"})  # + tqdm's ETA
 
         # 6. periodic evaluation and checkpoint
-        done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.total_steps:
-            run_eval(run, done)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.total_steps:
-            checkpoint(run, done)
+        evaluate_and_save_every(run, step + 1)
 
     # ---------------------------------------------------------------- finish
     return finish(run, first_eval)

@@ -19,13 +19,11 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
                   ) -> dict:
     """cfg.num_iterations clipped-surrogate steps on one rollout batch; returns the logged diagnostics.
 
-    prompt_ids / completions: N token lists (this rank's samples); advantages [N], one per sample (grpo,
-    dr_grpo, rloo); sampler_logprobs: N lists of the sampler's per-token log-probs (a numerics check only).
-    reference: a models.Reference, or None (beta = 0). limits: the micro-batch cut (default: from cfg).
-    Per token: loss = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) [+ beta * losses.kl_loss_term], weighted
-    by token_loss_weights, fixed for the whole step from the global counts across ranks, so neither the
-    micro-batch size nor the number of ranks changes the gradient. pi_old is the first pass's log-probs
-    (which the gradient needs anyway): the ratio is exactly 1 on the first iteration.
+    prompt_ids / completions: this rank's N token lists; advantages [N]; sampler_logprobs: N lists (a numerics
+    check only); reference: a models.Reference or None (beta = 0); limits: the micro-batch cut (default: cfg).
+    Per token: -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) [+ beta * KL], weighted by token_loss_weights
+    from the global counts: neither the micro-batch size nor the ranks change the gradient. pi_old is the first
+    pass's log-probs (which the gradient needs anyway): the ratio is exactly 1 on the first iteration.
     """
     mask = completion_mask(completions)  # [N, T]
     num_samples, num_tokens = global_counts(mask, device, dist_info)

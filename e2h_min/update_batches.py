@@ -66,10 +66,9 @@ def shared_prompts_for(model, prompt_ids: list[list[int]], cfg, rows: list[int] 
 
 def step_optimizer(params: list[torch.nn.Parameter], optimizer, max_grad_norm: float, dist_info: DistInfo
                    ) -> tuple[torch.Tensor, bool]:
-    """After the last backward of an iteration: a parameter no sample reached gets gradient 0, not None (AdamW
-    still steps its moments); every gradient is summed over ranks; the global norm is clipped to max_grad_norm
-    (0: not clipped) and the optimizer steps, unless the norm is NaN/inf, which would poison the weights and
-    Adam's moments: then the gradients are dropped and the step skipped. Returns (grad norm, stepped)."""
+    """After an iteration's last backward: a gradient None becomes 0 (AdamW still steps its moments), all are
+    summed over ranks and clipped to max_grad_norm (0: not clipped), and the optimizer steps unless the norm is
+    NaN/inf (it would poison the weights and Adam's moments: the step is skipped). Returns (grad norm, stepped)."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -150,9 +149,8 @@ class UpdateBatches:
             return self.shared.keys_values(model)
 
     def micro_batches(self) -> Iterator[MicroBatch]:
-        """One pass over the micro-batches (call once per iteration). Before the first: the prompts' forward.
-        After the last: the FSDP fillers (a zero gradient, this rank's part of the collectives), then the
-        prompts' backward with the gradient the micro-batches left on their keys/values."""
+        """One pass over the micro-batches (once per iteration) after the prompts' forward; then the FSDP fillers
+        (this rank's part of the collectives) and the prompts' backward with the gradient left on their keys/values."""
         kv = self.prompt_kv(self.policy)
         for b, (rows, batch) in enumerate(self.packed):
             yield MicroBatch(b, rows, batch, self, kv)
