@@ -309,22 +309,20 @@ def checkpoint(run: Run, step: int) -> None:
 
 
 def collect(run: Run, draw: list) -> StepSamples:
-    """Roll out G samples for this rank's share of `draw` (the same list on every rank) in one batched decode and
-    score them (float64). The noise is drawn for the whole draw and each rank takes its rows' slice, so a
-    torchrun run rolls out what one process would."""
+    """G scored samples (float64 rewards) per problem of this rank's share of `draw`, in one batched decode; the
+    noise is drawn for the whole draw and sliced per rank, so a torchrun run rolls out what one process would."""
     cfg, G = run.cfg, run.cfg.num_generations
     problems = run.dist_info.shard(draw)
+    start = run.dist_info.shard_start(len(draw)) * G  # this rank's rows of the step's noise
     uniforms = torch.rand((len(draw) * G, cfg.max_new_tokens), generator=run.generator, dtype=torch.float64,
-                          device=run.device)
-    start = run.dist_info.shard_start(len(draw)) * G
+                          device=run.device)[start:start + len(problems) * G]
     if not problems:  # an uneven --dynamic-sampling redraw can leave a rank nothing to roll out
         return StepSamples(G, [], [], [], [], [], np.zeros(0), np.zeros(0, dtype=bool))
     prompt_ids = encode_prompts(run.tokenizer, run.task, problems, run.template_vars)
     run.sampling_model.eval()
     with run.autocast():
         rollout = generate(run.sampling_model, prompt_ids, G, cfg.max_new_tokens, run.eos, run.pad,
-                           stop_checker=run.stop_checker, temperature=cfg.temperature,
-                           uniforms=uniforms[start:start + len(problems) * G])
+                           stop_checker=run.stop_checker, temperature=cfg.temperature, uniforms=uniforms)
     run.policy.train()
     texts, rewards = score_rollout(run.task, problems, run.tokenizer, rollout, run.stop_checker.stop_strings)
     completions = rollout.completion_token_lists()
@@ -395,10 +393,8 @@ def reference_sequence_kl(reference, samples: StepSamples, cfg: Config, device, 
 
 def step_advantages(run: Run, samples: StepSamples, rewards: torch.Tensor, limits: MicroBatchLimits
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(advantages [N] of this rank's samples, float32; the per-sample KL [N] with --kl-in-reward, else None).
-
-    Group-relative over the whole step (every rank's samples), in float64; under ppo the grpo form, which only
-    the sec curriculum reads (ppo.ppo_update makes per-token GAE advantages from the rewards)."""
+    """(advantages [N] of this rank's samples, float32; the per-sample KL [N] with --kl-in-reward, else None),
+    group-relative over every rank's samples in float64 (under ppo the grpo form: only sec reads it)."""
     cfg, dist_info = run.cfg, run.dist_info
     step_rewards = torch.tensor(gather_lists(rewards.tolist(), dist_info), dtype=torch.float64)
     group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, step_rewards,
@@ -430,8 +426,7 @@ def kl_penalised(run: Run, samples: StepSamples, advantages: torch.Tensor, limit
 
 
 def rows_to_train(samples: StepSamples, cfg: Config) -> list[int]:
-    """The samples the update trains on: all, less equal-reward groups (--drop-zero-std), truncated samples
-    (--mask-truncated)."""
+    """The samples that train: all, less equal-reward groups (--drop-zero-std) and truncated ones (--mask-truncated)."""
     keep = np.ones(len(samples.rewards), dtype=bool)
     if cfg.drop_zero_std:  # group indices of the samples kept (dynamic sampling may have reordered them)
         keep &= np.isin(np.arange(len(samples.rewards)) // cfg.num_generations, samples.informative_groups())
@@ -445,38 +440,43 @@ def optimizer_steps(optimizer) -> int:
     return int(next(iter(optimizer.state.values()), {}).get("step", 0))
 
 
-def plain_update(policy, reference, optimizer, kept: StepSamples, advantages: torch.Tensor, cfg: Config) -> dict:
+def plain_update(run: Run, kept: StepSamples, advantages: torch.Tensor) -> dict:
     """--plain-update: the plain reference update (e2h_min/reference_update.py) instead of the fast one; the same
     parameter change (tests/test_reference_update.py), none of the savings, and only its loss is logged."""
     if not kept.completions:  # --drop-zero-std or --mask-truncated left nothing to train on
         return {"loss": 0.0, "skipped_updates": 0}
-    loss = grpo_update_plain(policy, reference, optimizer, kept.prompt_ids, kept.completions, advantages, cfg)
+    loss = grpo_update_plain(run.policy, run.reference, run.optimizer, kept.prompt_ids, kept.completions, advantages,
+                             run.cfg)
     return {"loss": loss, "skipped_updates": 0}
 
 
-def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, learn_from: torch.Tensor, cfg: Config,
-                          device, autocast, value_head, dist_info: DistInfo, log, limits: MicroBatchLimits
+def ppo_step(run: Run, kept: StepSamples, rewards: torch.Tensor, limits: MicroBatchLimits) -> dict:
+    """--advantage ppo: ppo.ppo_update, which makes per-token GAE advantages from the rewards with its value head."""
+    return ppo_update(run.policy, run.reference, run.optimizer, kept.prompt_ids, kept.completions, rewards,
+                      kept.sampler_logprobs, run.cfg, run.device, run.autocast, run.value_head, run.dist_info,
+                      limits=limits)
+
+
+def update_with_oom_retry(run: Run, kept: StepSamples, learn_from: torch.Tensor, limits: MicroBatchLimits
                           ) -> tuple[dict, MicroBatchLimits]:
-    """The update (update.policy_update; --plain-update: reference_update; --advantage ppo: ppo.ppo_update, on the
-    rewards) -> (its diagnostics, the micro-batch limits for the rest of the run). A CUDA out-of-memory error
-    halves the limits and retries: exact (the loss weights do not depend on the micro-batch size) while no
-    optimizer step was taken and in one process (under torchrun the other ranks wait in the next collective)."""
+    """(update.policy_update's diagnostics, the micro-batch limits from now on). A CUDA out-of-memory error halves
+    the limits and retries: exact (the loss weights do not depend on the micro-batch size) while no optimizer step
+    was taken, in one process (under torchrun the other ranks already wait in the update's next collective)."""
+    cfg, optimizer = run.cfg, run.optimizer
+    if cfg.plain_update:  # one whole batch: smaller limits would not help it
+        return plain_update(run, kept, learn_from), limits
     while True:
         steps_before = optimizer_steps(optimizer)
         try:
-            if cfg.plain_update:
-                return plain_update(policy, reference, optimizer, kept, learn_from, cfg), limits
             if cfg.advantage == "ppo":
-                return ppo_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, learn_from,
-                                  kept.sampler_logprobs, cfg, device, autocast, value_head, dist_info,
-                                  limits=limits), limits
-            return policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, learn_from,
-                                 kept.sampler_logprobs, cfg, device, autocast, dist_info, limits=limits), limits
+                return ppo_step(run, kept, learn_from, limits), limits
+            return policy_update(run.policy, run.reference, optimizer, kept.prompt_ids, kept.completions, learn_from,
+                                 kept.sampler_logprobs, cfg, run.device, run.autocast, run.dist_info,
+                                 limits=limits), limits
         except torch.OutOfMemoryError:
-            if (limits.rows == 1 or optimizer_steps(optimizer) != steps_before or dist_info.enabled
-                    or cfg.plain_update):  # the plain update runs one whole batch: smaller limits do not help it
+            if limits.rows == 1 or optimizer_steps(optimizer) != steps_before or run.dist_info.enabled:
                 raise
-            limits = smaller_limits(optimizer, limits, log)
+            limits = smaller_limits(optimizer, limits, run.log)
 
 
 def smaller_limits(optimizer, limits: MicroBatchLimits, log) -> MicroBatchLimits:
@@ -505,24 +505,24 @@ def skipped_update(run: Run, step: int, in_a_row: int) -> None:
     run.log(f"warning: step {step + 1}: non-finite gradient, update skipped")
 
 
-def check_not_diverged(policy, sampling_model, value_head, probe_prompt: list[list[int]], step: int, cfg: Config,
-                       run_dir: Path, device, autocast, dist_info: DistInfo) -> None:
+def check_not_diverged(run: Run, probe_prompt: list[list[int]], step: int) -> None:
     """Stop with DivergedError (one line, exit 2) if the step just taken left a NaN/inf parameter or a model
     whose logits on one of this step's prompts are NaN/inf (see e2h_min/divergence.py). Every rank decides
     together, so no rank is left waiting in a collective. The check reads sampling_model (the policy itself, or
     under FSDP its refreshed full copy), so it never runs a forward of the sharded model outside the update."""
-    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    sampling_model, value_head, device, dist_info = run.sampling_model, run.value_head, run.device, run.dist_info
+    trained = {n for n, p in run.policy.named_parameters() if p.requires_grad}
     named = [(n, p) for n, p in sampling_model.named_parameters() if n in trained]
     named += [(f"value_head.{n}", p) for n, p in value_head.named_parameters()] if value_head else []
     bad_parameter = first_nonfinite_parameter(named)
     finite_logits = bad_parameter is None and probe_logits_finite(sampling_model, (probe_prompt or [[]])[0],
-                                                                  device, autocast)
+                                                                  device, run.autocast)
     votes = all_reduce_sum(torch.tensor([float(bad_parameter is None and finite_logits)], device=device), dist_info)
     if int(votes.item()) != dist_info.world_size:
         what = (f"parameter {bad_parameter} is NaN/inf" if bad_parameter else
                 "the weights are finite but the model's logits are NaN/inf" if not finite_logits else
                 "another rank saw NaN/inf")
-        raise DivergedError(divergence_message(step, cfg.lr, what, run_dir))
+        raise DivergedError(divergence_message(step, run.cfg.lr, what, run.run_dir))
 
 
 def step_metrics(run: Run, step: int, level_p: list[float], lr: float, update: dict, rolled: StepRollout,
@@ -618,14 +618,13 @@ def finish(run: Run, first_eval: dict | None) -> dict:
 
 
 def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset: tuple | None = None) -> dict:
-    """The run, in run_dir (already claimed by main). preset: (config.Preset, the values it set), for the
-    start-up line that says which settings came from the model's preset."""
+    """The run, in run_dir (claimed by main); preset: (config.Preset, the values it set) for the start-up line."""
     # ---------------------------------------------------------------- setup
     cfg, resume_from, already_finished = resume_point(cfg, run_dir)
     if already_finished:
         return nothing_to_do(cfg, run_dir)
     run = setup(cfg, task, sampler, run_dir, preset, resume_from)
-    cfg, dist_info, policy, optimizer = run.cfg, run.dist_info, run.policy, run.optimizer
+    cfg, dist_info, policy = run.cfg, run.dist_info, run.policy
     log_every = resolve_log_every(cfg.log_every, cfg.total_steps)
     limits = MicroBatchLimits(cfg.micro_batch_size, cfg.micro_batch_tokens)  # an OOM retry halves them for good
     first_eval = run_eval(run, run.start_step) if run.start_step == 0 else None
@@ -640,8 +639,7 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         level_p = sampler.probs(step)
         draw = sampler.sample(step, cfg.prompts_per_step)
 
-        # 2. rollout and rewards: G samples per prompt, scored in float64 (each rank rolls out its share);
-        #    --dynamic-sampling redraws prompts (same p_t) until every group is informative
+        # 2. rollout and rewards: G samples per prompt, float64 (--dynamic-sampling redraws until groups differ)
         t0 = time.perf_counter()
         rolled = roll_out(run, step, draw)
         samples = rolled.samples
@@ -651,14 +649,12 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         rewards = torch.tensor(samples.rewards, dtype=torch.float64)
         advantages, sequence_kl_values = step_advantages(run, samples, rewards, limits)
 
-        # 4. policy update on the samples that train (--drop-zero-std, --mask-truncated leave some out);
-        #    PPO learns from the rewards (its GAE makes per-token advantages)
+        # 4. update on the samples that train (--drop-zero-std, --mask-truncated drop some; PPO takes the rewards)
         t1 = time.perf_counter()
         trained = rows_to_train(samples, cfg)
         kept = samples.select(trained)
         learn_from = (rewards if cfg.advantage == "ppo" else advantages)[trained].float()
-        update, limits = update_with_oom_retry(policy, run.reference, optimizer, kept, learn_from, cfg, run.device,
-                                               run.autocast, run.value_head, dist_info, run.log, limits)
+        update, limits = update_with_oom_retry(run, kept, learn_from, limits)
         lr_used = run.scheduler.get_last_lr()[0]
         run.scheduler.step()
         if is_sharded(policy):
@@ -667,8 +663,7 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
         if nonfinite_in_a_row:
             skipped_update(run, step, nonfinite_in_a_row)
-        check_not_diverged(policy, run.sampling_model, run.value_head, kept.prompt_ids[:1] or samples.prompt_ids[:1],
-                           step + 1, cfg, run.run_dir, run.device, run.autocast, dist_info)
+        check_not_diverged(run, kept.prompt_ids[:1] or samples.prompt_ids[:1], step + 1)
 
         # 5. log: one JSON line per step (rank 0, over every rank's samples), one console line
         row = step_metrics(run, step, level_p, lr_used, update, rolled, samples, len(trained), sequence_kl_values,

@@ -59,8 +59,7 @@ def hard_probs(step: int, total_steps: int, num_levels: int) -> list[float]:
 
 
 def cosine_probs(step: int, total_steps: int, num_levels: int) -> list[float]:
-    """E2H-C as the published runs used it: a cosine blend of a falling and a rising linear profile.
-
+    """E2H-C as the published runs used it: a cosine blend of a falling and a rising linear profile,
     a = 0.5 * (1 + cos(pi * t/T));  p_k = a * e_k + (1 - a) * l_k,  e_k = (K-k)/S,  l_k = (k+1)/S,  S = K(K+1)/2.
     Example: K=4 -> [.4, .3, .2, .1] at t=0, [.25]*4 at t=T/2, [.1, .2, .3, .4] at t=T.
     """

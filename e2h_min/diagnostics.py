@@ -28,8 +28,7 @@ class UpdateDiagnostics:
     def add(self, mb, loss: torch.Tensor, logp: torch.Tensor, old: torch.Tensor, entropy: torch.Tensor,
             flags: dict[str, torch.Tensor], sampler_logprobs: list[list[float]], kl: torch.Tensor | None = None,
             ref_logp: torch.Tensor | None = None, value_loss: torch.Tensor | None = None) -> None:
-        """Add micro-batch `mb`: its weighted loss, per-token [R, T] log pi, log pi_old, entropy, clip flags, (KL
-        term, reference log-probs, value loss where the loss has them); sampler_logprobs: all N samples'."""
+        """Add micro-batch `mb`: its loss, per-token [R, T] tensors, clip flags and all N sampler log-prob lists."""
         mask, s = mb.mask, self.sums
         if kl is not None:
             s["kl"] += float((kl.detach() * mask).sum())

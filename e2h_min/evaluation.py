@@ -36,32 +36,27 @@ _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 
 def encode_prompts(tokenizer, task, problems, template_vars: dict | None = None) -> list[list[int]]:
-    """Chat-template each problem (system, user, assistant prefill continued) and tokenize it (no special tokens
-    added: the rendered text holds any BOS the template wants). template_vars: chat_date_variables(a run's
-    pinned date), so a date-bearing template (Llama 3) renders the same prompt on any day."""
+    """Chat-template each problem (system, user, assistant prefill continued), tokenized as rendered (with any BOS
+    the template writes). template_vars: chat_date_variables(a run's date) pins a Llama 3 prompt's date."""
     texts = [tokenizer.apply_chat_template(task.messages(p), tokenize=False, continue_final_message=True,
                                            **(template_vars or {})) for p in problems]
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
 def cut_at_stop(text: str, stop_strings: list[str]) -> str:
-    """The text up to and including its earliest stop string, else unchanged: the token that completes a stop
-    string can carry more text (a merged ">." or ">\n\n"), not part of the answer (as with vLLM's `stop`).
-    Example: cut_at_stop("<answer> 1 + 2 </answer>.", ["</answer>"]) == "<answer> 1 + 2 </answer>"
-    """
+    """The text up to and including its earliest stop string (as vLLM's `stop`): the token that completes one can
+    carry more text. Example: cut_at_stop("<answer> 1 + 2 </answer>.", ["</answer>"]) -> "<answer> 1 + 2 </answer>"""
     ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
     return text[:min(ends)] if ends else text
 
 
 def completion_texts(tokenizer, rollout: Rollout, stop_strings: list[str]) -> list[str]:
-    """The scored text of every sample: its completion tokens decoded without special tokens (an EOS adds no
-    text), cut right after the first stop string. Every reward in the project is computed on these texts."""
+    """Every sample's scored text (all rewards use it): its completion decoded without special tokens, cut at stop."""
     texts = tokenizer.batch_decode(rollout.completion_token_lists(), skip_special_tokens=True)
     return [cut_at_stop(text, stop_strings) for text in texts]
 
 
-def score_rollout(task, problems, tokenizer, rollout: Rollout, stop_strings: list[str]
-                  ) -> tuple[list[str], np.ndarray]:
+def score_rollout(task, problems, tokenizer, rollout: Rollout, stop_strings: list[str]) -> tuple[list[str], np.ndarray]:
     """Score every sample's text (completion_texts) against its prompt's problem. Rewards are float64."""
     texts = completion_texts(tokenizer, rollout, stop_strings)
     rewards = np.array([task.score(problems[i // rollout.num_samples], text) for i, text in enumerate(texts)],

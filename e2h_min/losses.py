@@ -9,15 +9,11 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
-                     ) -> torch.Tensor:
-    """GRPO advantages: A_i = (r_i - mean_g(r)) / (std + eps), rewards [N] -> [N], std unbiased (as TRL's).
-
-    scale: "group" divides by the std of the sample's own group (the paper), "batch" by the std of all N rewards,
-    "none" does not divide (Dr. GRPO). A group whose rewards are all equal gets exactly 0 (a rounded mean would
-    leave +-1e-4 in float32), so the update can skip it.
-    Example: rewards [1, 0, 0, 0], G=4, eps 0 -> mean .25, std .5 -> [1.5, -.5, -.5, -.5].
-    """
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages A_i = (r_i - mean_g(r)) / (std + eps), rewards [N] -> [N], std unbiased (as TRL's) over the
+    sample's group (scale "group", the paper), all N rewards ("batch") or not divided ("none", Dr. GRPO). An
+    all-equal group gets exactly 0 (a rounded mean would leave +-1e-4), so the update can skip it.
+    Example: rewards [1, 0, 0, 0], G=4, eps 0 -> mean .25, std .5 -> [1.5, -.5, -.5, -.5]."""
     grouped = rewards.view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     centered = centered.masked_fill(_constant_groups(grouped), 0.0)
@@ -91,7 +87,6 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
                       epsilon_high: float, mask: torch.Tensor | None = None, level: str = "token"
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped objective per token: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A), rho = exp(log rho).
-
     logp, old_logp [N, T]; advantages [N] (GRPO, broadcast over tokens) or [N, T] (PPO's GAE). Returns (loss
     [N, T], bool [N, T] flags): clipped_low (rho < 1 - eps_low, A < 0: zero gradient), clipped_high (rho >
     1 + eps_high, A > 0), region (rho outside [1 - eps_low, 1 + eps_high]). Example: rho 1.5, A 1, eps .2 -> -1.2.
@@ -103,9 +98,8 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
     loss = -torch.minimum(unclipped, clipped)
-    flags = {"clipped_low": (ratio < 1.0 - epsilon_low) & (adv < 0),
-             "clipped_high": (ratio > 1.0 + epsilon_high) & (adv > 0),
-             "region": (ratio < 1.0 - epsilon_low) | (ratio > 1.0 + epsilon_high)}
+    low, high = ratio < 1.0 - epsilon_low, ratio > 1.0 + epsilon_high
+    flags = {"clipped_low": low & (adv < 0), "clipped_high": high & (adv > 0), "region": low | high}
     return loss, flags
 
 
@@ -215,15 +209,12 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
 def token_loss_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None,
                        num_sequences: int | None = None, num_tokens: float | None = None) -> torch.Tensor:
-    """Weights w [N, T] with the step's loss = sum_{i,t} w_it * loss_it, fixed once for the WHOLE step.
-
+    """Weights w [N, T] (completion_mask [N, T] -> float32) with the step's loss = sum_{i,t} w_it * loss_it:
     grpo:    w_it = m_it / (|o_i| * N)   per-sequence token mean, then mean over sequences (the paper; length bias)
     dapo:    w_it = m_it / sum(m)        one mean over every completion token of the step
     dr_grpo: w_it = m_it / (N * L_max)   sum divided by a constant
-    Fixed before micro-batching, so any split of the rows sums to the full-step loss and gradient; with the GLOBAL
-    N (num_sequences) and token count (num_tokens) the ranks' gradients sum to the single-process one.
-    completion_mask [N, T] -> [N, T] float32. Example: mask [[1,1],[1,0]]: grpo -> [[.25,.25],[.5,0]].
-    """
+    Fixed for the WHOLE step before micro-batching: any split of the rows sums to the full-step loss and gradient,
+    and with the GLOBAL N and token count, so do the ranks. Example: grpo, [[1,1],[1,0]] -> [[.25,.25],[.5,0]]."""
     mask = completion_mask.float()
     n_seq = num_sequences if num_sequences is not None else mask.shape[0]
     total = num_tokens if num_tokens is not None else float(mask.sum())

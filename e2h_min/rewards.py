@@ -26,11 +26,8 @@ ANSWER_REWARD = 0.9  # added when the answer is correct: 0.1 + 0.9 == 1.0 exactl
 
 
 def parse_think_answer(completion: str) -> str | None:
-    """The stripped answer text if "<think>" + completion is well formatted (module docstring), else None.
-
-    Example: " 3 + 5 = 8</think>\\n<answer> 3 + 5 </answer>" -> "3 + 5"; None with text between the blocks
-             (" 3 + 5 = 8</think> so <answer> 3 + 5 </answer>") or an empty think ("</think><answer> 3 </answer>").
-    """
+    """The stripped answer if "<think>" + completion is well formatted (module docstring), else None. Example:
+    " 3 + 5 = 8</think>\\n<answer> 3 + 5 </answer>" -> "3 + 5"; None with text between the blocks or empty think."""
     text = (THINK_OPEN + completion).rstrip()
     if any(text.count(tag) != 1 for tag in TAGS) or not text.endswith(ANSWER_CLOSE):
         return None

@@ -208,12 +208,10 @@ def generate(model, prompt_ids: list[list[int]], num_samples: int, max_new_token
              compact_fraction: float = 0.125, check_every: int | None = None, decoder: str = "auto",
              static_shapes: bool = False, compile_step: bool = False, uniforms: torch.Tensor | None = None
              ) -> Rollout:
-    """Sample `num_samples` completions for each of P prompts (unpadded token lists) in one batched KV-cached
-    decode: a Rollout of N = P * num_samples rows, row i from prompt i // num_samples. The noise: `generator`, or
-    uniforms [N, max_new_tokens] float64 in [0, 1), row i's number at decode step s (then a row's sample does not
-    depend on the rows beside it). compact_fraction, check_every (None: 1 on CPU, 8 on CUDA), decoder ("auto",
-    "lean", "hf"): the module docstring; static_shapes / compile_step (off; the latter untested on GPU):
-    e2h_min/decoders.py. Example: generate(model, [[1, 2, 3]], 2, 5, [0], 0).completion_ids: shape [2, <=5]."""
+    """`num_samples` completions for each of P prompts (token lists) in one KV-cached decode: a Rollout of N = P *
+    num_samples rows, row i from prompt i // num_samples. Noise: `generator`, or uniforms [N, max_new_tokens] in
+    [0, 1), row i's at decode step s (a row's sample then ignores its neighbours). Options: the module docstring
+    and e2h_min/decoders.py. Example: generate(model, [[1, 2, 3]], 2, 5, [0], 0).completion_ids: shape [2, <=5]."""
     _validate(prompt_ids, num_samples, max_new_tokens, temperature, greedy, top_k, top_p, check_every)
     device = next(model.parameters()).device
     if check_every is None:

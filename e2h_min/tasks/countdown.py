@@ -40,9 +40,8 @@ _SPLIT_SALT = {"train": 0, "test": 1_000_003, "eval": 1_000_003}
 
 
 def generate_countdown(rng: random.Random, n_numbers: int, max_target: int = 100) -> tuple[list[int], int, list]:
-    """(numbers uniform in 1..100, a target in 0..max_target reached by a left-to-right chain of random
-    operations, that chain [first, (op, n), ...]); division only when exact; redrawn until the target fits.
-    Example: chain [19, ('+', 44), ('-', 35)] means ((19 + 44) - 35) = 28."""
+    """(numbers uniform in 1..100, a target in 0..max_target reached by a left-to-right chain of random operations
+    (exact division only), the chain): chain [19, ('+', 44), ('-', 35)] means ((19 + 44) - 35) = 28."""
     while True:
         numbers = [rng.randint(1, 100) for _ in range(n_numbers)]
         order = numbers[:]
@@ -66,11 +65,9 @@ def chain_expression(chain: list) -> str:
 
 def countdown_prompt(numbers: list[int], target: int) -> str:
     """The paper's user prompt, verbatim (spec section 6)."""
-    return (
-        f"Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
-        f"operations (+, -, *, /) and each number can only be used once. {THINK_ANSWER_INSTRUCTION}, "
-        f"for example <answer> (1 + 2) / 3 </answer>."
-    )
+    return (f"Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
+            f"operations (+, -, *, /) and each number can only be used once. {THINK_ANSWER_INSTRUCTION}, "
+            f"for example <answer> (1 + 2) / 3 </answer>.")
 
 
 # ---------------------------------------------------------------- the grader: a safe arithmetic parser
@@ -177,10 +174,9 @@ def _bounded(value: Fraction) -> Fraction:
 
 
 def evaluate_expression(expr: str, max_len: int = MAX_EXPRESSION_CHARS) -> tuple[Fraction, list[int]] | None:
-    """(exact value, integer literals in reading order) of an arithmetic expression, or None if rejected: a
-    character other than ASCII digits, + - * / ( ) and ' ', a syntax error ('**', '//', '2(3)'), division by
-    zero, or past a cap (max_len characters, MAX_NESTING, MAX_LITERAL_DIGITS or a leading zero, MAX_MAGNITUDE).
-    Example: evaluate_expression("(19 + 44) - 35") == (Fraction(28), [19, 44, 35]); "2 ** 3" -> None."""
+    """(exact value, integer literals in order) of an arithmetic expression, or None if rejected: a character
+    other than ASCII digits, + - * / ( ) and ' ', a syntax error ('**', '//', '2(3)'), division by zero, a cap
+    passed (module docstring). Example: "(19 + 44) - 35" -> (Fraction(28), [19, 44, 35]); "2 ** 3" -> None."""
     if len(expr) > max_len:
         return None
     try:
@@ -204,10 +200,9 @@ def safe_arith(expr: str, max_len: int = MAX_EXPRESSION_CHARS) -> Fraction | Non
 
 
 def countdown_reward(completion: str, numbers: list[int], target: int) -> float:
-    """0.0 (bad format), 0.1 (formatted, wrong) or 1.0 (correct) for the text generated after the "<think>"
-    prefill; never raises for a str (a non-str is a caller bug: TypeError). Example, numbers [44, 19, 35], target
-    28: " 19 + 44 = 63, 63 - 35 = 28</think>\\n<answer> (19 + 44) - 35 </answer>" -> 1.0; "...<answer> 44 - 19
-    </answer>" -> 0.1 (35 unused, value 25); " ...</think>\\n(19 + 44) - 35" -> 0.0 (no answer tags)."""
+    """0.0 (bad format), 0.1 (formatted, wrong) or 1.0 (correct) for the text generated after the "<think>" prefill;
+    never raises for a str. Example, numbers [44, 19, 35], target 28: an answer "<answer> (19 + 44) - 35 </answer>"
+    after " 19 + 44 = 63, 63 - 35 = 28</think>\\n" -> 1.0; "<answer> 44 - 19 </answer>" -> 0.1 (35 unused)."""
     if not isinstance(completion, str):
         raise TypeError(f"completion must be str, got {type(completion).__name__}; decode tokens first")
     answer = parse_think_answer(completion)
