@@ -45,7 +45,7 @@ def encode_prompts(tokenizer, task, problems, template_vars: dict | None = None)
 
 def cut_at_stop(text: str, stop_strings: list[str]) -> str:
     """The text up to and including its earliest stop string (as vLLM's `stop`): the token that completes one can
-    carry more text. Example: cut_at_stop("<answer> 1 + 2 </answer>.", ["</answer>"]) -> "<answer> 1 + 2 </answer>"""
+    carry more text. Example: ("<answer> 1 + 2 </answer>.", ["</answer>"]) -> "<answer> 1 + 2 </answer>"."""
     ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
     return text[:min(ends)] if ends else text
 
