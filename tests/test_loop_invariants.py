@@ -106,6 +106,7 @@ def test_filters_keep_exactly_the_informative_groups_with_their_own_advantages(t
     assert row["frac_reward_zero_std"] == pytest.approx(1 - informative / (len(drawn) // 2))
     assert row["trained_fraction"] == pytest.approx(len(kept_groups) / 4)  # of the 4 groups of the step
     assert row["resample_rounds"] == rounds - 1
+    assert recorder.sec_signals == []  # only --schedule sec feeds the bandit
 
 
 def test_mask_truncated_trains_exactly_the_finished_samples_and_each_ends_in_eos_or_the_stop(tmp_path, monkeypatch):
