@@ -41,7 +41,8 @@ from e2h_min.config import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS,
                              OneLineErrorParser, UserError, check_context, check_output_dir, exit_on_user_error,
                              is_iso_date)
 from e2h_min.jsonl import parse_json
-from e2h_min.evaluation import encode_prompts, eos_token_ids, evaluate, held_out_problems, score_rollout, today
+from e2h_min.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate, held_out_problems,
+                                score_rollout, today)
 from e2h_min.models import (context_length, load_model, load_tokenizer, peft_building, pick_device,
                             resolve_model_name)
 from e2h_min.passk import mean_pass_at_k
@@ -228,11 +229,11 @@ def sample_pass_at_k(model, tokenizer, task, problems, ks: list[int], samples: i
     generator = torch.Generator(device=device).manual_seed(seed)
     eos, pad = eos_token_ids(tokenizer, model), tokenizer.pad_token_id
     per_call = max(1, batch_size // samples)  # prompts per call; each prompt brings `samples` rows
-    counts, records = defaultdict(list), []
+    counts, records, dated = defaultdict(list), [], chat_date_variables(chat_date)
     for start in tqdm(range(0, len(problems), per_call), desc="pass@k", disable=not progress):
         chunk = problems[start:start + per_call]
         with autocast():
-            rollout = generate(model, encode_prompts(tokenizer, task, chunk, chat_date), samples, max_new_tokens,
+            rollout = generate(model, encode_prompts(tokenizer, task, chunk, dated), samples, max_new_tokens,
                                eos, pad, stop_checker=stop_checker, temperature=temperature, top_k=top_k,
                                top_p=top_p, generator=generator)
         texts, rewards = score_rollout(task, chunk, tokenizer, rollout, stop_checker.stop_strings)

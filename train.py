@@ -51,8 +51,8 @@ from e2h_min.curriculum import LevelSampler
 from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed
 from e2h_min.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
                                 probe_logits_finite)
-from e2h_min.evaluation import (encode_prompts, eos_token_ids, evaluate_sharded, held_out_problems, score_rollout,
-                                today)
+from e2h_min.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate_sharded,
+                                held_out_problems, score_rollout, today)
 from e2h_min.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
 from e2h_min.logprobs import completion_logprobs, pack_micro_batches
 from e2h_min.losses import compute_advantages, kl_penalised_advantages, sequence_kl
@@ -160,6 +160,7 @@ class Run:
     eval_problems: list
     trackers: Trackers
     start_step: int
+    template_vars: dict  # chat-template variables that pin the prompts' date (evaluation.chat_date_variables)
 
 
 def no_log(*_) -> None:
@@ -274,7 +275,7 @@ def setup(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
                         task.level_names(), start_step)
     return Run(cfg, task, sampler, run_dir, device, dist_info, autocast, log, tokenizer, policy, sampling_model,
                reference, value_head, optimizer, scheduler, generator, stop_checker, eos, pad, eval_problems,
-               trackers, start_step)
+               trackers, start_step, chat_date_variables(cfg.chat_date))
 
 
 def run_eval(run: Run, step: int) -> dict:
@@ -308,23 +309,20 @@ def checkpoint(run: Run, step: int) -> None:
 
 
 def collect(run: Run, draw: list) -> StepSamples:
-    """Roll out G samples for this rank's share of the problems `draw` (the same list on every rank) in one batched
-    decode and score them (rewards in float64). The sampling noise is drawn for the whole draw on every rank and
-    each rank decodes with its own rows' slice of it: the samples do not depend on how the draw is split across
-    ranks, so a torchrun run rolls out what one process would."""
+    """G scored samples (float64 rewards) per problem of this rank's share of `draw`, in one batched decode; the
+    noise is drawn for the whole draw and sliced per rank, so a torchrun run rolls out what one process would."""
     cfg, G = run.cfg, run.cfg.num_generations
     problems = run.dist_info.shard(draw)
+    start = run.dist_info.shard_start(len(draw)) * G  # this rank's rows of the step's noise
     uniforms = torch.rand((len(draw) * G, cfg.max_new_tokens), generator=run.generator, dtype=torch.float64,
-                          device=run.device)
-    start = run.dist_info.shard_start(len(draw)) * G
+                          device=run.device)[start:start + len(problems) * G]
     if not problems:  # an uneven --dynamic-sampling redraw can leave a rank nothing to roll out
         return StepSamples(G, [], [], [], [], [], np.zeros(0), np.zeros(0, dtype=bool))
-    prompt_ids = encode_prompts(run.tokenizer, run.task, problems, cfg.chat_date)
+    prompt_ids = encode_prompts(run.tokenizer, run.task, problems, run.template_vars)
     run.sampling_model.eval()
     with run.autocast():
         rollout = generate(run.sampling_model, prompt_ids, G, cfg.max_new_tokens, run.eos, run.pad,
-                           stop_checker=run.stop_checker, temperature=cfg.temperature,
-                           uniforms=uniforms[start:start + len(problems) * G])
+                           stop_checker=run.stop_checker, temperature=cfg.temperature, uniforms=uniforms)
     run.policy.train()
     texts, rewards = score_rollout(run.task, problems, run.tokenizer, rollout, run.stop_checker.stop_strings)
     completions = rollout.completion_token_lists()
@@ -395,32 +393,40 @@ def reference_sequence_kl(reference, samples: StepSamples, cfg: Config, device, 
 
 def step_advantages(run: Run, samples: StepSamples, rewards: torch.Tensor, limits: MicroBatchLimits
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(advantages [N] of this rank's samples, float32; the per-sample KL [N] with --kl-in-reward, else None).
-
-    Group-relative over the whole step (every rank's samples), in float64 (--advantage grpo, dr_grpo, rloo; the
-    grpo form under ppo, whose update makes its own per-token GAE advantages from the rewards). --kl-in-reward
-    subtracts the KL penalty after the normalisation (losses.kl_penalised_advantages). The curriculum gets each
-    level's mean |advantage| (what --schedule sec learns from)."""
-    cfg, dist_info, G = run.cfg, run.dist_info, run.cfg.num_generations
-    sequence_kl_values = None
-    if cfg.kl_in_reward and run.reference is not None and cfg.advantage != "ppo":
-        sequence_kl_values = reference_sequence_kl(run.reference, samples, cfg, run.device, run.autocast, limits)
+    """(advantages [N] of this rank's samples, float32; the per-sample KL [N] with --kl-in-reward, else None),
+    group-relative over every rank's samples in float64 (under ppo the grpo form: only sec reads it)."""
+    cfg, dist_info = run.cfg, run.dist_info
     step_rewards = torch.tensor(gather_lists(rewards.tolist(), dist_info), dtype=torch.float64)
-    step_levels = np.array(gather_lists(samples.levels.tolist(), dist_info), dtype=np.int64)
-    group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, step_rewards, G,
-                                   cfg.scale_rewards)
-    run.sampler.update({int(k): float(group_adv[torch.from_numpy(step_levels == k)].abs().mean())
-                        for k in set(step_levels.tolist())})
+    group_adv = compute_advantages("grpo" if cfg.advantage == "ppo" else cfg.advantage, step_rewards,
+                                   cfg.num_generations, cfg.scale_rewards)
+    if cfg.schedule == "sec":
+        feed_sec_curriculum(run, samples, group_adv)
     start = sum(gather_lists([len(rewards)], dist_info)[:dist_info.rank])  # ranks may hold unequal shares
     advantages = group_adv[start:start + len(rewards)]
-    if sequence_kl_values is not None:  # groups are rank-local: each rank penalises its own samples
-        advantages = kl_penalised_advantages(advantages, sequence_kl_values, cfg.beta, G)
-    return advantages.float(), sequence_kl_values
+    if cfg.kl_in_reward and run.reference is not None and cfg.advantage != "ppo":
+        return kl_penalised(run, samples, advantages, limits)
+    return advantages.float(), None
+
+
+def feed_sec_curriculum(run: Run, samples: StepSamples, group_adv: torch.Tensor) -> None:
+    """--schedule sec: the curriculum learns each level's mean |advantage| over the step's samples."""
+    step_levels = np.array(gather_lists(samples.levels.tolist(), run.dist_info), dtype=np.int64)
+    run.sampler.update({int(k): float(group_adv[torch.from_numpy(step_levels == k)].abs().mean())
+                        for k in set(step_levels.tolist())})
+
+
+def kl_penalised(run: Run, samples: StepSamples, advantages: torch.Tensor, limits: MicroBatchLimits
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """--kl-in-reward: (advantages less the KL penalty, subtracted after the normalisation (see
+    losses.kl_penalised_advantages), float32; the per-sample KL [N]). Groups are rank-local: each rank
+    penalises its own samples."""
+    sequence_kl_values = reference_sequence_kl(run.reference, samples, run.cfg, run.device, run.autocast, limits)
+    penalised = kl_penalised_advantages(advantages, sequence_kl_values, run.cfg.beta, run.cfg.num_generations)
+    return penalised.float(), sequence_kl_values
 
 
 def rows_to_train(samples: StepSamples, cfg: Config) -> list[int]:
-    """The samples the update trains on: all, less the groups with equal rewards (--drop-zero-std) and the
-    truncated samples (--mask-truncated)."""
+    """The samples that train: all, less equal-reward groups (--drop-zero-std) and truncated ones (--mask-truncated)."""
     keep = np.ones(len(samples.rewards), dtype=bool)
     if cfg.drop_zero_std:  # group indices of the samples kept (dynamic sampling may have reordered them)
         keep &= np.isin(np.arange(len(samples.rewards)) // cfg.num_generations, samples.informative_groups())
@@ -430,74 +436,93 @@ def rows_to_train(samples: StepSamples, cfg: Config) -> list[int]:
 
 
 def optimizer_steps(optimizer) -> int:
-    """How many steps the optimizer has taken (Adam keeps a per-parameter step count)."""
-    for state in optimizer.state.values():
-        return int(state.get("step", 0))
-    return 0
+    """How many steps the optimizer has taken (Adam keeps a per-parameter step count; none before its first)."""
+    return int(next(iter(optimizer.state.values()), {}).get("step", 0))
 
 
-def plain_update(policy, reference, optimizer, kept: StepSamples, advantages: torch.Tensor, cfg: Config) -> dict:
+def plain_update(run: Run, kept: StepSamples, advantages: torch.Tensor) -> dict:
     """--plain-update: the plain reference update (e2h_min/reference_update.py) instead of the fast one; the same
     parameter change (tests/test_reference_update.py), none of the savings, and only its loss is logged."""
     if not kept.completions:  # --drop-zero-std or --mask-truncated left nothing to train on
         return {"loss": 0.0, "skipped_updates": 0}
-    loss = grpo_update_plain(policy, reference, optimizer, kept.prompt_ids, kept.completions, advantages, cfg)
+    loss = grpo_update_plain(run.policy, run.reference, run.optimizer, kept.prompt_ids, kept.completions, advantages,
+                             run.cfg)
     return {"loss": loss, "skipped_updates": 0}
 
 
-def update_with_oom_retry(policy, reference, optimizer, kept: StepSamples, learn_from: torch.Tensor, cfg: Config,
-                          device, autocast, value_head, dist_info: DistInfo, log, limits: MicroBatchLimits
-                          ) -> tuple[dict, MicroBatchLimits]:
-    """The update (update.policy_update; ppo.ppo_update under --advantage ppo, which learns from the rewards
-    rather than advantages); returns (its diagnostics, the micro-batch limits for the rest of the run). On a CUDA
-    out-of-memory error it halves the limits (rows, and tokens if capped) and retries.
+def ppo_step(run: Run, kept: StepSamples, rewards: torch.Tensor, limits: MicroBatchLimits) -> dict:
+    """--advantage ppo: ppo.ppo_update, which makes per-token GAE advantages from the rewards with its value head."""
+    return ppo_update(run.policy, run.reference, run.optimizer, kept.prompt_ids, kept.completions, rewards,
+                      kept.sampler_logprobs, run.cfg, run.device, run.autocast, run.value_head, run.dist_info,
+                      limits=limits)
 
-    The retry is exact (the loss weights do not depend on the micro-batch size) as long as no optimizer step was
-    taken yet; an OOM in a later iteration of --num-iterations > 1 is re-raised. Under torchrun it is re-raised
-    too: the other ranks are already waiting in the update's next collective, and a retry on one rank alone
-    would start its collectives over out of step with them (a mismatch or a hang).
-    """
+
+def update_with_oom_retry(run: Run, kept: StepSamples, learn_from: torch.Tensor, limits: MicroBatchLimits
+                          ) -> tuple[dict, MicroBatchLimits]:
+    """(update.policy_update's diagnostics, the micro-batch limits from now on). A CUDA out-of-memory error halves
+    the limits and retries: exact (the loss weights do not depend on the micro-batch size) while no optimizer step
+    was taken, in one process (under torchrun the other ranks already wait in the update's next collective)."""
+    cfg, optimizer = run.cfg, run.optimizer
+    if cfg.plain_update:  # one whole batch: smaller limits would not help it
+        return plain_update(run, kept, learn_from), limits
     while True:
         steps_before = optimizer_steps(optimizer)
         try:
-            if cfg.plain_update:
-                return plain_update(policy, reference, optimizer, kept, learn_from, cfg), limits
             if cfg.advantage == "ppo":
-                return ppo_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, learn_from,
-                                  kept.sampler_logprobs, cfg, device, autocast, value_head, dist_info,
-                                  limits=limits), limits
-            return policy_update(policy, reference, optimizer, kept.prompt_ids, kept.completions, learn_from,
-                                 kept.sampler_logprobs, cfg, device, autocast, dist_info, limits=limits), limits
+                return ppo_step(run, kept, learn_from, limits), limits
+            return policy_update(run.policy, run.reference, optimizer, kept.prompt_ids, kept.completions, learn_from,
+                                 kept.sampler_logprobs, cfg, run.device, run.autocast, run.dist_info,
+                                 limits=limits), limits
         except torch.OutOfMemoryError:
-            if (limits.rows == 1 or optimizer_steps(optimizer) != steps_before or dist_info.enabled
-                    or cfg.plain_update):  # the plain update runs one whole batch: smaller limits do not help it
+            if limits.rows == 1 or optimizer_steps(optimizer) != steps_before or run.dist_info.enabled:
                 raise
-            optimizer.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            limits = limits.halved()
-            log(f"warning: out of memory in the update; retrying with --micro-batch-size {limits.rows}"
-                + (f" --micro-batch-tokens {limits.tokens}" if limits.tokens else ""))
+            limits = smaller_limits(optimizer, limits, run.log)
 
 
-def check_not_diverged(policy, sampling_model, value_head, probe_prompt: list[list[int]], step: int, cfg: Config,
-                       run_dir: Path, device, autocast, dist_info: DistInfo) -> None:
+def smaller_limits(optimizer, limits: MicroBatchLimits, log) -> MicroBatchLimits:
+    """After an out-of-memory error: the gradients dropped, the CUDA cache emptied, the limits halved."""
+    optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    limits = limits.halved()
+    log(f"warning: out of memory in the update; retrying with --micro-batch-size {limits.rows}"
+        + (f" --micro-batch-tokens {limits.tokens}" if limits.tokens else ""))
+    return limits
+
+
+def refresh_sampling_copy(run: Run, step: int) -> None:
+    """FSDP: the full-weight copy that rolls out takes the updated shards (after step 1: their memory is logged)."""
+    refresh_full_copy(run.policy, run.sampling_model)
+    if step == run.start_step:
+        log_sharded_memory(run.policy, run.sampling_model, run.optimizer, run.dist_info, run.log)
+
+
+def skipped_update(run: Run, step: int, in_a_row: int) -> None:
+    """A non-finite gradient skipped this step's update: warn, or stop after --max-nonfinite-steps in a row."""
+    if in_a_row >= run.cfg.max_nonfinite_steps:
+        raise DivergedError(f"non-finite gradients in {in_a_row} updates in a row (step {step + 1}); lower --lr "
+                            f"or check the model's dtype. Checkpoints are in {run.run_dir}")
+    run.log(f"warning: step {step + 1}: non-finite gradient, update skipped")
+
+
+def check_not_diverged(run: Run, probe_prompt: list[list[int]], step: int) -> None:
     """Stop with DivergedError (one line, exit 2) if the step just taken left a NaN/inf parameter or a model
     whose logits on one of this step's prompts are NaN/inf (see e2h_min/divergence.py). Every rank decides
     together, so no rank is left waiting in a collective. The check reads sampling_model (the policy itself, or
     under FSDP its refreshed full copy), so it never runs a forward of the sharded model outside the update."""
-    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    sampling_model, value_head, device, dist_info = run.sampling_model, run.value_head, run.device, run.dist_info
+    trained = {n for n, p in run.policy.named_parameters() if p.requires_grad}
     named = [(n, p) for n, p in sampling_model.named_parameters() if n in trained]
     named += [(f"value_head.{n}", p) for n, p in value_head.named_parameters()] if value_head else []
     bad_parameter = first_nonfinite_parameter(named)
     finite_logits = bad_parameter is None and probe_logits_finite(sampling_model, (probe_prompt or [[]])[0],
-                                                                  device, autocast)
+                                                                  device, run.autocast)
     votes = all_reduce_sum(torch.tensor([float(bad_parameter is None and finite_logits)], device=device), dist_info)
     if int(votes.item()) != dist_info.world_size:
         what = (f"parameter {bad_parameter} is NaN/inf" if bad_parameter else
                 "the weights are finite but the model's logits are NaN/inf" if not finite_logits else
                 "another rank saw NaN/inf")
-        raise DivergedError(divergence_message(step, cfg.lr, what, run_dir))
+        raise DivergedError(divergence_message(step, run.cfg.lr, what, run.run_dir))
 
 
 def step_metrics(run: Run, step: int, level_p: list[float], lr: float, update: dict, rolled: StepRollout,
@@ -545,6 +570,24 @@ def log_step(run: Run, row: dict, samples: StepSamples, log_every: int) -> None:
                              clipping_possible=cfg.num_iterations > 1))
 
 
+def evaluate_and_save_every(run: Run, done: int) -> None:
+    """The held-out evaluation every --eval-every steps and the checkpoint every --save-every steps (the last step's
+    are finish's)."""
+    cfg = run.cfg
+    if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.total_steps:
+        run_eval(run, done)
+    if cfg.save_every and done % cfg.save_every == 0 and done < cfg.total_steps:
+        checkpoint(run, done)
+
+
+def nothing_to_do(cfg: Config, run_dir: Path) -> dict:
+    """The result of a --resume whose run already finished every step, said once (not once per rank)."""
+    say = tqdm.write if int(os.environ.get("RANK", "0")) == 0 else no_log
+    say(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, or a longer "
+        f"one with --out-dir, to train further)")
+    return {"first_eval": None, "last_eval": None, "run_dir": str(run_dir), "already_finished": True}
+
+
 def finish(run: Run, first_eval: dict | None) -> dict:
     """The last evaluation and checkpoint, then final/: the policy (with LoRA its adapter; --save-merged adds
     final-merged/) in the base model's dtype, the tokenizer and a model card."""
@@ -575,17 +618,13 @@ def finish(run: Run, first_eval: dict | None) -> dict:
 
 
 def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset: tuple | None = None) -> dict:
-    """The run, in run_dir (already claimed by main). preset: (config.Preset, the values it set), for the
-    start-up line that says which settings came from the model's preset."""
+    """The run, in run_dir (claimed by main); preset: (config.Preset, the values it set) for the start-up line."""
     # ---------------------------------------------------------------- setup
     cfg, resume_from, already_finished = resume_point(cfg, run_dir)
     if already_finished:
-        say = tqdm.write if int(os.environ.get("RANK", "0")) == 0 else no_log  # once, not once per rank
-        say(f"{run_dir} already finished all {cfg.total_steps} steps; nothing to do (start a new run, or a longer "
-            f"one with --out-dir, to train further)")
-        return {"first_eval": None, "last_eval": None, "run_dir": str(run_dir), "already_finished": True}
+        return nothing_to_do(cfg, run_dir)
     run = setup(cfg, task, sampler, run_dir, preset, resume_from)
-    cfg, dist_info, policy, optimizer = run.cfg, run.dist_info, run.policy, run.optimizer
+    cfg, dist_info, policy = run.cfg, run.dist_info, run.policy
     log_every = resolve_log_every(cfg.log_every, cfg.total_steps)
     limits = MicroBatchLimits(cfg.micro_batch_size, cfg.micro_batch_tokens)  # an OOM retry halves them for good
     first_eval = run_eval(run, run.start_step) if run.start_step == 0 else None
@@ -600,8 +639,7 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         level_p = sampler.probs(step)
         draw = sampler.sample(step, cfg.prompts_per_step)
 
-        # 2. rollout and rewards: G samples per prompt, scored in float64 (each rank rolls out its share);
-        #    --dynamic-sampling redraws prompts (same p_t) until every group is informative
+        # 2. rollout and rewards: G samples per prompt, float64 (--dynamic-sampling redraws until groups differ)
         t0 = time.perf_counter()
         rolled = roll_out(run, step, draw)
         samples = rolled.samples
@@ -611,30 +649,21 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         rewards = torch.tensor(samples.rewards, dtype=torch.float64)
         advantages, sequence_kl_values = step_advantages(run, samples, rewards, limits)
 
-        # 4. policy update on the samples that train (--drop-zero-std, --mask-truncated leave some out);
-        #    PPO learns from the rewards (its GAE makes per-token advantages)
+        # 4. update on the samples that train (--drop-zero-std, --mask-truncated drop some; PPO takes the rewards)
         t1 = time.perf_counter()
         trained = rows_to_train(samples, cfg)
         kept = samples.select(trained)
         learn_from = (rewards if cfg.advantage == "ppo" else advantages)[trained].float()
-        update, limits = update_with_oom_retry(policy, run.reference, optimizer, kept, learn_from, cfg, run.device,
-                                               run.autocast, run.value_head, dist_info, run.log, limits)
+        update, limits = update_with_oom_retry(run, kept, learn_from, limits)
         lr_used = run.scheduler.get_last_lr()[0]
         run.scheduler.step()
         if is_sharded(policy):
-            refresh_full_copy(policy, run.sampling_model)
-            if step == run.start_step:
-                log_sharded_memory(policy, run.sampling_model, optimizer, dist_info, run.log)
+            refresh_sampling_copy(run, step)
         update_seconds = time.perf_counter() - t1
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if update["skipped_updates"] else 0
-        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            raise DivergedError(f"non-finite gradients in {nonfinite_in_a_row} updates in a row (step "
-                                f"{step + 1}); lower --lr or check the model's dtype. Checkpoints are in "
-                                f"{run.run_dir}")
-        if update["skipped_updates"]:
-            run.log(f"warning: step {step + 1}: non-finite gradient, update skipped")
-        check_not_diverged(policy, run.sampling_model, run.value_head, kept.prompt_ids[:1] or samples.prompt_ids[:1],
-                           step + 1, cfg, run.run_dir, run.device, run.autocast, dist_info)
+        if nonfinite_in_a_row:
+            skipped_update(run, step, nonfinite_in_a_row)
+        check_not_diverged(run, kept.prompt_ids[:1] or samples.prompt_ids[:1], step + 1)
 
         # 5. log: one JSON line per step (rank 0, over every rank's samples), one console line
         row = step_metrics(run, step, level_p, lr_used, update, rolled, samples, len(trained), sequence_kl_values,
@@ -643,11 +672,7 @@ def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         bar.set_postfix({"reward": f"{row['reward_mean']:.3f}", "acc": f"{row['accuracy']:.2f}"})  # + tqdm's ETA
 
         # 6. periodic evaluation and checkpoint
-        done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.total_steps:
-            run_eval(run, done)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.total_steps:
-            checkpoint(run, done)
+        evaluate_and_save_every(run, step + 1)
 
     # ---------------------------------------------------------------- finish
     return finish(run, first_eval)

@@ -10,7 +10,7 @@
   Its state (RNG, per-level cursors, counts) is plain JSON, so a resumed run draws exactly what an unbroken one would.
 - "sec" (Self-Evolving Curriculum, Chen et al. 2025, beyond the E2H paper): a bandit over levels whose value is an
   exponential moving average of the mean |advantage| seen at that level, sampled by a softmax with a temperature;
-  the trainer feeds it through `LevelSampler.update`.
+  the trainer feeds it through `LevelSampler.update` (under --schedule sec only).
 
 CLI: python -m e2h_min.curriculum --schedule gaussian --beta 0.5 --sigma 0.5 --levels 4 --steps 1600
      python -m e2h_min.curriculum --schedule all --steps 1600 --prompts-per-step 8
@@ -59,8 +59,7 @@ def hard_probs(step: int, total_steps: int, num_levels: int) -> list[float]:
 
 
 def cosine_probs(step: int, total_steps: int, num_levels: int) -> list[float]:
-    """E2H-C as the published runs used it: a cosine blend of a falling and a rising linear profile.
-
+    """E2H-C as the published runs used it: a cosine blend of a falling and a rising linear profile,
     a = 0.5 * (1 + cos(pi * t/T));  p_k = a * e_k + (1 - a) * l_k,  e_k = (K-k)/S,  l_k = (k+1)/S,  S = K(K+1)/2.
     Example: K=4 -> [.4, .3, .2, .1] at t=0, [.25]*4 at t=T/2, [.1, .2, .3, .4] at t=T.
     """
@@ -252,14 +251,15 @@ class LevelSampler:
         self.counts = [0] * self.num_levels  # levels drawn so far
         self.sec_values = [0.0] * self.num_levels
         self._orders: dict[int, tuple[int, list[int]]] = {}  # level -> (epoch, permutation); a cache only
-        self.probs(0)  # validate the schedule and its parameters now, not at step 0 of the run
+        sec = {"values": self.sec_values} if schedule == "sec" else {}
+        level_probs(schedule, 0, total_steps, self.num_levels, **schedule_params, **sec)  # checked once, here
+        self._schedule = _SCHEDULE_FUNCTIONS[schedule]  # so `probs` calls it without the checks
+        self.probs(0)
 
     def probs(self, step: int) -> list[float]:
-        """p_t with empty levels zeroed and the rest renormalised: the distribution `sample` draws from."""
-        params = dict(self.schedule_params)
-        if self.schedule == "sec":
-            params["values"] = self.sec_values
-        p = level_probs(self.schedule, step, self.total_steps, self.num_levels, **params)
+        """p_t (step an int >= 0) with empty levels zeroed and the rest renormalised: what `sample` draws from."""
+        sec = {"values": self.sec_values} if self.schedule == "sec" else {}
+        p = self._schedule(step, self.total_steps, self.num_levels, **self.schedule_params, **sec)
         p = [0.0 if n == 0 else pk for pk, n in zip(p, self.rows)]
         total = sum(p)
         if total <= 0:
@@ -278,12 +278,15 @@ class LevelSampler:
             self.probs(step)
 
     def _next_index(self, level: int) -> int:
-        """Advance level's stream by one and return the problem index it serves."""
+        """Advance level's stream by one and return the problem index it serves (generated: 0, 1, 2, ...)."""
+        if self.rows[level] is not None:
+            return self._next_row(level)
+        self.cursor[level] += 1
+        return self.cursor[level] - 1
+
+    def _next_row(self, level: int) -> int:
+        """A file-backed level's next row: this epoch's permutation in order, then a new epoch with a new one."""
         n_rows = self.rows[level]
-        if n_rows is None:
-            index = self.cursor[level]
-            self.cursor[level] += 1
-            return index
         if self.cursor[level] == n_rows:  # wrap around: a new epoch with a new order
             self.epoch[level] += 1
             self.cursor[level] = 0
@@ -297,7 +300,6 @@ class LevelSampler:
 
     def sample(self, step: int, n: int) -> list[Problem]:
         """n problems for optimizer step `step`: levels drawn i.i.d. from `probs(step)`, in slot order."""
-        _check_int("n", n, 0)
         levels = self.rng.choice(self.num_levels, size=n, p=np.asarray(self.probs(step)))
         problems = []
         for level in levels.tolist():
@@ -308,8 +310,7 @@ class LevelSampler:
     def update(self, level_to_mean_abs_adv: dict[int, float]) -> None:
         """Feed the sec bandit one step's mean |advantage| per level drawn: Q_k <- (1-ema) Q_k + ema * r_k.
 
-        Levels absent from the dict keep their value. Safe to call for any schedule (only sec reads Q), so a
-        trainer can call it unconditionally and log `sec_values`.
+        Levels absent from the dict keep their value. Only sec reads Q (train.py feeds it under --schedule sec).
         Example: ema=0.5, Q=[0, 0], update({1: 0.8}) -> Q=[0, 0.4].
         """
         for level, reward in level_to_mean_abs_adv.items():

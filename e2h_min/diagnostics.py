@@ -28,9 +28,7 @@ class UpdateDiagnostics:
     def add(self, mb, loss: torch.Tensor, logp: torch.Tensor, old: torch.Tensor, entropy: torch.Tensor,
             flags: dict[str, torch.Tensor], sampler_logprobs: list[list[float]], kl: torch.Tensor | None = None,
             ref_logp: torch.Tensor | None = None, value_loss: torch.Tensor | None = None) -> None:
-        """Add one micro-batch `mb` (an update_batches.MicroBatch): its weighted loss, the per-token log-probs
-        of pi and pi_old [R, T], entropy, clip flags, the sampler's log-probs (of all N samples), and where the
-        loss has them the KL term, the reference's log-probs and the value loss [R, T]."""
+        """Add micro-batch `mb`: its loss, per-token [R, T] tensors, clip flags and all N sampler log-prob lists."""
         mask, s = mb.mask, self.sums
         if kl is not None:
             s["kl"] += float((kl.detach() * mask).sum())
@@ -52,8 +50,7 @@ class UpdateDiagnostics:
 
     def summary(self, grad_norm: torch.Tensor, skipped: int, num_samples: int, device, dist_info: DistInfo,
                 extra: dict | None = None) -> dict:
-        """The logged row: loss, grad_norm, skipped_updates, update_sample_share, `extra` (e.g. PPO's
-        explained_variance), then each token sum / the step's tokens, clip_ratio, and kl."""
+        """The logged row: loss, grad_norm, skipped_updates, update_sample_share, `extra` (PPO's), token means."""
         totals = dict(zip(self.keys, all_reduce_sum(torch.tensor([self.sums[k] for k in self.keys], device=device,
                                                                  dtype=torch.float64), dist_info).tolist()))
         if totals["tokens"] == 0:  # no rank ran a sample: no per-token diagnostics to report

@@ -38,8 +38,7 @@ class DistInfo:
         return self.rank == 0
 
     def shard_start(self, n: int) -> int:
-        """Where this rank's contiguous share of n items starts: the first n % world_size ranks hold one more.
-        Example: n = 5, 2 ranks -> rank 0 holds items 0-2, rank 1 items 3-4 (starts 0 and 3)."""
+        """Where this rank's contiguous share of n items starts (the first n % world_size ranks hold one more)."""
         return self.rank * (n // self.world_size) + min(self.rank, n % self.world_size)
 
     def shard(self, items: list) -> list:

@@ -35,39 +35,28 @@ def chat_date_variables(chat_date: str | None) -> dict:
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 
-def encode_prompts(tokenizer, task, problems, chat_date: str | None = None) -> list[list[int]]:
-    """Chat-template each problem (system, user, assistant prefill continued) and tokenize it.
-
-    The rendered text already holds any BOS the template wants, so the tokenizer adds no special tokens.
-    chat_date (YYYY-MM-DD) is the date a date-bearing template (Llama 3) writes; a run pins it (config.json)
-    so its prompts tokenize identically on any day. None: the template's own clock.
-    """
-    pinned = chat_date_variables(chat_date)
-    texts = [tokenizer.apply_chat_template(task.messages(p), tokenize=False, continue_final_message=True, **pinned)
-             for p in problems]
+def encode_prompts(tokenizer, task, problems, template_vars: dict | None = None) -> list[list[int]]:
+    """Chat-template each problem (system, user, assistant prefill continued), tokenized as rendered (with any BOS
+    the template writes). template_vars: chat_date_variables(a run's date) pins a Llama 3 prompt's date."""
+    texts = [tokenizer.apply_chat_template(task.messages(p), tokenize=False, continue_final_message=True,
+                                           **(template_vars or {})) for p in problems]
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
 def cut_at_stop(text: str, stop_strings: list[str]) -> str:
-    """The text up to and including the first stop string it contains (the earliest of any), else unchanged.
-
-    The token that completes a stop string can carry more text (a merged ">." or ">\n\n"); what it adds after
-    the stop string is not part of the answer, as with vLLM's `stop`.
-    Example: cut_at_stop("<answer> 1 + 2 </answer>.", ["</answer>"]) == "<answer> 1 + 2 </answer>"
-    """
+    """The text up to and including its earliest stop string (as vLLM's `stop`): the token that completes one can
+    carry more text. Example: ("<answer> 1 + 2 </answer>.", ["</answer>"]) -> "<answer> 1 + 2 </answer>"."""
     ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
     return text[:min(ends)] if ends else text
 
 
 def completion_texts(tokenizer, rollout: Rollout, stop_strings: list[str]) -> list[str]:
-    """The scored text of every sample: its completion tokens decoded without special tokens (an EOS adds no
-    text), cut right after the first stop string. Every reward in the project is computed on these texts."""
+    """Every sample's scored text (all rewards use it): its completion decoded without special tokens, cut at stop."""
     texts = tokenizer.batch_decode(rollout.completion_token_lists(), skip_special_tokens=True)
     return [cut_at_stop(text, stop_strings) for text in texts]
 
 
-def score_rollout(task, problems, tokenizer, rollout: Rollout, stop_strings: list[str]
-                  ) -> tuple[list[str], np.ndarray]:
+def score_rollout(task, problems, tokenizer, rollout: Rollout, stop_strings: list[str]) -> tuple[list[str], np.ndarray]:
     """Score every sample's text (completion_texts) against its prompt's problem. Rewards are float64."""
     texts = completion_texts(tokenizer, rollout, stop_strings)
     rewards = np.array([task.score(problems[i // rollout.num_samples], text) for i, text in enumerate(texts)],
@@ -109,10 +98,11 @@ def evaluate(model, tokenizer, task, problems, max_new_tokens: int, stop_checker
     eos = eos_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id
     batches = range(0, len(problems), batch_size)
+    dated = chat_date_variables(chat_date)
     for start in tqdm(batches, desc="eval", leave=False, disable=not progress):
         chunk = problems[start:start + batch_size]
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            rollout = generate(model, encode_prompts(tokenizer, task, chunk, chat_date), 1, max_new_tokens, eos, pad,
+            rollout = generate(model, encode_prompts(tokenizer, task, chunk, dated), 1, max_new_tokens, eos, pad,
                                stop_checker=stop_checker, greedy=True)
         texts, rewards = score_rollout(task, chunk, tokenizer, rollout, stop_checker.stop_strings)
         for problem, text, reward, length in zip(chunk, texts, rewards, rollout.lengths.tolist()):

@@ -9,17 +9,11 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
-                     ) -> torch.Tensor:
-    """GRPO advantages: A_i = (r_i - mean_g(r)) / (std + eps).
-
-    rewards [N] -> [N]. `scale`: "group" divides by the std of the sample's own group (the paper), "batch" by the
-    std of all N rewards (less noisy for small groups), "none" does not divide (Dr. GRPO's unbiased form).
-    std is the unbiased (Bessel-corrected) standard deviation, as in TRL and the paper's code.
-    A group whose rewards are all equal gets exactly 0 (its mean can round off its values, which would otherwise
-    leave a spurious +-1e-4 advantage in float32); the trainer relies on this to skip such samples.
-    Example: rewards [1, 0, 0, 0], G=4, eps 0 -> mean .25, std .5 -> [1.5, -.5, -.5, -.5].
-    """
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages A_i = (r_i - mean_g(r)) / (std + eps), rewards [N] -> [N], std unbiased (as TRL's) over the
+    sample's group (scale "group", the paper), all N rewards ("batch") or not divided ("none", Dr. GRPO). An
+    all-equal group gets exactly 0 (a rounded mean would leave +-1e-4), so the update can skip it.
+    Example: rewards [1, 0, 0, 0], G=4, eps 0 -> mean .25, std .5 -> [1.5, -.5, -.5, -.5]."""
     grouped = rewards.view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     centered = centered.masked_fill(_constant_groups(grouped), 0.0)
@@ -51,10 +45,8 @@ def _constant_groups(grouped: torch.Tensor) -> torch.Tensor:
 def compute_advantages(name: str, rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
                        eps: float = 1e-4) -> torch.Tensor:
     """Dispatch by --advantage: grpo (scaled by --scale-rewards), dr_grpo (centred only), rloo."""
-    if name == "grpo":
-        return group_advantages(rewards, group_size, scale_rewards, eps)
-    if name == "dr_grpo":
-        return group_advantages(rewards, group_size, "none")
+    if name in ("grpo", "dr_grpo"):
+        return group_advantages(rewards, group_size, scale_rewards if name == "grpo" else "none", eps)
     if name == "rloo":
         return rloo_advantages(rewards, group_size)
     raise ValueError(f"unknown advantage estimator {name!r}")
@@ -79,11 +71,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
 
 def importance_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str = "token"
                          ) -> torch.Tensor:
-    """log rho per token [N, T]: token level (PPO/GRPO) log pi - log pi_old; sequence level (GSPO, Zheng et al.
-    2025) the length-normalised sequence log-ratio (1/|o_i|) sum_t (log pi - log pi_old), shared by all its tokens.
-
-    Example: token log-ratios [[.2, .4]] with both tokens real -> sequence level [[.3, .3]].
-    """
+    """log rho [N, T]: token level (PPO/GRPO) log pi - log pi_old; sequence level (GSPO, Zheng et al. 2025)
+    (1/|o_i|) sum_t (log pi - log pi_old) for all its tokens. Example: token [[.2, .4]] -> sequence [[.3, .3]]."""
     log_ratio = logp - old_logp
     if level == "token":
         return log_ratio
@@ -97,13 +86,10 @@ def importance_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
                       epsilon_high: float, mask: torch.Tensor | None = None, level: str = "token"
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped objective as a per-token loss: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A).
-
-    rho = exp(importance_log_ratio(...)). logp, old_logp [N, T]; advantages [N] (one per sequence, GRPO; broadcast
-    over tokens) or [N, T] (per token, PPO with GAE). Returns (loss [N, T], flags) where flags holds bool [N, T]
-    masks: clipped_low (rho < 1 - eps with A < 0: clipped branch taken, zero gradient), clipped_high (rho > 1 + eps
-    with A > 0), and region (rho outside [1 - eps_low, 1 + eps_high], whatever the sign of A).
-    Example: rho = 1.5, A = 1, eps .2 -> loss = -1.2, clipped_high.
+    """PPO's clipped objective per token: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A), rho = exp(log rho).
+    logp, old_logp [N, T]; advantages [N] (GRPO, broadcast over tokens) or [N, T] (PPO's GAE). Returns (loss
+    [N, T], bool [N, T] flags): clipped_low (rho < 1 - eps_low, A < 0: zero gradient), clipped_high (rho >
+    1 + eps_high, A > 0), region (rho outside [1 - eps_low, 1 + eps_high]). Example: rho 1.5, A 1, eps .2 -> -1.2.
     """
     if mask is None:
         mask = torch.ones_like(logp, dtype=torch.bool)
@@ -112,9 +98,8 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
     loss = -torch.minimum(unclipped, clipped)
-    flags = {"clipped_low": (ratio < 1.0 - epsilon_low) & (adv < 0),
-             "clipped_high": (ratio > 1.0 + epsilon_high) & (adv > 0),
-             "region": (ratio < 1.0 - epsilon_low) | (ratio > 1.0 + epsilon_high)}
+    low, high = ratio < 1.0 - epsilon_low, ratio > 1.0 + epsilon_high
+    flags = {"clipped_low": low & (adv < 0), "clipped_high": high & (adv > 0), "region": low | high}
     return loss, flags
 
 
@@ -142,11 +127,8 @@ def policy_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
                       ref_logp: torch.Tensor | None = None, beta: float = 0.0, kl_estimator: str = "k3",
                       kl_bias_correction: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The update's per-token policy loss [N, T]: clipped surrogate + beta * kl_loss_term (KL in the loss, when
-    ref_logp is given). Returns (loss, kl [N, T] or None, clip flags). The KL is ADDED: descending it moves pi
-    toward pi_ref. update.policy_update, ppo.ppo_update and the exact-gradient table (e2h_min/kl_gradients.py)
-    all use it.
-    """
+    """Per-token policy loss [N, T]: clipped surrogate + beta * kl_loss_term (when ref_logp is given; ADDED, so
+    descending it moves pi toward pi_ref). Returns (loss, kl [N, T] or None, clip flags)."""
     loss, flags = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, mask, level)
     kl = None
     if ref_logp is not None:
@@ -227,19 +209,12 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
 def token_loss_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None,
                        num_sequences: int | None = None, num_tokens: float | None = None) -> torch.Tensor:
-    """Weights w [N, T] such that the step's loss is sum_{i,t} w_it * loss_it, computed once for the WHOLE step.
-
-    grpo:    w_it = m_it / (|o_i| * N)      mean over each sequence's tokens, then over sequences (the paper);
-             short sequences weigh more per token (length bias).
-    dapo:    w_it = m_it / sum(m)           one mean over every completion token of the step.
-    dr_grpo: w_it = m_it / (N * L_max)      sum divided by a constant, no length normalisation.
-    Because the weights are fixed before micro-batching, summing sum(w * loss) over any split of the rows gives
-    exactly the full-step loss and gradient: the micro-batch size cannot change the update. Under data
-    parallelism each rank holds some rows; passing the GLOBAL N (num_sequences) and token count (num_tokens)
-    makes the sum of the ranks' gradients equal the single-process gradient.
-    completion_mask [N, T] bool/float -> [N, T] float32.
-    Example: mask [[1,1],[1,0]]: grpo -> [[.25,.25],[.5,0]]; dapo -> [[1/3,1/3],[1/3,0]].
-    """
+    """Weights w [N, T] (completion_mask [N, T] -> float32) with the step's loss = sum_{i,t} w_it * loss_it:
+    grpo:    w_it = m_it / (|o_i| * N)   per-sequence token mean, then mean over sequences (the paper; length bias)
+    dapo:    w_it = m_it / sum(m)        one mean over every completion token of the step
+    dr_grpo: w_it = m_it / (N * L_max)   sum divided by a constant
+    Fixed for the WHOLE step before micro-batching: any split of the rows sums to the full-step loss and gradient,
+    and with the GLOBAL N and token count, so do the ranks. Example: grpo, [[1,1],[1,0]] -> [[.25,.25],[.5,0]]."""
     mask = completion_mask.float()
     n_seq = num_sequences if num_sequences is not None else mask.shape[0]
     total = num_tokens if num_tokens is not None else float(mask.sum())

@@ -19,25 +19,19 @@ from __future__ import annotations
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
 FORMAT_REWARD = 0.1  # a well-formatted answer, right or wrong
 ANSWER_REWARD = 0.9  # added when the answer is correct: 0.1 + 0.9 == 1.0 exactly in float
 
 
 def parse_think_answer(completion: str) -> str | None:
-    """The stripped answer text if "<think>" + completion is well formatted (module docstring), else None.
-
-    Example: parse_think_answer(" 3 + 5 = 8</think>\\n<answer> 3 + 5 </answer>") == "3 + 5"
-             parse_think_answer(" 3 + 5 = 8</think> so <answer> 3 + 5 </answer>") is None   (text between)
-             parse_think_answer("</think><answer> 3 + 5 </answer>") is None                  (empty think)
-    """
+    """The stripped answer if "<think>" + completion is well formatted (module docstring), else None. Example:
+    " 3 + 5 = 8</think>\\n<answer> 3 + 5 </answer>" -> "3 + 5"; None with text between the blocks or empty think."""
     text = (THINK_OPEN + completion).rstrip()
-    if not text.endswith(ANSWER_CLOSE):
+    if any(text.count(tag) != 1 for tag in TAGS) or not text.endswith(ANSWER_CLOSE):
         return None
-    if any(text.count(tag) != 1 for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)):
-        return None
-    think_end = text.index(THINK_CLOSE)
-    answer_start = text.index(ANSWER_OPEN)
+    think_end, answer_start = text.index(THINK_CLOSE), text.index(ANSWER_OPEN)
     if answer_start < think_end:  # <think> is at 0 and </answer> at the end, so this fixes the order
         return None
     think = text[len(THINK_OPEN):think_end]

@@ -208,21 +208,10 @@ def generate(model, prompt_ids: list[list[int]], num_samples: int, max_new_token
              compact_fraction: float = 0.125, check_every: int | None = None, decoder: str = "auto",
              static_shapes: bool = False, compile_step: bool = False, uniforms: torch.Tensor | None = None
              ) -> Rollout:
-    """Sample `num_samples` completions for each prompt in one batched KV-cached decode.
-
-    prompt_ids: P token lists (unpadded). Returns a Rollout of N = P * num_samples rows, row i from prompt
-    i // num_samples. `generator` seeds the sampling noise (reproducible on a given device).
-    uniforms [N, max_new_tokens] float64 in [0, 1) (optional, instead of `generator`): row i's random number at
-    decode step s is uniforms[i, s], so each row's sample does not depend on which other rows share the batch
-    (train.py draws them for the whole step and each torchrun rank takes its rows' slice).
-    compact_fraction: drop finished rows from the running batch once at least this share of it has finished.
-    check_every: look for finished rows every this many steps (None: 1 on CPU, 8 on CUDA).
-    decoder: "auto" (lean Qwen2/Llama decoder when supported, else generic), "lean" or "hf".
-    static_shapes / compile_step: CUDA-graph-friendly decoding (no compaction; see e2h_min/decoders.py); off by
-    default, compile_step untested on GPU by us.
-    Example: generate(model, [[1, 2, 3]], num_samples=2, max_new_tokens=5, eos_token_ids=[0], pad_id=0)
-             -> Rollout with completion_ids [2, <=5]
-    """
+    """`num_samples` completions for each of P prompts (token lists) in one KV-cached decode: a Rollout of N = P *
+    num_samples rows, row i from prompt i // num_samples. Noise: `generator`, or uniforms [N, max_new_tokens] in
+    [0, 1), row i's at decode step s (a row's sample then ignores its neighbours). Options: the module docstring
+    and e2h_min/decoders.py. Example: generate(model, [[1, 2, 3]], 2, 5, [0], 0).completion_ids: shape [2, <=5]."""
     _validate(prompt_ids, num_samples, max_new_tokens, temperature, greedy, top_k, top_p, check_every)
     device = next(model.parameters()).device
     if check_every is None:

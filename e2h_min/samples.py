@@ -30,8 +30,7 @@ class StepSamples:
 
     def informative_groups(self) -> list[int]:
         """Groups whose rewards are not all equal: the only ones with a non-zero group-relative advantage."""
-        spread = self.rewards.reshape(-1, self.group_size).std(axis=1)
-        return [g for g in range(self.num_groups) if spread[g] > 0]
+        return np.flatnonzero(self.rewards.reshape(-1, self.group_size).std(axis=1) > 0).tolist()
 
     def concat(self, other: StepSamples) -> StepSamples:
         return StepSamples(self.group_size, self.problems + other.problems, self.prompt_ids + other.prompt_ids,

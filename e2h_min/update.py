@@ -15,23 +15,16 @@ from e2h_min.update_batches import (MicroBatchLimits, UpdateBatches, completion_
 
 
 def policy_update(policy, reference, optimizer, prompt_ids, completions, advantages, sampler_logprobs, cfg,
-                  device, autocast, dist_info: DistInfo = DistInfo(), limits: MicroBatchLimits | None = None
-                  ) -> dict:
-    """cfg.num_iterations clipped-surrogate steps on one rollout batch; returns the logged diagnostics.
-
-    prompt_ids / completions: N token lists (this rank's samples); advantages [N], one per sample (grpo,
-    dr_grpo, rloo); sampler_logprobs: N lists of the sampler's per-token log-probs (a numerics check only).
-    reference: a models.Reference, or None (beta = 0). limits: the micro-batch cut (default: from cfg).
-    Per token: loss = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) [+ beta * losses.kl_loss_term], weighted
-    by token_loss_weights, fixed for the whole step from the global counts across ranks, so neither the
-    micro-batch size nor the number of ranks changes the gradient. pi_old is the first pass's log-probs
-    (which the gradient needs anyway): the ratio is exactly 1 on the first iteration.
-    """
+                  device, autocast, dist_info: DistInfo = DistInfo(), limits: MicroBatchLimits | None = None) -> dict:
+    """cfg.num_iterations clipped-surrogate steps on this rank's N samples (token lists, advantages [N], the
+    sampler's log-probs: a numerics check only); returns the logged diagnostics. reference: None when beta = 0.
+    pi_old is the first pass's log-probs (which the gradient needs anyway): the ratio is exactly 1 at first."""
     mask = completion_mask(completions)  # [N, T]
     num_samples, num_tokens = global_counts(mask, device, dist_info)
     weights = token_loss_weights(mask, cfg.loss_type, cfg.max_new_tokens, num_samples, num_tokens).to(device)
     eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
     kl_in_loss = reference is not None and not cfg.kl_in_reward
+    kl_estimator = kl_estimator_for(cfg) if kl_in_loss else None  # the KL options matter only with a KL term
     rows = samples_to_run(advantages, cfg.skip_zero_advantage, kl_in_loss)
     batches = UpdateBatches(policy, reference, prompt_ids, completions, rows, cfg, device, autocast, dist_info,
                             limits)
@@ -48,7 +41,7 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
             ref = mb.reference_logprobs() if kl_in_loss else None
             loss_tok, kl, flags = policy_token_loss(
                 logp, old, advantages[mb.rows].to(device), mb.mask, cfg.epsilon, eps_high,
-                cfg.importance_sampling_level, ref, cfg.beta, kl_estimator_for(cfg), cfg.use_bias_correction_kl)
+                cfg.importance_sampling_level, ref, cfg.beta, kl_estimator, cfg.use_bias_correction_kl)
             loss = (loss_tok * mb.select(weights)).sum()
             loss.backward()
             if last:

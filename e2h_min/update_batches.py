@@ -47,8 +47,7 @@ def completion_mask(completions: list[list[int]]) -> torch.Tensor:
 
 
 def samples_to_run(advantages: torch.Tensor, skip_zero_advantage: bool, kl_in_loss: bool) -> list[int]:
-    """Indices of the samples a GRPO update must run: all, or with --skip-zero-advantage (when the loss has no KL
-    term) those whose advantage is not exactly 0; the others add exactly 0 to the gradient."""
+    """The samples an update must run: all, or (--skip-zero-advantage, no KL in the loss) those with A != 0."""
     skip = skip_zero_advantage and not kl_in_loss
     return [i for i, a in enumerate(advantages.tolist()) if not skip or a != 0]
 
@@ -66,10 +65,8 @@ def shared_prompts_for(model, prompt_ids: list[list[int]], cfg, rows: list[int] 
 
 def step_optimizer(params: list[torch.nn.Parameter], optimizer, max_grad_norm: float, dist_info: DistInfo
                    ) -> tuple[torch.Tensor, bool]:
-    """After the last backward of an iteration: a parameter no sample reached gets gradient 0, not None (AdamW
-    still steps its moments); every gradient is summed over ranks; the global norm is clipped to max_grad_norm
-    (0: not clipped) and the optimizer steps, unless the norm is NaN/inf, which would poison the weights and
-    Adam's moments: then the gradients are dropped and the step skipped. Returns (grad norm, stepped)."""
+    """After an iteration's backward: None gradients -> 0 (AdamW still steps its moments), sum over ranks, clip to
+    max_grad_norm (0: off), step unless the norm is NaN/inf (that step is skipped). Returns (grad norm, stepped)."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -150,9 +147,7 @@ class UpdateBatches:
             return self.shared.keys_values(model)
 
     def micro_batches(self) -> Iterator[MicroBatch]:
-        """One pass over the micro-batches (call once per iteration). Before the first: the prompts' forward.
-        After the last: the FSDP fillers (a zero gradient, this rank's part of the collectives), then the
-        prompts' backward with the gradient the micro-batches left on their keys/values."""
+        """Per iteration: the prompts' forward, the micro-batches, the FSDP fillers, the prompts' backward."""
         kv = self.prompt_kv(self.policy)
         for b, (rows, batch) in enumerate(self.packed):
             yield MicroBatch(b, rows, batch, self, kv)

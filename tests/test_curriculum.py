@@ -272,6 +272,16 @@ def test_sampler_rejects_bad_schedule_at_construction():
         LevelSampler(GeneratedTask(), "gaussian", 100, sigma=-1.0)
     with pytest.raises(ValueError, match="ema"):
         LevelSampler(GeneratedTask(), "sec", 100, ema=0.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        LevelSampler(GeneratedTask(), "cosine", 0)
+    with pytest.raises(ValueError, match="remove beta"):
+        LevelSampler(GeneratedTask(), "cosine", 100, beta=0.5)
+
+
+def test_sampler_probs_are_the_schedule_checked_once_at_construction():
+    sampler = LevelSampler(GeneratedTask(), "gaussian", 100, beta=0.3, sigma=0.7)
+    for step in (0, 37, 99, 150):  # past the end: the final value
+        assert sampler.probs(step) == level_probs("gaussian", step, 100, 4, beta=0.3, sigma=0.7)
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------

@@ -157,9 +157,9 @@ def test_training_step_subtracts_the_kl_after_normalising_the_verifier_rewards(t
         seen["kl"] = real_kl(*args)
         return seen["kl"]
 
-    def record_update(policy, reference, optimizer, kept, advantages, *args):
+    def record_update(run, kept, advantages, limits):
         seen["rewards"], seen["advantages"] = kept.rewards, advantages
-        return real_update(policy, reference, optimizer, kept, advantages, *args)
+        return real_update(run, kept, advantages, limits)
 
     monkeypatch.setattr(train, "reference_sequence_kl", record_kl)
     monkeypatch.setattr(train, "update_with_oom_retry", record_update)

@@ -188,12 +188,12 @@ def test_label_difficulty_end_to_end_on_the_tiny_model(tmp_path, capsys, one_thr
     dates, real_encode = [], label_difficulty.encode_prompts
     monkeypatch.setattr(label_difficulty, "today", lambda: "2025-01-31")  # the pass starts on this day
     monkeypatch.setattr(label_difficulty, "encode_prompts",
-                        lambda tokenizer, task, problems, chat_date=None: dates.append(chat_date)
-                        or real_encode(tokenizer, task, problems, chat_date))
+                        lambda tokenizer, task, problems, template_vars=None: dates.append(template_vars["date_string"])
+                        or real_encode(tokenizer, task, problems, template_vars))
     out = tmp_path / "labelled.jsonl"
     main(["--model", "tiny", "--task", "gsm8k", "--data", UNLABELLED, "--samples", "2", "--max-new-tokens", "16",
           "--out", str(out), "--device", "cpu", "--threads", "1", "--quiet", "--batch-size", "4"])
-    assert len(dates) > 1 and set(dates) == {"2025-01-31"}  # every chunk's prompts carry the pass's one date
+    assert len(dates) > 1 and set(dates) == {"31 Jan 2025"}  # every chunk's prompts carry the pass's one date
     written = [json.loads(line) for line in out.read_text().splitlines()]
     source = [json.loads(line) for line in unlabelled_lines()]
     assert len(written) == len(source) == 8

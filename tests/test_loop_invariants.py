@@ -33,9 +33,9 @@ class Recorder:
         self.script = [list(r) for r in rewards] if rewards is not None else None
         real_update, real_score = train.update_with_oom_retry, train.score_rollout
 
-        def update(policy, reference, optimizer, kept, advantages, *args, **kwargs):
+        def update(run, kept, advantages, limits):
             self.updates.append((copy.deepcopy(kept), advantages.detach().clone()))
-            return real_update(policy, reference, optimizer, kept, advantages, *args, **kwargs)
+            return real_update(run, kept, advantages, limits)
 
         def score(task, problems, tokenizer, rollout, stop_strings=()):
             texts, rewards = real_score(task, problems, tokenizer, rollout, stop_strings)
@@ -106,6 +106,7 @@ def test_filters_keep_exactly_the_informative_groups_with_their_own_advantages(t
     assert row["frac_reward_zero_std"] == pytest.approx(1 - informative / (len(drawn) // 2))
     assert row["trained_fraction"] == pytest.approx(len(kept_groups) / 4)  # of the 4 groups of the step
     assert row["resample_rounds"] == rounds - 1
+    assert recorder.sec_signals == []  # only --schedule sec feeds the bandit
 
 
 def test_mask_truncated_trains_exactly_the_finished_samples_and_each_ends_in_eos_or_the_stop(tmp_path, monkeypatch):
@@ -160,8 +161,8 @@ def test_non_finite_gradients_skip_updates_and_stop_the_run_after_max_nonfinite_
                                                                                       capsys):
     real = train.update_with_oom_retry
 
-    def poisoned(policy, reference, optimizer, kept, advantages, *args, **kwargs):  # NaN advantages -> NaN grads
-        return real(policy, reference, optimizer, kept, advantages * float("nan"), *args, **kwargs)
+    def poisoned(run, kept, advantages, limits):  # NaN advantages -> NaN grads
+        return real(run, kept, advantages * float("nan"), limits)
 
     monkeypatch.setattr(train, "update_with_oom_retry", poisoned)
     with pytest.raises(SystemExit) as exc:

@@ -20,7 +20,7 @@ import eval as evaluate_cli
 import train
 from e2h_min import evaluation
 from e2h_min.decoders import LeanDecoder, make_decoder
-from e2h_min.evaluation import encode_prompts, score_rollout
+from e2h_min.evaluation import chat_date_variables, encode_prompts, score_rollout
 from e2h_min.models import load_tokenizer, peft_building
 from e2h_min.rollout import Rollout, StopChecker, generate
 from e2h_min.tasks import make_task
@@ -73,7 +73,7 @@ def test_the_encoded_prompt_decodes_to_the_papers_prompt_in_the_models_chat_form
         f"<|im_start|>system\n{task.system_prompt}<|im_end|>\n<|im_start|>user\n{problem.user_prompt}<|im_end|>\n"
         f"<|im_start|>assistant\n{task.prefill}")
     llama = load_tokenizer(str(llama_shape_dir))
-    assert llama.decode(encode_prompts(llama, task, [problem], chat_date="2024-07-26")[0]) == (
+    assert llama.decode(encode_prompts(llama, task, [problem], chat_date_variables("2024-07-26"))[0]) == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
         f"Today Date: 26 Jul 2024\n\n{task.system_prompt.strip()}<|eot_id|><|start_header_id|>user<|end_header_id|>"
         f"\n\n{problem.user_prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n{task.prefill}")
@@ -135,7 +135,7 @@ def test_the_llama_prompt_is_the_same_on_two_different_dates_once_the_date_is_pi
     for day in (dt.date(2025, 1, 31), dt.date(2026, 2, 1)):
         set_today(monkeypatch, day)
         prompts[day] = (encode_prompts(tokenizer, task, [problem])[0],
-                        encode_prompts(tokenizer, task, [problem], chat_date="2025-01-31")[0])
+                        encode_prompts(tokenizer, task, [problem], chat_date_variables("2025-01-31"))[0])
     (unpinned_a, pinned_a), (unpinned_b, pinned_b) = prompts.values()
     assert unpinned_a != unpinned_b  # the template really writes today's date
     assert pinned_a == pinned_b == unpinned_a

@@ -4,6 +4,8 @@ Each saving is checked against the plain computation it replaces: whole prompt +
 run, micro-batches cut by rows only.
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -205,8 +207,9 @@ def test_out_of_memory_in_the_update_halves_the_budgets_and_retries_to_the_same_
         monkeypatch.setattr(train, "policy_update", flaky_update)
         before = [p.detach().clone() for p in policy.parameters()]
         limits = MicroBatchLimits(cfg.micro_batch_size, cfg.micro_batch_tokens)
-        _, limits = train.update_with_oom_retry(policy, None, optimizer, samples, advantages, cfg, CPU, NO_AUTOCAST,
-                                                None, train.DistInfo(), logged.append, limits)
+        run = SimpleNamespace(policy=policy, reference=None, optimizer=optimizer, cfg=cfg, device=CPU,
+                              autocast=NO_AUTOCAST, value_head=None, dist_info=train.DistInfo(), log=logged.append)
+        _, limits = train.update_with_oom_retry(run, samples, advantages, limits)
         assert (cfg.micro_batch_size, cfg.micro_batch_tokens) == (8, 40)  # the config is never changed
         calls.append(("after", limits.rows, limits.tokens))
         delta = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, policy.parameters())])

@@ -77,8 +77,5 @@ class Task:
 
     def messages(self, problem: Problem) -> list[dict[str, str]]:
         """Chat messages: system, user, and the assistant prefill that generation continues."""
-        return [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": problem.user_prompt},
-            {"role": "assistant", "content": self.prefill},
-        ]
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": problem.user_prompt},
+                {"role": "assistant", "content": self.prefill}]

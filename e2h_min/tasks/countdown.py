@@ -40,20 +40,15 @@ _SPLIT_SALT = {"train": 0, "test": 1_000_003, "eval": 1_000_003}
 
 
 def generate_countdown(rng: random.Random, n_numbers: int, max_target: int = 100) -> tuple[list[int], int, list]:
-    """Draw numbers uniform in 1..100 and a target reachable by a left-to-right chain of random operations.
-
-    Returns (numbers, target, chain) where chain = [first, (op, n), (op, n), ...] in the order applied.
-    Division is only used when exact; the target must land in 0..max_target (retried until it does).
-    Example: chain [19, ('+', 44), ('-', 35)] means ((19 + 44) - 35) = 28.
-    """
+    """(numbers uniform in 1..100, a target in 0..max_target reached by a left-to-right chain of random operations
+    (exact division only), the chain): chain [19, ('+', 44), ('-', 35)] means ((19 + 44) - 35) = 28."""
     while True:
         numbers = [rng.randint(1, 100) for _ in range(n_numbers)]
         order = numbers[:]
         rng.shuffle(order)
         value, chain = order[0], [order[0]]
         for n in order[1:]:
-            ops = ["+", "-", "*"] + (["/"] if value % n == 0 else [])
-            op = rng.choice(ops)
+            op = rng.choice(["+", "-", "*"] + (["/"] if value % n == 0 else []))
             value = {"+": value + n, "-": value - n, "*": value * n, "/": value // n if n else 0}[op]
             chain.append((op, n))
         if 0 <= value <= max_target:
@@ -70,11 +65,9 @@ def chain_expression(chain: list) -> str:
 
 def countdown_prompt(numbers: list[int], target: int) -> str:
     """The paper's user prompt, verbatim (spec section 6)."""
-    return (
-        f"Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
-        f"operations (+, -, *, /) and each number can only be used once. {THINK_ANSWER_INSTRUCTION}, "
-        f"for example <answer> (1 + 2) / 3 </answer>."
-    )
+    return (f"Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
+            f"operations (+, -, *, /) and each number can only be used once. {THINK_ANSWER_INSTRUCTION}, "
+            f"for example <answer> (1 + 2) / 3 </answer>.")
 
 
 # ---------------------------------------------------------------- the grader: a safe arithmetic parser
@@ -181,14 +174,9 @@ def _bounded(value: Fraction) -> Fraction:
 
 
 def evaluate_expression(expr: str, max_len: int = MAX_EXPRESSION_CHARS) -> tuple[Fraction, list[int]] | None:
-    """(exact value, integer literals in reading order) of an arithmetic expression, or None if rejected.
-
-    Rejected: characters other than ASCII digits, + - * / ( ) and ' '; syntax errors (this includes '**', '//'
-    and '2(3)'); more than max_len characters; nesting deeper than MAX_NESTING; literals longer than
-    MAX_LITERAL_DIGITS digits or with a leading zero; an intermediate value past MAX_MAGNITUDE; division by zero.
-    Example: evaluate_expression("(19 + 44) - 35") == (Fraction(28), [19, 44, 35])
-             evaluate_expression("2 ** 3") is None
-    """
+    """(exact value, integer literals in order) of an arithmetic expression, or None if rejected: a character
+    other than ASCII digits, + - * / ( ) and ' ', a syntax error ('**', '//', '2(3)'), division by zero, a cap
+    passed (module docstring). Example: "(19 + 44) - 35" -> (Fraction(28), [19, 44, 35]); "2 ** 3" -> None."""
     if len(expr) > max_len:
         return None
     try:
@@ -212,15 +200,9 @@ def safe_arith(expr: str, max_len: int = MAX_EXPRESSION_CHARS) -> Fraction | Non
 
 
 def countdown_reward(completion: str, numbers: list[int], target: int) -> float:
-    """0.0 (bad format), 0.1 (formatted, wrong) or 1.0 (correct) for a Countdown completion.
-
-    `completion` is the text generated after the prefill (which ends in "<think>"). Total over str: never
-    raises for any string content. A non-str completion is a caller bug and raises TypeError.
-    Example, numbers [44, 19, 35], target 28:
-        " 19 + 44 = 63, 63 - 35 = 28</think>\\n<answer> (19 + 44) - 35 </answer>"  -> 1.0
-        " ...</think>\\n<answer> 44 - 19 </answer>"  -> 0.1   (35 unused, value 25)
-        " ...</think>\\n(19 + 44) - 35"             -> 0.0   (no answer tags)
-    """
+    """0.0 (bad format), 0.1 (formatted, wrong) or 1.0 (correct) for the text generated after the "<think>" prefill;
+    never raises for a str. Example, numbers [44, 19, 35], target 28: an answer "<answer> (19 + 44) - 35 </answer>"
+    after " 19 + 44 = 63, 63 - 35 = 28</think>\\n" -> 1.0; "<answer> 44 - 19 </answer>" -> 0.1 (35 unused)."""
     if not isinstance(completion, str):
         raise TypeError(f"completion must be str, got {type(completion).__name__}; decode tokens first")
     answer = parse_think_answer(completion)
@@ -245,16 +227,14 @@ class CountdownTask(Task):
         self.seed = seed
 
     def problem(self, level: int, index: int, split: str = "train") -> Problem:
-        if not 0 <= level < len(NUMBERS_PER_LEVEL):
-            raise ValueError(f"countdown has levels 0..{len(NUMBERS_PER_LEVEL) - 1}, got {level}")
-        salt = _SPLIT_SALT.get(split)
-        if salt is None:
-            raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
+        if not 0 <= level < len(NUMBERS_PER_LEVEL) or split not in _SPLIT_SALT:
+            raise ValueError(f"countdown has levels 0..{len(NUMBERS_PER_LEVEL) - 1} and splits 'train', 'test'; "
+                             f"got level {level}, split {split!r}")
         # One RNG per problem: string seeds hash deterministically (sha512) across processes.
-        rng = random.Random(f"countdown/{self.seed}/{salt}/{level}/{index}")
+        rng = random.Random(f"countdown/{self.seed}/{_SPLIT_SALT[split]}/{level}/{index}")
         numbers, target, chain = generate_countdown(rng, NUMBERS_PER_LEVEL[level])
-        return Problem(level, index, countdown_prompt(numbers, target),
-                       {"numbers": numbers, "target": target, "chain": chain})
+        data = {"numbers": numbers, "target": target, "chain": chain}
+        return Problem(level, index, countdown_prompt(numbers, target), data)
 
     def score(self, problem: Problem, completion: str) -> float:
         return countdown_reward(completion, problem.data["numbers"], problem.data["target"])

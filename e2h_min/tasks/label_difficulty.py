@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from e2h_min.config import (MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS, OneLineErrorParser, UserError,
                              check_context, check_output_file, exit_on_user_error, is_iso_date)
-from e2h_min.evaluation import completion_texts, encode_prompts, eos_token_ids, today
+from e2h_min.evaluation import chat_date_variables, completion_texts, encode_prompts, eos_token_ids, today
 from e2h_min.models import context_length, load_model, load_tokenizer, pick_device
 from e2h_min.rollout import StopChecker, generate
 from e2h_min.tasks import FILE_TASKS, Problem, Task, make_task
@@ -172,12 +172,12 @@ def sample_error_rates(model, tokenizer, task: Task, problems: list[Problem], sa
     eos, pad = eos_token_ids(tokenizer, model), tokenizer.pad_token_id
     generator = torch.Generator(device).manual_seed(seed)
     per_call = max(1, batch_size // samples)
-    rates = []
+    rates, dated = [], chat_date_variables(chat_date)
     with tqdm(total=len(problems), desc="labelling", unit="problem", disable=not progress) as bar:
         for start in range(0, len(problems), per_call):
             chunk = problems[start:start + per_call]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                rollout = generate(model, encode_prompts(tokenizer, task, chunk, chat_date), samples, max_new_tokens,
+                rollout = generate(model, encode_prompts(tokenizer, task, chunk, dated), samples, max_new_tokens,
                                    eos, pad, stop_checker=stop_checker, temperature=temperature, generator=generator)
             texts = completion_texts(tokenizer, rollout, stop_checker.stop_strings)
             rates += group_error_rates(task, chunk, texts, samples)
