@@ -43,7 +43,7 @@ from e2h_min.config import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS,
 from e2h_min.jsonl import parse_json
 from e2h_min.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate, held_out_problems,
                                 score_rollout, today)
-from e2h_min.models import (context_length, load_model, load_tokenizer, peft_building, pick_device,
+from e2h_min.models import (MODEL_ALIASES, context_length, load_model, load_tokenizer, peft_building, pick_device,
                             resolve_model_name)
 from e2h_min.passk import mean_pass_at_k
 from e2h_min.rollout import StopChecker, generate
@@ -311,7 +311,7 @@ def default_out_dir(model: str, loaded_from: str, task_name: str) -> Path:
     if run_dir is not None:
         run_task = _read_run_config(run_dir).get("task")
         return run_dir / "eval" / (loaded.name if task_name == run_task else f"{loaded.name}-{task_name}")
-    if loaded.is_dir() and os.access(loaded.resolve().parent, os.W_OK):
+    if model not in MODEL_ALIASES and loaded.is_dir() and os.access(loaded.resolve().parent, os.W_OK):
         return loaded.resolve().parent / "eval" / f"{loaded.resolve().name}-{task_name}"
     name = Path(model.rstrip("/")).name or model
     return Path("eval") / (re.sub(r"[^A-Za-z0-9._-]+", "-", name) + f"-{task_name}")

@@ -22,7 +22,9 @@ NOT_IN_COMMAND = {"resume"}
 
 def base_model_name(model: str) -> str:
     """The base model as the Hub names it; the embedded tiny model by its path in this project."""
-    return "e2h_min/assets/tiny-countdown" if model == "tiny" else resolve_model_name(model)
+    if model in ("tiny", "tiny-testbed"):
+        return "e2h_min/assets/" + Path(resolve_model_name(model)).name
+    return resolve_model_name(model)
 
 
 def reproducing_command(config: dict) -> str:

@@ -21,8 +21,12 @@ import torch
 from e2h_min.config import ModelFacts, UserError
 
 TINY_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-countdown"
+# The schedule testbed (README: Results): the tiny model trained further on harder demos, so that the hard level
+# is out of greedy reach but inside pass@16 (its build_info.json holds the recipe and the measured premise).
+TESTBED_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-countdown-testbed"
 MODEL_ALIASES = {
     "tiny": str(TINY_MODEL_DIR),
+    "tiny-testbed": str(TESTBED_MODEL_DIR),
     # The paper's models are the Instruct variants; the short names map to them (printed when used).
     "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
     "Qwen2.5-1.5B-Instruct": "Qwen/Qwen2.5-1.5B-Instruct",

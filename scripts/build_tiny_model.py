@@ -30,6 +30,11 @@ one-seed measurements and this script's own runs):
   quickly, the longer demos teach the format of the harder levels, and 5-number demos are few because the
   model does not solve them anyway. The curriculum wants a frontier, not a solver: ~75% on 2 numbers, ~20% on
   3, ~1% on 4, 0 on 5 and 6 (build_info.json holds the measured figures).
+- Later stages (`--init DIR`): continue supervised training of a built model, keeping its tokenizer, with
+  another level mix and peak lr (a new warm-up and cosine). The schedule testbed
+  (e2h_min/assets/tiny-countdown-testbed, README: Results) is the demo model trained further on harder demos, so
+  that its hard level is out of greedy reach but inside pass@16; its build_info.json nests the build_info of
+  every stage before it (init_build_info) and the README gives the commands that rebuild it.
 - Reproducibility: `--minutes` is a nominal budget converted to a fixed step count (SECONDS_PER_STEP_REFERENCE),
   so the same flags train the same steps on any machine; a loaded CPU is only slower. torch and random are
   seeded. One thread by default: on 2 cores shared with other jobs, 2 threads were 3-5x SLOWER per step than
@@ -44,6 +49,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -305,7 +311,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="nominal training budget on the 2-core reference machine (fixes the step count)")
     parser.add_argument("--seed", type=int, default=0, help="seeds torch, the demo stream and the task generator")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see the module docstring)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this built model (its tokenizer is kept) instead of a fresh one")
+    parser.add_argument("--level-mix", type=parse_level_mix, default=LEVEL_MIX,
+                        help="share of demos per level, e.g. 0:0.1,1:0.3,2:0.4,3:0.2 (default: %(default)s)")
+    parser.add_argument("--peak-lr", type=float, default=PEAK_LR, help="peak learning rate (default: %(default)s)")
     return parser.parse_args(argv)
+
+
+def repo_relative(path: Path) -> str:
+    """path relative to the repository when it is inside it (build_info.json must not name this machine's paths)."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def init_build_info(init: Path | None) -> dict | None:
+    """The build_info.json of the model a stage started from (so a chain of stages records every recipe)."""
+    path = init / "build_info.json" if init else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def parse_level_mix(text: str) -> dict[int, float]:
+    """"0:0.1,1:0.3" -> {0: 0.1, 1: 0.3}; argparse turns a ValueError into a one-line usage error."""
+    mix = {int(level): float(share) for level, share in (item.split(":") for item in text.split(","))}
+    if not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(text)
+    return mix
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,17 +352,20 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = max(WARMUP_STEPS + 1, round(args.minutes * 60 / SECONDS_PER_STEP_REFERENCE))
     started = time.time()
 
-    tokenizer = wrap_tokenizer(train_bpe_tokenizer(tokenizer_corpus(task, TOKENIZER_PROBLEMS_PER_LEVEL)))
+    if args.init is None:
+        tokenizer = wrap_tokenizer(train_bpe_tokenizer(tokenizer_corpus(task, TOKENIZER_PROBLEMS_PER_LEVEL)))
+    else:  # a second stage keeps the first stage's tokenizer: the model's embeddings are indexed by it
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.init)
     tokenizer_seconds = time.time() - started
     print(f"tokenizer: vocab {len(tokenizer)} in {tokenizer_seconds:.1f}s; example prompt "
           f"{len(tokenizer(render_prompt(tokenizer, task, task.problem(0, 0)))['input_ids'])} tokens")
 
-    model = make_model(tokenizer)
+    model = make_model(tokenizer) if args.init is None else Qwen2ForCausalLM.from_pretrained(args.init)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters; {total_steps} steps of {BATCH_SIZE}")
-    stream = DemoStream(task, tokenizer, LEVEL_MIX, random.Random(args.seed))
+    stream = DemoStream(task, tokenizer, args.level_mix, random.Random(args.seed))
     train_started = time.time()
-    losses = train(model, stream, total_steps, BATCH_SIZE, PEAK_LR)
+    losses = train(model, stream, total_steps, BATCH_SIZE, args.peak_lr)
     train_seconds = time.time() - train_started
 
     eval_started = time.time()
@@ -340,14 +376,20 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out, save_jinja_files=False)  # chat template inside tokenizer_config.json
-    pin_tokenizer_class(args.out)
+    if args.init is None:
+        tokenizer.save_pretrained(args.out, save_jinja_files=False)  # chat template inside tokenizer_config.json
+        pin_tokenizer_class(args.out)
+    else:  # the same tokenizer: its files as they are (a re-save would add loading-time keys to the config)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(args.init / name, args.out / name)
     info = {
         "recipe": "scripts/build_tiny_model.py", "seed": args.seed, "minutes_nominal": args.minutes,
         "threads": args.threads,
-        "steps": total_steps, "batch_size": BATCH_SIZE, "peak_lr": PEAK_LR, "warmup_steps": WARMUP_STEPS,
+        "init": repo_relative(args.init) if args.init else None,
+        "init_build_info": init_build_info(args.init),
+        "steps": total_steps, "batch_size": BATCH_SIZE, "peak_lr": args.peak_lr, "warmup_steps": WARMUP_STEPS,
         "schedule": "linear warm-up then cosine to 0", "optimizer": "AdamW(0.9, 0.95), weight decay 0.01, clip 1.0",
-        "level_mix": {str(k): v for k, v in LEVEL_MIX.items()}, "demos_per_level": stream.next_index,
+        "level_mix": {str(k): v for k, v in args.level_mix.items()}, "demos_per_level": stream.next_index,
         "vocab_size": len(tokenizer), "model_shape": MODEL_SHAPE, "parameters": n_params,
         "final_loss_mean_last_50": sum(losses[-50:]) / len(losses[-50:]),
         "seconds": {"tokenizer": round(tokenizer_seconds, 1), "train": round(train_seconds, 1),

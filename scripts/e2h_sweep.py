@@ -1,15 +1,21 @@
-"""The paper's comparison at laptop scale: hard-only, balanced, classic, cosine and gaussian E2H schedules, the same
-step and sample budget each, several seeds, then a Table-2-shaped summary and overlaid curves.
+"""The paper's comparison at laptop scale: hard-only, balanced (plain GRPO on all levels), E2H-C (cosine), E2H-G
+(gaussian, beta 0.5, sigma 0.5) and the adaptive schedule (sec), the same step and sample budget each, several
+seeds, then per-level means with 95% bootstrap intervals and the paired differences from balanced.
 
-    python scripts/e2h_sweep.py                 # 5 schedules x 3 seeds on the embedded tiny model (CPU)
-    python scripts/e2h_sweep.py --quick         # 1 seed, fewer steps: a first look in a few minutes
-    python scripts/e2h_sweep.py --model Qwen2.5-1.5B --jobs 1 --threads 0   # paper settings on a GPU
+    python scripts/e2h_sweep.py                 # 5 schedules x 3 seeds on the schedule testbed (CPU, see README)
+    python scripts/e2h_sweep.py --quick         # 1 seed, 40 steps: a first look in a few minutes
+    python scripts/e2h_sweep.py --model Qwen2.5-1.5B --jobs 1 --threads 0 --total-steps 1600   # on a GPU
 
+The default model is the testbed (`tiny-testbed`: the tiny model trained further so that its hard level is out
+of greedy reach but inside pass@16; README: Results); every run gets TESTBED_SETTINGS and the model's preset,
+nothing per schedule. Flags after the sweep's own (e.g. `--total-steps 800`) go to every train.py run.
 Each run is `python train.py --schedule S --seed N --out-dir OUT/S-sN ...` in its own process; `--jobs` runs
 that many at once, each with `--threads` torch threads (for the tiny model two single-thread runs use two cores
-better than one run with two threads). A finished run (OUT/S-sN/final exists) is not run again, so an
-interrupted sweep continues where it stopped. The summary is `python -m e2h_min.report` over every run, plus
-the expected number of prompts per level under each schedule (from e2h_min.curriculum).
+better than one run with two threads). A finished run (OUT/S-sN/final exists) is not run again and an
+interrupted one resumes from its last checkpoint, so an interrupted sweep continues where it stopped. Each run
+is deterministic (seeded, one thread), so the same command on the same code reproduces the table exactly. The
+summary is `python -m e2h_min.report` over every run, plus the expected number of prompts per level under each
+schedule (from e2h_min.curriculum).
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ sys.path.insert(0, str(ROOT))
 from e2h_min.config import UserError, resolve_config  # noqa: E402
 from e2h_min.curriculum import expected_level_counts  # noqa: E402
 
-SCHEDULES = ["hard", "balanced", "classic", "cosine", "gaussian"]
+SCHEDULES = ["hard", "balanced", "cosine", "gaussian", "sec"]
+# The testbed's budget, the same for every schedule (README: Results). The rest comes from the model's preset
+# (the demo preset for a tiny build: lr 1e-4, 16 prompts x 8 samples, 64 new tokens, no KL); eval on 200
+# problems per level (one problem = 0.5 points).
+TESTBED_SETTINGS = ["--total-steps", "400", "--eval-every", "100", "--eval-problems", "200", "--save-every", "100"]
 
 
 def run_args(schedule: str, seed: int, out: Path, args, extra: list[str]) -> list[str]:
@@ -36,6 +46,8 @@ def run_args(schedule: str, seed: int, out: Path, args, extra: list[str]) -> lis
     run_dir = out / f"{schedule}-s{seed}"
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--task", args.task, "--schedule",
            schedule, "--seed", str(seed), "--threads", str(args.threads)]
+    if args.model in ("tiny", "tiny-testbed"):
+        cmd += TESTBED_SETTINGS
     if args.quick:
         cmd += ["--total-steps", str(args.quick_steps)]
     checkpointed = any((run_dir / "checkpoints").glob("step_*"))
@@ -66,7 +78,7 @@ def expected_table(schedules: list[str], total_steps: int, prompts: int, levels:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default="tiny-testbed")
     parser.add_argument("--task", default="countdown")
     parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -38,6 +38,10 @@ def test_eval_writes_next_to_what_it_evaluates(tmp_path):
         (tmp_path / "models" / "eval" / "my-model-countdown").resolve()
     assert evaluate_cli.default_out_dir("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "countdown") == \
         Path("eval") / "Qwen2.5-1.5B-Instruct-countdown"
+    # an alias of an embedded model is a name, not a folder to write beside: never into the package's assets
+    from e2h_min.models import TESTBED_MODEL_DIR
+    assert evaluate_cli.default_out_dir("tiny-testbed", str(TESTBED_MODEL_DIR), "countdown") == \
+        Path("eval") / "tiny-testbed-countdown"
 
 
 def test_a_runs_final_policy_is_evaluated_with_the_runs_settings(tmp_path):

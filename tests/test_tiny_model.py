@@ -159,3 +159,33 @@ def test_build_info_describes_the_committed_weights_and_the_script_s_settings(mo
     assert info["eval"]["max_new_tokens"] == build.EVAL_MAX_NEW_TOKENS
     assert list(info["eval"]["accuracy"]) == CountdownTask(seed=0).level_names()
     assert all(0.0 <= a <= 1.0 for a in info["eval"]["accuracy"].values())
+
+
+TESTBED = REPO_ROOT / "e2h_min" / "assets" / "tiny-countdown-testbed"
+
+
+def test_testbed_is_the_tiny_model_trained_further_with_its_recipe_chain_recorded():
+    """The schedule testbed (README: Results) keeps the demo model's tokenizer and shape, and its build_info.json
+    records every stage back to the committed demo model, whose own build_info it must repeat exactly."""
+    from e2h_min.models import resolve_model_name
+
+    assert Path(resolve_model_name("tiny-testbed")) == TESTBED
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (TESTBED / name).read_bytes() == (ARTIFACT / name).read_bytes()
+    info = json.loads((TESTBED / "build_info.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(TESTBED)
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["model_shape"] == build.MODEL_SHAPE
+    chain = [info]
+    while chain[-1].get("init") != "e2h_min/assets/tiny-countdown":
+        assert chain[-1].get("init_build_info"), "every stage names the build it started from"
+        chain.append(chain[-1]["init_build_info"])
+    assert chain[-1]["init_build_info"] == json.loads((ARTIFACT / "build_info.json").read_text())
+    assert all(stage["recipe"] == "scripts/build_tiny_model.py" for stage in chain)
+
+
+def test_parse_level_mix_and_its_errors():
+    assert build.parse_level_mix("0:0.1,2:0.5") == {0: 0.1, 2: 0.5}
+    for bad in ("", "1", "0:-1", "0:0,1:0", "a:1"):
+        with pytest.raises(ValueError):
+            build.parse_level_mix(bad)
