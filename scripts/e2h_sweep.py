@@ -2,7 +2,7 @@
 (gaussian, beta 0.5, sigma 0.5) and the adaptive schedule (sec), the same step and sample budget each, several
 seeds, then per-level means with 95% bootstrap intervals and the paired differences from balanced.
 
-    python scripts/e2h_sweep.py                 # 5 schedules x 3 seeds on the schedule testbed (CPU, see README)
+    python scripts/e2h_sweep.py                 # 5 schedules x 5 seeds on the schedule testbed (CPU, see README)
     python scripts/e2h_sweep.py --quick         # 1 seed, 40 steps: a first look in a few minutes
     python scripts/e2h_sweep.py --model Qwen2.5-1.5B --jobs 1 --threads 0 --total-steps 1600   # on a GPU
 
@@ -81,7 +81,7 @@ def main() -> int:
     parser.add_argument("--model", default="tiny-testbed")
     parser.add_argument("--task", default="countdown")
     parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default="runs/sweep")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
