@@ -1,0 +1,58 @@
+"""scripts/e2h_sweep.py: every schedule gets the same train.py command but for --schedule/--seed, and the
+prompts-per-level table."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("e2h_sweep", REPO_ROOT / "scripts" / "e2h_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load_sweep()
+
+
+def args(**overrides):
+    base = dict(model="tiny-testbed", task="countdown", threads=1, quick=False, quick_steps=40)
+    return SimpleNamespace(**{**base, **overrides})
+
+
+def test_schedules_differ_only_in_schedule_and_seed(tmp_path):
+    commands = {s: sweep.run_args(s, 3, tmp_path, args(), ["--lr", "2e-4"]) for s in sweep.SCHEDULES}
+    for schedule, cmd in commands.items():
+        assert cmd[0] == sys.executable and cmd[cmd.index("--schedule") + 1] == schedule
+        assert cmd[cmd.index("--out-dir") + 1] == str(tmp_path / f"{schedule}-s3")
+        assert cmd[-5:-3] == ["--lr", "2e-4"]  # the user's flags reach every run
+        normalised = [x.replace(schedule, "S") for x in cmd]
+        assert normalised == [x.replace("hard", "S") for x in commands["hard"]]
+    assert " ".join(sweep.TESTBED_SETTINGS) in " ".join(commands["hard"])
+    # a hub model gets its own preset, not the CPU testbed's budget; --quick shortens every run the same way
+    assert "--eval-problems" not in sweep.run_args("hard", 0, tmp_path, args(model="Qwen2.5-1.5B"), [])
+    quick = sweep.run_args("hard", 0, tmp_path, args(quick=True), [])
+    assert quick[quick.index("--total-steps", quick.index("--total-steps") + 1) + 1] == "40"  # the last one wins
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    (tmp_path / "gaussian-s0" / "checkpoints" / "step_000100").mkdir(parents=True)
+    cmd = sweep.run_args("gaussian", 0, tmp_path, args(), [])
+    assert cmd[-2:] == ["--resume", str(tmp_path / "gaussian-s0")] and "--overwrite" not in cmd
+
+
+def test_level_table_gives_expected_and_drawn_prompts(tmp_path):
+    for schedule, seed, counts in (("balanced", 0, [4, 4, 4, 4]), ("balanced", 1, [2, 6, 4, 4]),
+                                   ("sec", 0, [0, 16, 0, 0]), ("sec", 1, [8, 8, 0, 0])):
+        run = tmp_path / f"{schedule}-s{seed}"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": t + 1, "level_counts": counts}) + "\n"
+                                                   for t in range(10)))
+    table = sweep.level_table(tmp_path, ["balanced", "sec"], [0, 1], 10, 16, 4).splitlines()
+    assert table[2] == "| balanced | 40 | 40 | 40 | 40 | 30 | 50 | 40 | 40 |"  # 10 steps x 16 prompts / 4
+    assert table[3] == "| sec | adaptive | adaptive | adaptive | adaptive | 40 | 120 | 0 | 0 |"
