@@ -1,23 +1,13 @@
 """scripts/e2h_sweep.py: every schedule gets the same train.py command but for --schedule/--seed, and the
 prompts-per-level table."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
-
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location("e2h_sweep", REPO_ROOT / "scripts" / "e2h_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep()
+sweep = load_script("e2h_sweep")
 
 
 def args(**overrides):

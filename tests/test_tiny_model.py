@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,19 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from e2h_min.tasks.base import PREFILL, SYSTEM_PROMPT
 from e2h_min.tasks.countdown import CountdownTask
+from tests.scripts import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT = REPO_ROOT / "e2h_min" / "assets" / "tiny-countdown"
 
 
-def _load_build_script():
-    spec = importlib.util.spec_from_file_location("build_tiny_model", REPO_ROOT / "scripts" / "build_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load_build_script()
+build = load_script("build_tiny_model")
 
 
 @pytest.fixture(scope="module", autouse=True)
