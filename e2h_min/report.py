@@ -107,9 +107,10 @@ def label_runs(runs: list[Run]) -> None:
         run.label = label if labels.count(label) == 1 else f"{label} [{run.path.name}]"
 
 
-def replicate_key(config: dict) -> str:
-    """Everything that changes a run's result except the seed: runs with equal keys are seed replicates."""
-    return json.dumps({k: v for k, v in sorted(config.items()) if k not in BOOKKEEPING_FIELDS}, sort_keys=True)
+def replicate_key(config: dict, ignore: set = BOOKKEEPING_FIELDS) -> str:
+    """Everything that changes a run's result except the seed (and the fields in `ignore`): runs with equal keys
+    are seed replicates; with ignore = BOOKKEEPING_FIELDS | SCHEDULE_FIELDS, arms of one schedule comparison."""
+    return json.dumps({k: v for k, v in sorted(config.items()) if k not in ignore}, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def interval_table(runs: list[Run], baseline: str = "balanced", confidence: floa
     if not evaluated:
         return ""
     others = BOOKKEEPING_FIELDS | SCHEDULE_FIELDS
-    keys = {json.dumps({k: v for k, v in sorted(r.config.items()) if k not in others}) for r in evaluated}
+    keys = {replicate_key(r.config, others) for r in evaluated}
     if len(keys) > 1:
         first = evaluated[0].config
         differ = sorted({k for r in evaluated for k, v in r.config.items() if k not in others and first.get(k) != v})
