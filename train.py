@@ -52,7 +52,7 @@ from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists,
 from e2h_min.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
                                 probe_logits_finite)
 from e2h_min.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate_sharded,
-                                held_out_problems, score_rollout, today)
+                                held_out_problems, sampled_pass_at_k, score_rollout, today)
 from e2h_min.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
 from e2h_min.logprobs import completion_logprobs, pack_micro_batches
 from e2h_min.losses import compute_advantages, kl_penalised_advantages, sequence_kl
@@ -103,6 +103,10 @@ def load_task(cfg: Config) -> tuple:
         sampler.check_every_step_drawable()
     except ValueError as exc:
         raise UserError(f"--schedule {cfg.schedule} on task {task.name}: {exc}") from None
+    unknown = set(filter(None, cfg.eval_pass_k_levels.split(","))) - set(task.level_names())
+    if unknown:
+        raise UserError(f"--eval-pass-k-levels: task {task.name} has no level {', '.join(sorted(unknown))} (its "
+                        f"levels: {','.join(task.level_names())})")
     return task, sampler
 
 
@@ -285,13 +289,30 @@ def run_eval(run: Run, step: int) -> dict:
     summary, _ = evaluate_sharded(run.sampling_model, run.tokenizer, run.task, run.eval_problems,
                                   cfg.eval_max_new_tokens or cfg.max_new_tokens, run.stop_checker, run.dist_info,
                                   autocast=run.autocast, chat_date=cfg.chat_date)
+    pass_k = sampled_eval(run, step) if cfg.eval_pass_k else {}
     if run.dist_info.is_main:
         row = {"step": step, **{f"{k}/{m}": v[m] for k, v in summary.items()
-                                for m in ("accuracy", "reward", "format_rate")}}
+                                for m in ("accuracy", "reward", "format_rate")},
+               **{f"{k}/{m}": v for k, by_k in pass_k.items() for m, v in by_k.items()}}
         append_jsonl(run.run_dir / "eval.jsonl", row)
         run.trackers.log_eval(row)
         run.log(f"eval step {step}: " + "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items()))
+        if pass_k:
+            top = f"pass@{max(cfg.eval_pass_k)}"
+            run.log(f"eval step {step} {top}: " + "  ".join(f"{k} {v[top]:.1%}" for k, v in pass_k.items()))
     return summary
+
+
+def sampled_eval(run: Run, step: int) -> dict:
+    """--eval-pass-k: pass@k per level on the held-out problems (temperature 1, its own noise per step)."""
+    cfg, names = run.cfg, run.task.level_names()
+    wanted = set(filter(None, cfg.eval_pass_k_levels.split(","))) or set(names)
+    problems = [p for p in run.eval_problems if names[p.level] in wanted]
+    return sampled_pass_at_k(run.sampling_model, run.tokenizer, run.task, problems, list(cfg.eval_pass_k),
+                             cfg.eval_samples or max(cfg.eval_pass_k), cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                             run.stop_checker, run.dist_info, cfg.prompts_per_step * cfg.num_generations,
+                             seed=int(np.random.SeedSequence([cfg.seed, step, 1]).generate_state(1)[0]),
+                             autocast=run.autocast, chat_date=cfg.chat_date)
 
 
 def checkpoint(run: Run, step: int) -> None:

@@ -129,6 +129,12 @@ class Config:
     eval_every: int = _f(100, "greedy held-out evaluation every N steps (0 = only at start and end)")
     eval_problems: int = _f(100, "held-out problems per level in periodic evaluation")
     eval_max_new_tokens: Optional[int] = _f(None, "max tokens in evaluation (default = max_new_tokens)")
+    eval_pass_k: tuple[int, ...] = _f((), "also log the unbiased pass@k per level at each evaluation, for these k "
+                                          "(e.g. 1 4 16), from --eval-samples completions per problem at "
+                                          "temperature 1; costs samples x problems x levels completions per "
+                                          "evaluation (16 x 200 x 5 = 16,000 for the long sweep)")
+    eval_samples: int = _f(0, "completions per problem for --eval-pass-k (0 = the largest k)")
+    eval_pass_k_levels: str = _f("", "comma-separated levels that get --eval-pass-k, e.g. L1,L2,L3 (empty = all)")
     log_completions_every: int = _f(50, "write a few sampled completions per level every N steps (0 = off)")
     save_every: int = _f(200, "checkpoint every N steps (0 = only at the end)")
     log_every: int = _f(0, "console line every N steps (0 = auto: max(5, total_steps // 100), ~100 lines per run)")
@@ -142,6 +148,9 @@ class Config:
     threads: int = _f(0, "CPU threads for torch (0 = torch default)")
     parallel: str = _f("ddp", "under torchrun: ddp (every rank holds the whole model; gradients summed) or fsdp "
                               "(FSDP2: weights, gradients and AdamW state sharded across ranks; full fine-tuning)")
+
+    def __post_init__(self):
+        self.eval_pass_k = tuple(self.eval_pass_k)  # argparse and config.json give a list
 
 
 # Settings that make the embedded tiny model learn visibly in a few CPU minutes (the demo preset: applied to the
@@ -228,6 +237,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats help
         if kind is bool:  # --flag / --no-flag
             parser.add_argument(*spellings, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind is tuple:  # --eval-pass-k 1 4 16 (ints)
+            parser.add_argument(*spellings, dest=f.name, type=_parse_value(int, False), nargs="+", metavar="INT",
+                                help=help_text)
         else:
             optional = str(f.type).startswith("Optional[")  # only these take 'none' (--scale-rewards none is a str)
             parser.add_argument(*spellings, dest=f.name, type=_parse_value(kind, optional),
@@ -245,7 +257,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def _base_type(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type).removeprefix("Optional[").rstrip("]")]
+    return {"int": int, "float": float, "str": str, "bool": bool, "tuple[int, ...]": tuple}[
+        str(f.type).removeprefix("Optional[").rstrip("]") if "Optional" in str(f.type) else str(f.type)]
 
 
 def _parse_value(kind: type, optional: bool):
@@ -427,6 +440,12 @@ def validate(cfg: Config) -> None:
     need(0 < cfg.sec_ema <= 1, "--sec-ema must be in (0, 1]")
     need(cfg.schedule_beta >= 0, "--schedule-beta must be >= 0")
     need(cfg.eval_problems >= 1, "--eval-problems must be >= 1")
+    need(not cfg.eval_samples or cfg.eval_pass_k, f"--eval-samples {cfg.eval_samples} needs --eval-pass-k (which k "
+                                                  f"to report, e.g. --eval-pass-k 1 4 16)")
+    samples = cfg.eval_samples or max(cfg.eval_pass_k, default=0)
+    need(0 <= samples <= MAX_ROLLOUT_ROWS, f"--eval-samples must be in [0, {MAX_ROLLOUT_ROWS:,}], got {samples}")
+    need(all(1 <= k <= samples for k in cfg.eval_pass_k), f"--eval-pass-k needs 1 <= k <= --eval-samples "
+                                                          f"({samples}); got {' '.join(map(str, cfg.eval_pass_k))}")
     need(min(cfg.eval_every, cfg.save_every, cfg.log_completions_every) >= 0, "--*-every flags must be >= 0")
     need(cfg.log_every >= 0, "--log-every must be >= 0 (0 = auto)")
     from e2h_min.tracking import parse_report_to

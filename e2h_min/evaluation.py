@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from e2h_min.distributed import DistInfo, gather_lists
+from e2h_min.passk import mean_pass_at_k
 from e2h_min.rollout import Rollout, StopChecker, generate
 
 
@@ -141,3 +142,40 @@ def summarize(task, records: list[dict]) -> dict:
             "n": len(rows),
         }
     return summary
+
+
+@torch.no_grad()
+def sampled_pass_at_k(model, tokenizer, task, problems, ks: list[int], samples: int, max_new_tokens: int,
+                      stop_checker: StopChecker, dist_info: DistInfo, rows_per_call: int, seed: int, autocast,
+                      chat_date: str | None = None) -> dict:
+    """Unbiased pass@k per level name from `samples` completions per problem at temperature 1 (passk.pass_at_k).
+
+    Returns {level name: {"pass@k": mean over the level's problems for each k, "sample_accuracy": c/n}}.
+    The problems go in chunks of rows_per_call // samples prompts; chunk j's noise comes from its own generator
+    seeded (seed, j), and the ranks take contiguous shares of the chunks, so the counts are the same for any
+    number of ranks, and the training run's own random streams are never touched.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos, dated = eos_token_ids(tokenizer, model), chat_date_variables(chat_date)
+    per_call = max(1, rows_per_call // samples)
+    chunks = [(j, problems[s:s + per_call]) for j, s in enumerate(range(0, len(problems), per_call))]
+    counts = []  # (level, correct samples) per problem, this rank's chunks in order
+    for j, chunk in dist_info.shard(chunks):
+        generator = torch.Generator(device=device).manual_seed(
+            int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))
+        with autocast():
+            rollout = generate(model, encode_prompts(tokenizer, task, chunk, dated), samples, max_new_tokens, eos,
+                               tokenizer.pad_token_id, stop_checker=stop_checker, temperature=1.0,
+                               generator=generator)
+        _, rewards = score_rollout(task, chunk, tokenizer, rollout, stop_checker.stop_strings)
+        correct = np.array([task.is_correct(r) for r in rewards]).reshape(len(chunk), samples).sum(axis=1)
+        counts += [(problem.level, int(c)) for problem, c in zip(chunk, correct)]
+    model.train(was_training)
+    by_level = defaultdict(list)
+    for level, c in gather_lists(counts, dist_info):
+        by_level[level].append(c)
+    names = task.level_names()
+    return {names[level]: {**{f"pass@{k}": mean_pass_at_k(cs, samples, k) for k in ks},
+                           "sample_accuracy": float(np.mean(cs)) / samples} for level, cs in sorted(by_level.items())}

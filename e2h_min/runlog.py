@@ -39,7 +39,7 @@ RESUME_SAFE_FIELDS = {"resume", "out_dir", "eval_every", "eval_problems", "eval_
 def check_resume_config(saved: dict, cfg: Config) -> None:
     """Refuse to resume with a changed config unless every changed field is bookkeeping (RESUME_SAFE_FIELDS).
     A field the saved run predates (absent from its config) is not compared: it cannot be given its old value."""
-    current = dataclasses.asdict(cfg)
+    current, saved = (json.loads(json.dumps(c)) for c in (dataclasses.asdict(cfg), saved))  # tuples as lists
     changed = [k for k in current if k not in RESUME_SAFE_FIELDS and k in saved and saved[k] != current[k]]
     if changed:
         what = "; ".join(f"--{k.replace('_', '-')} was {saved[k]!r}, now {current[k]!r}" for k in changed)

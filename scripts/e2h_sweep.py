@@ -4,6 +4,8 @@ seeds, then per-level means with 95% bootstrap intervals and the paired differen
 
     python scripts/e2h_sweep.py                 # 5 schedules x 5 seeds on the schedule testbed (CPU, see README)
     python scripts/e2h_sweep.py --quick         # 1 seed, 40 steps: a first look in a few minutes
+    python scripts/e2h_sweep.py --long          # the paper's budget: balanced, gaussian, sec x 3 seeds x 1,600
+                                                # steps, pass@1/4/16 at every evaluation (hours; resumable)
     python scripts/e2h_sweep.py --model Qwen2.5-1.5B --jobs 1 --threads 0 --total-steps 1600   # on a GPU
 
 The default model is the testbed (`tiny-testbed`: the tiny model trained further so that its hard level is out
@@ -41,6 +43,12 @@ SCHEDULES = ["hard", "balanced", "cosine", "gaussian", "sec"]
 # (the demo preset for a tiny build: lr 1e-4, 16 prompts x 8 samples, 64 new tokens, no KL); eval on 200
 # problems per level (one problem = 0.5 points).
 TESTBED_SETTINGS = ["--total-steps", "400", "--eval-every", "100", "--eval-problems", "200", "--save-every", "100"]
+# --long: the paper's step budget (1,600), evaluated every 200 steps with pass@k tracked over training; the flags
+# given after TESTBED_SETTINGS win (argparse keeps the last). Three schedules: the baseline, E2H-G and sec. pass@k
+# on L1-L3 only (L0 is at ~100% and OOD at 0% pass@16 before RL): 9,600 completions per evaluation.
+LONG_SETTINGS = ["--total-steps", "1600", "--eval-every", "200", "--save-every", "100", "--eval-pass-k", "1", "4",
+                 "16", "--eval-samples", "16", "--eval-pass-k-levels", "L1,L2,L3"]
+LONG_SCHEDULES = ["balanced", "gaussian", "sec"]
 
 
 def run_args(schedule: str, seed: int, out: Path, args, extra: list[str]) -> list[str]:
@@ -51,6 +59,8 @@ def run_args(schedule: str, seed: int, out: Path, args, extra: list[str]) -> lis
            schedule, "--seed", str(seed), "--threads", str(args.threads)]
     if args.model in ("tiny", "tiny-testbed"):
         cmd += TESTBED_SETTINGS
+    if args.long:
+        cmd += LONG_SETTINGS
     if args.quick:
         cmd += ["--total-steps", str(args.quick_steps)]
     checkpointed = any((run_dir / "checkpoints").glob("step_*"))
@@ -91,15 +101,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-testbed")
     parser.add_argument("--task", default="countdown")
-    parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--schedules", nargs="+")
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--out")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--quick", action="store_true", help="one seed, --quick-steps steps")
     parser.add_argument("--quick-steps", type=int, default=40)
+    parser.add_argument("--long", action="store_true", help="balanced, gaussian, sec x seeds 0-2 x 1,600 steps, "
+                                                            "pass@1/4/16 every 200 steps (LONG_SETTINGS)")
     args, extra = parser.parse_known_args()
     extra = [x for x in extra if x != "--"]
+    args.schedules = args.schedules or (LONG_SCHEDULES if args.long else SCHEDULES)
+    args.seeds = args.seeds or ([0, 1, 2] if args.long else [0, 1, 2, 3, 4])
+    args.out = args.out or ("runs/sweep-long" if args.long else "runs/sweep")
     if args.quick:
         args.seeds = args.seeds[:1]
         args.out = args.out + "-quick"

@@ -11,7 +11,7 @@ sweep = load_script("e2h_sweep")
 
 
 def args(**overrides):
-    base = dict(model="tiny-testbed", task="countdown", threads=1, quick=False, quick_steps=40)
+    base = dict(model="tiny-testbed", task="countdown", threads=1, quick=False, quick_steps=40, long=False)
     return SimpleNamespace(**{**base, **overrides})
 
 
@@ -28,6 +28,21 @@ def test_schedules_differ_only_in_schedule_and_seed(tmp_path):
     assert "--eval-problems" not in sweep.run_args("hard", 0, tmp_path, args(model="Qwen2.5-1.5B"), [])
     quick = sweep.run_args("hard", 0, tmp_path, args(quick=True), [])
     assert quick[quick.index("--total-steps", quick.index("--total-steps") + 1) + 1] == "40"  # the last one wins
+
+
+def test_long_sweep_runs_the_paper_budget_with_pass_at_k(tmp_path):
+    """--long: the settings every run resolves to (the last flag wins), the same for every schedule but its name."""
+    from e2h_min.config import resolve_config
+
+    configs = {s: resolve_config(sweep.run_args(s, 1, tmp_path, args(long=True), [])[2:])[0]
+               for s in sweep.LONG_SCHEDULES}
+    for schedule, cfg in configs.items():
+        assert (cfg.total_steps, cfg.eval_every, cfg.eval_problems, cfg.eval_pass_k, cfg.eval_samples) == (
+            1600, 200, 200, (1, 4, 16), 16)
+        assert cfg.eval_pass_k_levels == "L1,L2,L3"
+        assert cfg.schedule == schedule and cfg.seed == 1 and cfg.model == "tiny-testbed"
+        others = {k: v for k, v in vars(cfg).items() if k not in ("schedule", "out_dir")}
+        assert others == {k: v for k, v in vars(configs["balanced"]).items() if k not in ("schedule", "out_dir")}
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
