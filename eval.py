@@ -11,13 +11,13 @@ Design choices, in brief:
   final policy reproduces the run's final eval line.
 - Accuracy = share of completions whose reward exceeds the format reward; also mean reward, format rate, length.
 - pass@k samples N completions per problem (temperature 0.7, top_p 0.9, top_k 50 by default) and reports the
-  unbiased estimator 1 - C(n-c,k)/C(n,k) averaged over problems (e2h_min/passk.py), not a max over draws.
+  unbiased estimator 1 - C(n-c,k)/C(n,k) averaged over problems (e2h_min/analysis/passk.py), not a max over draws.
 - Given a run directory (or one of its checkpoints), task, data, seed, max_new_tokens, stop string, N and the chat
   date (the date a Llama 3 template writes into the prompts) default to that run's config.json; flags override
   them. The scored text is cut right after the stop string, as in training (evaluation.completion_texts).
 - Writes DIR/report.json (settings + per-level figures) and DIR/completions.jsonl (every prompt, completion, score);
   DIR is --out, else next to what is evaluated (RUN/eval/final, RUN/eval/step_N, ./eval/<hub name>-<task>), where
-  `python -m e2h_min.report RUN` finds it.
+  `python -m e2h_min.analysis.report RUN` finds it.
 """
 
 from __future__ import annotations
@@ -36,17 +36,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from e2h_min.checkpoint import latest_checkpoint
-from e2h_min.config import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS,
+from e2h_min.run.checkpoint import latest_checkpoint
+from e2h_min.run.config import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS,
                              OneLineErrorParser, UserError, check_context, check_output_dir, exit_on_user_error,
                              is_iso_date)
 from e2h_min.jsonl import parse_json
-from e2h_min.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate, held_out_problems,
+from e2h_min.analysis.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate, held_out_problems,
                                 score_rollout, today)
-from e2h_min.models import (MODEL_ALIASES, context_length, load_model, load_tokenizer, peft_building, pick_device,
+from e2h_min.engine.models import (MODEL_ALIASES, context_length, load_model, load_tokenizer, peft_building, pick_device,
                             resolve_model_name)
-from e2h_min.passk import mean_pass_at_k
-from e2h_min.rollout import StopChecker, generate
+from e2h_min.analysis.passk import mean_pass_at_k
+from e2h_min.engine.sampler import StopChecker, generate
 from e2h_min.tasks import TASKS, make_task
 
 # Used when neither a flag nor a run's config.json gives a value.

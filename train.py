@@ -6,7 +6,7 @@
 
 Design choices, in brief:
 - The curriculum clock is the optimizer step t (not a data-loader index): p_t over difficulty levels is computed
-  at every step and each prompt slot's level is drawn from it (e2h_min/curriculum.py).
+  at every step and each prompt slot's level is drawn from it (e2h_min/rl/curriculum.py).
 - One batched, KV-cached generation call per step for all prompts x G samples; each prompt is prefilled once.
 - Rewards are float64; advantages are group-relative, (r - mean_group) / (std_group + 1e-4).
 - The loss weights of every token are fixed for the whole step before micro-batching (losses.token_loss_weights),
@@ -15,11 +15,11 @@ Design choices, in brief:
   on the first on-policy iteration and no extra forward pass is spent. The sampler's own log-probs are compared
   with them as a numerics check (logprob_mismatch).
 - Training log-probs use the sampling temperature, computed in chunks only at completion positions.
-- The update (e2h_min/update.py; read e2h_min/reference_update.py, the same update written plainly, first) runs
+- The update (e2h_min/rl/update.py; read e2h_min/rl/plain_update.py, the same update written plainly, first) runs
   only what the gradient needs: samples with advantage exactly 0 are not run (they add exactly 0 when the loss
   has no KL term), each distinct prompt runs once per iteration for all its samples, and micro-batches are cut
-  by rows and padded tokens after sorting by length (all behind e2h_min/update_batches.py). --advantage ppo
-  trains a value head with GAE instead (e2h_min/ppo.py).
+  by rows and padded tokens after sorting by length (all behind e2h_min/engine/batching.py). --advantage ppo
+  trains a value head with GAE instead (e2h_min/rl/ppo.py).
 - fp32 master weights under AdamW; frozen weights (reference model, LoRA base) in bf16 on CUDA; bf16 autocast on
   CUDA, fp32 on CPU; one code path for both. final/ is saved in the base model's own dtype.
 """
@@ -44,34 +44,34 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from e2h_min.checkpoint import load_training_state, resume_checkpoint, save_checkpoint, save_final
-from e2h_min.config import (Config, UserError, check_context, combination_warnings, describe_preset,
+from e2h_min.run.checkpoint import load_training_state, resume_checkpoint, save_checkpoint, save_final
+from e2h_min.run.config import (Config, UserError, check_context, combination_warnings, describe_preset,
                             exit_on_user_error, kl_estimator_for, resolve_config, schedule_params)
-from e2h_min.curriculum import LevelSampler
-from e2h_min.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed
-from e2h_min.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
+from e2h_min.rl.curriculum import LevelSampler
+from e2h_min.engine.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed
+from e2h_min.run.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
                                 probe_logits_finite)
-from e2h_min.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate_sharded,
+from e2h_min.analysis.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate_sharded,
                                 held_out_problems, sampled_pass_at_k, score_rollout, today)
-from e2h_min.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
-from e2h_min.logprobs import completion_logprobs, pack_micro_batches
-from e2h_min.losses import compute_advantages, kl_penalised_advantages, sequence_kl
-from e2h_min.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
-from e2h_min.model_card import write_model_card
-from e2h_min.ppo import ppo_update
-from e2h_min.reference_update import grpo_update_plain
-from e2h_min.models import (Reference, ValueHead, apply_lora, checkpoint_dtype, checkpoint_file_bytes, context_length,
+from e2h_min.engine.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
+from e2h_min.engine.logprobs import completion_logprobs, pack_micro_batches
+from e2h_min.rl.losses import compute_advantages, kl_penalised_advantages, sequence_kl
+from e2h_min.run.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
+from e2h_min.run.model_card import write_model_card
+from e2h_min.rl.ppo import ppo_update
+from e2h_min.rl.plain_update import grpo_update_plain
+from e2h_min.engine.models import (Reference, ValueHead, apply_lora, checkpoint_dtype, checkpoint_file_bytes, context_length,
                             frozen_copy, frozen_dtype, load_lora_checkpoint, load_model, load_tokenizer,
                             lora_reference, pick_device, require_peft, resolve_model_name)
-from e2h_min.rollout import StopChecker, generate
-from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, default_run_dir, eval_logged,
+from e2h_min.engine.sampler import StopChecker, generate
+from e2h_min.run.runlog import (append_jsonl, check_resume_config, claim_run_dir, default_run_dir, eval_logged,
                             finished_run, log_completions, remove_if_unused, truncate_jsonl)
-from e2h_min.samples import StepSamples
+from e2h_min.rl.samples import StepSamples
 from e2h_min.tasks import make_task
 from e2h_min.tasks.base import Task
-from e2h_min.tracking import Trackers, console_line, parse_report_to, require_trackers, resolve_log_every, should_log
-from e2h_min.update import policy_update
-from e2h_min.update_batches import MicroBatchLimits, shared_prompts_for
+from e2h_min.run.tracking import Trackers, console_line, parse_report_to, require_trackers, resolve_log_every, should_log
+from e2h_min.rl.update import policy_update
+from e2h_min.engine.batching import MicroBatchLimits, shared_prompts_for
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:
@@ -462,7 +462,7 @@ def optimizer_steps(optimizer) -> int:
 
 
 def plain_update(run: Run, kept: StepSamples, advantages: torch.Tensor) -> dict:
-    """--plain-update: the plain reference update (e2h_min/reference_update.py) instead of the fast one; the same
+    """--plain-update: the plain reference update (e2h_min/rl/plain_update.py) instead of the fast one; the same
     parameter change (tests/test_reference_update.py), none of the savings, and only its loss is logged."""
     if not kept.completions:  # --drop-zero-std or --mask-truncated left nothing to train on
         return {"loss": 0.0, "skipped_updates": 0}
@@ -528,7 +528,7 @@ def skipped_update(run: Run, step: int, in_a_row: int) -> None:
 
 def check_not_diverged(run: Run, probe_prompt: list[list[int]], step: int) -> None:
     """Stop with DivergedError (one line, exit 2) if the step just taken left a NaN/inf parameter or a model
-    whose logits on one of this step's prompts are NaN/inf (see e2h_min/divergence.py). Every rank decides
+    whose logits on one of this step's prompts are NaN/inf (see e2h_min/run/divergence.py). Every rank decides
     together, so no rank is left waiting in a collective. The check reads sampling_model (the policy itself, or
     under FSDP its refreshed full copy), so it never runs a forward of the sharded model outside the update."""
     sampling_model, value_head, device, dist_info = run.sampling_model, run.value_head, run.device, run.dist_info

@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from e2h_min.models import peft_building  # noqa: E402
-from e2h_min.rollout import generate  # noqa: E402
+from e2h_min.engine.models import peft_building  # noqa: E402
+from e2h_min.engine.sampler import generate  # noqa: E402
 from tests.real_shape import build_qwen_shape  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    from e2h_min.models import resolve_model_name
+    from e2h_min.engine.models import resolve_model_name
 
     with tempfile.TemporaryDirectory() as directory:
         path = build_qwen_shape(directory, layers=args.layers) if args.model == "qwen-shape" else \

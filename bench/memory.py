@@ -10,12 +10,12 @@ Each mode runs in its own subprocess so that peaks do not mix. On CUDA the figur
 torch.cuda.max_memory_allocated; on CPU it is the process's peak resident set size (ru_maxrss) minus the
 resident size right after the model was built, i.e. what the update itself added.
   naive    model(...).logits -> float32 log_softmax over [B, L, V] -> gather (what most scripts do)
-  chunked  e2h_min.logprobs.completion_logprobs: LM head only at completion positions, checkpointed chunks
+  chunked  e2h_min.engine.logprobs.completion_logprobs: LM head only at completion positions, checkpointed chunks
   chunked+gc  the same with gradient checkpointing of the decoder layers (--gradient-checkpointing)
 
 --train-peak runs `python train.py --model DIR --total-steps 1` (2 prompts x 2 samples, 16 new tokens, no
 periodic eval) in a child process per mode and reports the child's peak resident set size (ru_maxrss) next to
-the memory estimate train.py printed at start-up (e2h_min/memory.py). DIR is built on first use: the real
+the memory estimate train.py printed at start-up (e2h_min/run/memory.py). DIR is built on first use: the real
 Qwen2.5-0.5B-Instruct architecture (hidden 896, 24 layers, 14 / 2 KV heads, MLP 4864, vocab 151,936, tied
 embeddings, rope_theta 1e6), random weights saved in bf16 as on the hub, and the tiny model's tokenizer (its
 1,024 ids fit the vocabulary; memory does not depend on which tokens are drawn). A full fine-tuning step of
@@ -75,7 +75,7 @@ def build_shape_dir(out: Path) -> None:
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from e2h_min.models import TINY_MODEL_DIR
+    from e2h_min.engine.models import TINY_MODEL_DIR
 
     torch.manual_seed(0)
     tiny_eos, tiny_pad = 2, 0  # the tiny tokenizer's <|im_end|> and <|endoftext|> ids
@@ -93,7 +93,7 @@ def run_mode(mode: str, layers: int, rows: int, prompt_len: int, completion_len:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from e2h_min.logprobs import completion_logprobs, pack_sequences
+    from e2h_min.engine.logprobs import completion_logprobs, pack_sequences
 
     device = torch.device(device_name)
     model = build_model(layers, device)
@@ -139,7 +139,7 @@ def estimate_table() -> None:
     from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from e2h_min.memory import GIB, estimate_memory, lora_parameter_count
+    from e2h_min.run.memory import GIB, estimate_memory, lora_parameter_count
 
     print("| model | parameters (LoRA r 32) | full, CUDA (bf16 reference) | full, CPU (fp32) | "
           "LoRA, CUDA (bf16 base) | LoRA, CPU (fp32) |")

@@ -1,4 +1,4 @@
-"""Rollout benchmark: e2h_min.rollout.generate against transformers' model.generate(num_return_sequences=G).
+"""Rollout benchmark: e2h_min.engine.sampler.generate against transformers' model.generate(num_return_sequences=G).
 
 Both sides get the same model, prompts, G and max_new_tokens in the same run: one warm-up call each, then
 `--repeats` timed calls alternating ours / theirs (so load changes hit both), median seconds per call. Throughput
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from e2h_min.rollout import StopChecker, generate, left_pad  # noqa: E402
+from e2h_min.engine.sampler import StopChecker, generate, left_pad  # noqa: E402
 
 TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "e2h_min" / "assets" / "tiny-countdown"
 _QWEN25_COMMON = dict(num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,

@@ -3,7 +3,7 @@
 The step is assembled from the real code, in train.py's order: LevelSampler -> encode_prompts -> rollout.generate
 -> score_rollout -> compute_advantages -> update.policy_update (whose reference pass, with --beta > 0, is a
 models.Reference from frozen_copy). The columns, all in the same run, differ in the sampler and the update:
-  before       the step before issue 3: the sampler as it was (e2h_min/rollout.py at --old-commit, read with
+  before       the step before issue 3: the sampler as it was (e2h_min/engine/sampler.py at --old-commit, read with
                `git show` and imported from a temporary file; skipped with a note when git or that commit is not
                at hand) and the update as it was: every sample, whole prompt + completion rows, micro-batches cut
                by rows only (--no-share-prompt-forward --micro-batch-tokens 0 --no-skip-zero-advantage)
@@ -67,16 +67,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (seed_step: the trainer's own step code)
-from e2h_min.config import UserError, parse_config, schedule_params  # noqa: E402
-from e2h_min.curriculum import LevelSampler  # noqa: E402
-from e2h_min.decoders import lean_decoder_unsupported_reason  # noqa: E402
-from e2h_min.evaluation import encode_prompts, eos_token_ids, score_rollout  # noqa: E402
-from e2h_min.logprobs import pack_micro_batches  # noqa: E402
-from e2h_min.update import policy_update  # noqa: E402
-from e2h_min.update_batches import samples_to_run, shared_prompts_for  # noqa: E402
-from e2h_min.losses import compute_advantages  # noqa: E402
-from e2h_min.models import Reference, frozen_copy, load_model, load_tokenizer, pick_device  # noqa: E402
-from e2h_min.rollout import StopChecker, generate  # noqa: E402
+from e2h_min.run.config import UserError, parse_config, schedule_params  # noqa: E402
+from e2h_min.rl.curriculum import LevelSampler  # noqa: E402
+from e2h_min.engine.decoders import lean_decoder_unsupported_reason  # noqa: E402
+from e2h_min.analysis.evaluation import encode_prompts, eos_token_ids, score_rollout  # noqa: E402
+from e2h_min.engine.logprobs import pack_micro_batches  # noqa: E402
+from e2h_min.rl.update import policy_update  # noqa: E402
+from e2h_min.engine.batching import samples_to_run, shared_prompts_for  # noqa: E402
+from e2h_min.rl.losses import compute_advantages  # noqa: E402
+from e2h_min.engine.models import Reference, frozen_copy, load_model, load_tokenizer, pick_device  # noqa: E402
+from e2h_min.engine.sampler import StopChecker, generate  # noqa: E402
 from e2h_min.tasks import make_task  # noqa: E402
 
 PHASES = ("rollout", "reward", "reference", "update")
@@ -108,12 +108,12 @@ class PhaseTimer:
 
 
 def load_old_sampler(commit: str):
-    """e2h_min/rollout.py as of `commit`, imported as a module of its own; (None, why) when unavailable."""
+    """e2h_min/engine/sampler.py as of `commit`, imported as a module of its own; (None, why) when unavailable."""
     try:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:e2h_min/rollout.py"], check=True,
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:e2h_min/engine/sampler.py"], check=True,
                                 capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        return None, f"git show {commit}:e2h_min/rollout.py failed ({str(exc).strip()[:120]})"
+        return None, f"git show {commit}:e2h_min/engine/sampler.py failed ({str(exc).strip()[:120]})"
     name = f"e2h_rollout_{commit}"
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{name}.py"
@@ -274,7 +274,7 @@ def build_variants(args, tokenizer, cfg, device, policy) -> tuple[list[dict], li
     if old is not None:
         variants.append({"name": "before", "generate": old.generate, "options": {},
                          "stop_checker": old.StopChecker(tokenizer, stops, device), "update": WHOLE_SEQUENCE_UPDATE})
-        notes.append(f"before: the step before issue 3: e2h_min/rollout.py as of commit {args.old_commit} (imported "
+        notes.append(f"before: the step before issue 3: e2h_min/engine/sampler.py as of commit {args.old_commit} (imported "
                      "via git show) and the update as it was (--no-share-prompt-forward --micro-batch-tokens 0 "
                      "--no-skip-zero-advantage)")
     else:

@@ -16,8 +16,8 @@ that many at once, each with `--threads` torch threads (for the tiny model two s
 better than one run with two threads). A finished run (OUT/S-sN/final exists) is not run again and an
 interrupted one resumes from its last checkpoint, so an interrupted sweep continues where it stopped. Each run
 is deterministic (seeded, one thread), so the same command on the same code reproduces the table exactly. The
-summary is `python -m e2h_min.report` over every run, plus the expected number of prompts per level under each
-schedule (from e2h_min.curriculum).
+summary is `python -m e2h_min.analysis.report` over every run, plus the expected number of prompts per level under each
+schedule (from e2h_min.rl.curriculum).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from e2h_min.config import UserError, resolve_config  # noqa: E402
-from e2h_min.curriculum import expected_level_counts  # noqa: E402
+from e2h_min.run.config import UserError, resolve_config  # noqa: E402
+from e2h_min.rl.curriculum import expected_level_counts  # noqa: E402
 
 SCHEDULES = ["hard", "balanced", "cosine", "gaussian", "sec"]
 # The testbed's budget, the same for every schedule (README: Results). The rest comes from the model's preset
@@ -141,7 +141,7 @@ def main() -> int:
                 print(f"{run_dir}: {last[0] if last else f'exit {code}'}", file=sys.stderr)
                 return code
     runs = [str(out / f"{s}-s{seed}") for seed in args.seeds for s in args.schedules]
-    code = subprocess.call([sys.executable, "-m", "e2h_min.report", *runs, "--out", str(out / "report")],
+    code = subprocess.call([sys.executable, "-m", "e2h_min.analysis.report", *runs, "--out", str(out / "report")],
                            cwd=ROOT)
     config = json.loads((out / f"{args.schedules[0]}-s{args.seeds[0]}" / "config.json").read_text())
     table = level_table(out, args.schedules, args.seeds, config["total_steps"], config["prompts_per_step"], 4)

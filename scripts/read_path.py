@@ -24,11 +24,11 @@ import os
 import sys
 from collections import defaultdict
 
-ENGINE_FILES = {"e2h_min/rollout.py", "e2h_min/decoders.py", "e2h_min/logprobs.py", "e2h_min/update_batches.py",
-                "e2h_min/diagnostics.py", "e2h_min/distributed.py", "e2h_min/fsdp.py"}
+ENGINE_FILES = {"e2h_min/engine/sampler.py", "e2h_min/engine/decoders.py", "e2h_min/engine/logprobs.py", "e2h_min/engine/batching.py",
+                "e2h_min/rl/diagnostics.py", "e2h_min/engine/distributed.py", "e2h_min/engine/fsdp.py"}
 PARSER = {"_tokenize", "__init__", "peek", "take", "expr", "term", "factor", "_bounded", "evaluate_expression",
           "safe_arith"}  # the Countdown grader's parser (tasks/countdown.py; rewards.py before issue 16)
-PARSER_FILES = {"e2h_min/tasks/countdown.py", "e2h_min/rewards.py"}
+PARSER_FILES = {"e2h_min/tasks/countdown.py", "e2h_min/tasks/rewards.py"}
 
 
 def function_table(path: str) -> dict[int, tuple[str, int, int, int]]:

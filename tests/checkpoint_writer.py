@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-import e2h_min.checkpoint as ckpt
+import e2h_min.run.checkpoint as ckpt
 from tests.test_checkpoint import make_state
 
 run_dir, marker = Path(sys.argv[1]), Path(sys.argv[2])

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 import train
-from e2h_min import logprobs
-from e2h_min.config import Config
-from e2h_min.distributed import DistInfo, init_distributed
-from e2h_min.evaluation import evaluate_sharded, held_out_problems
-from e2h_min.models import frozen_copy, load_model, load_tokenizer
-from e2h_min.rollout import Rollout, StopChecker
+from e2h_min.engine import logprobs
+from e2h_min.run.config import Config
+from e2h_min.engine.distributed import DistInfo, init_distributed
+from e2h_min.analysis.evaluation import evaluate_sharded, held_out_problems
+from e2h_min.engine.models import frozen_copy, load_model, load_tokenizer
+from e2h_min.engine.sampler import Rollout, StopChecker
 from e2h_min.tasks import make_task
 
 LOOP_ARGS = ["--model", "tiny", "--total-steps", "2", "--prompts-per-step", "4", "--num-generations", "4",

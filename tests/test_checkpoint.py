@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from e2h_min.checkpoint import latest_checkpoint, list_checkpoints, load_training_state, save_checkpoint
+from e2h_min.run.checkpoint import latest_checkpoint, list_checkpoints, load_training_state, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for e2h_min/curriculum.py: the spec's test vectors, schedule invariants, the sampler's streams and resume."""
+"""Tests for e2h_min/rl/curriculum.py: the spec's test vectors, schedule invariants, the sampler's streams and resume."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from e2h_min.curriculum import (
+from e2h_min.rl.curriculum import (
     SCHEDULES,
     TIME_SCHEDULES,
     LevelSampler,

@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from e2h_min.distributed import DistInfo
-from e2h_min.models import TINY_MODEL_DIR
+from e2h_min.engine.distributed import DistInfo
+from e2h_min.engine.models import TINY_MODEL_DIR
 from tests.dist_worker import LOOP_VARIANTS, UPDATE_LOSSES, run_all
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import pytest
 
 import eval as evaluate_cli
 import train
-from e2h_min.evaluation import held_out_problems
-from e2h_min.models import TINY_MODEL_DIR
-from e2h_min.passk import mean_pass_at_k, pass_at_k
+from e2h_min.analysis.evaluation import held_out_problems
+from e2h_min.engine.models import TINY_MODEL_DIR
+from e2h_min.analysis.passk import mean_pass_at_k, pass_at_k
 from e2h_min.tasks import make_task
 
 requires_tiny = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),
@@ -107,7 +107,7 @@ def write_gsm8k(path, split):
 def damaged_model(tmp, name):
     """A copy of the tiny model with one file cut short."""
     import shutil
-    from e2h_min.models import TINY_MODEL_DIR
+    from e2h_min.engine.models import TINY_MODEL_DIR
     shutil.copytree(TINY_MODEL_DIR, tmp / "model")
     (tmp / "model" / name).write_bytes((tmp / "model" / name).read_bytes()[:500])
     return tmp / "model"

@@ -1,4 +1,4 @@
-"""Where eval.py writes by default, and `python -m e2h_min.report` showing those results (pass@k per level)."""
+"""Where eval.py writes by default, and `python -m e2h_min.analysis.report` showing those results (pass@k per level)."""
 
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ import pytest
 
 import eval as evaluate_cli
 import train
-from e2h_min import report
-from e2h_min.models import TINY_MODEL_DIR
+from e2h_min.analysis import report
+from e2h_min.engine.models import TINY_MODEL_DIR
 
 requires_tiny = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),
                                    reason="embedded tiny model not built (python scripts/build_tiny_model.py)")
@@ -39,7 +39,7 @@ def test_eval_writes_next_to_what_it_evaluates(tmp_path):
     assert evaluate_cli.default_out_dir("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "countdown") == \
         Path("eval") / "Qwen2.5-1.5B-Instruct-countdown"
     # an alias of an embedded model is a name, not a folder to write beside: never into the package's assets
-    from e2h_min.models import TESTBED_MODEL_DIR
+    from e2h_min.engine.models import TESTBED_MODEL_DIR
     assert evaluate_cli.default_out_dir("tiny-testbed", str(TESTBED_MODEL_DIR), "countdown") == \
         Path("eval") / "tiny-testbed-countdown"
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import train
-from e2h_min import evaluation
-from e2h_min.models import TINY_MODEL_DIR
+from e2h_min.analysis import evaluation
+from e2h_min.engine.models import TINY_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),
                                 reason="embedded tiny model not built (python scripts/build_tiny_model.py)")

@@ -1,6 +1,6 @@
 """What each KL option optimises, pinned exactly, and the trainer's KL wiring.
 
-The expected gradients come from e2h_min/kl_gradients.py, which enumerates a categorical policy (V = 50) through
+The expected gradients come from e2h_min/analysis/kl_gradients.py, which enumerates a categorical policy (V = 50) through
 the trainer's own loss functions (losses.policy_token_loss, sequence_kl, compute_advantages,
 kl_penalised_advantages); the targets are autograd gradients of the exact KL sums.
 """
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import train
-from e2h_min.config import combination_warnings, parse_config
-from e2h_min.kl_gradients import (OPTIONS, categorical_setup, compare, expected_gradient, kl_table,
+from e2h_min.run.config import combination_warnings, parse_config
+from e2h_min.analysis.kl_gradients import (OPTIONS, categorical_setup, compare, expected_gradient, kl_table,
                                   target_gradient)
-from e2h_min.losses import compute_advantages, rloo_advantages
-from e2h_min.models import TINY_MODEL_DIR
+from e2h_min.rl.losses import compute_advantages, rloo_advantages
+from e2h_min.engine.models import TINY_MODEL_DIR
 from tests.test_train import random_model, run_update, sample_batch
 
 requires_tiny = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from e2h_min.models import TINY_MODEL_DIR
+from e2h_min.engine.models import TINY_MODEL_DIR
 from e2h_min.tasks import make_task
-from e2h_min.tasks.label_difficulty import (error_rate, group_error_rates, labelled_rows, load_rows_and_problems,
+from e2h_min.analysis.label_difficulty import (error_rate, group_error_rates, labelled_rows, load_rows_and_problems,
                                             main, quartile_levels, sample_error_rates)
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -169,7 +169,7 @@ def one_thread():
 @requires_tiny
 def test_sampled_error_rates_keep_problem_order_across_generation_calls(one_thread):
     """A grader that passes problems on odd file lines only: the rates are known exactly whatever is sampled."""
-    from e2h_min.models import load_model, load_tokenizer
+    from e2h_min.engine.models import load_model, load_tokenizer
 
     task, _, problems = load_rows_and_problems("gsm8k", UNLABELLED)
     odd_line = lambda problem: int(problem.data["row"].rsplit(":", 1)[1]) % 2 == 1  # noqa: E731

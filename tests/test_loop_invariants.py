@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from e2h_min.models import TINY_MODEL_DIR, frozen_copy
+from e2h_min.engine.models import TINY_MODEL_DIR, frozen_copy
 from tests.test_invariants import plain_kl, plain_logprobs
 
 pytestmark = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),

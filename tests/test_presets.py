@@ -7,9 +7,9 @@ import pytest
 from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
 import train
-from e2h_min.config import (DEMO_PRESET, PAPER_RECIPE, Config, UserError, describe_preset, parse_config,
+from e2h_min.run.config import (DEMO_PRESET, PAPER_RECIPE, Config, UserError, describe_preset, parse_config,
                             resolve_config)
-from e2h_min.models import TINY_MODEL_DIR, require_peft
+from e2h_min.engine.models import TINY_MODEL_DIR, require_peft
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151_936, tie_word_embeddings=True, rope_theta=1e6)
@@ -95,7 +95,7 @@ def test_lora_without_peft_is_one_line_naming_the_fix(monkeypatch):
 def test_resume_compares_the_fields_a_run_recorded_and_skips_those_it_predates():
     import dataclasses
 
-    from e2h_min.runlog import check_resume_config
+    from e2h_min.run.runlog import check_resume_config
 
     cfg = Config()
     saved = dataclasses.asdict(cfg)
@@ -106,7 +106,7 @@ def test_resume_compares_the_fields_a_run_recorded_and_skips_those_it_predates()
 
 
 def test_a_paper_model_prints_its_preset_and_on_cpu_the_no_gpu_note_before_loading(tmp_path, capsys):
-    from e2h_min.models import pick_device
+    from e2h_min.engine.models import pick_device
 
     model = config_dir(tmp_path, Qwen2Config(**QWEN25_05B))  # config only: loading its tokenizer then fails
     with pytest.raises(SystemExit):

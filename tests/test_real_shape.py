@@ -18,11 +18,11 @@ from transformers.utils import chat_template_utils
 
 import eval as evaluate_cli
 import train
-from e2h_min import evaluation
-from e2h_min.decoders import LeanDecoder, make_decoder
-from e2h_min.evaluation import chat_date_variables, encode_prompts, score_rollout
-from e2h_min.models import load_tokenizer, peft_building
-from e2h_min.rollout import Rollout, StopChecker, generate
+from e2h_min.analysis import evaluation
+from e2h_min.engine.decoders import LeanDecoder, make_decoder
+from e2h_min.analysis.evaluation import chat_date_variables, encode_prompts, score_rollout
+from e2h_min.engine.models import load_tokenizer, peft_building
+from e2h_min.engine.sampler import Rollout, StopChecker, generate
 from e2h_min.tasks import make_task
 from tests.real_shape import LLAMA_EOS_IDS, LLAMA_VOCAB_SIZE, QWEN_EOS_IDS, QWEN_VOCAB_SIZE
 

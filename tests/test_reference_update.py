@@ -1,14 +1,14 @@
 """The fast update (train.policy_update, with every saving on) equals the plain reference update
-(e2h_min/reference_update.py): same parameter change under SGD, where the change is exactly -lr * gradient."""
+(e2h_min/rl/plain_update.py): same parameter change under SGD, where the change is exactly -lr * gradient."""
 
 import pytest
 import torch
 
 import train
-from e2h_min.config import Config
-from e2h_min.losses import group_advantages
-from e2h_min.models import frozen_copy
-from e2h_min.reference_update import grpo_update_plain
+from e2h_min.run.config import Config
+from e2h_min.rl.losses import group_advantages
+from e2h_min.engine.models import frozen_copy
+from e2h_min.rl.plain_update import grpo_update_plain
 from tests.test_shared_prompts import grouped_batch
 from tests.test_train import random_model, requires_tiny
 
@@ -71,7 +71,7 @@ def test_plain_update_flag_trains_with_the_reference_update(tmp_path, monkeypatc
 
 
 def test_plain_update_flag_refuses_what_the_plain_update_does_not_write_out():
-    from e2h_min.config import UserError, parse_config
+    from e2h_min.run.config import UserError, parse_config
     for flags in (["--advantage", "ppo"], ["--loss-type", "dapo"], ["--kl-in-reward", "--beta", "0.1"],
                   ["--importance-sampling-level", "sequence"]):
         with pytest.raises(UserError, match="--plain-update"):

@@ -1,4 +1,4 @@
-"""e2h_min.report on synthetic run directories (no model needed): series helpers, the table, the PNGs, errors."""
+"""e2h_min.analysis.report on synthetic run directories (no model needed): series helpers, the table, the PNGs, errors."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from e2h_min import report
+from e2h_min.analysis import report
 
 LEVELS = ["L0", "L1", "L2", "L3", "OOD"]
 

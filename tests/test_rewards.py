@@ -1,4 +1,4 @@
-"""Tests for e2h_min/rewards.py (the format check) and the Countdown grader (e2h_min/tasks/countdown.py):
+"""Tests for e2h_min/tasks/rewards.py (the format check) and the Countdown grader (e2h_min/tasks/countdown.py):
 hand-worked format and Countdown cases, safe_arith against Python's own arithmetic on generated expressions, a
 hostile corpus with the per-call time bound, and a property test."""
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from e2h_min.rewards import parse_think_answer
+from e2h_min.tasks.rewards import parse_think_answer
 from e2h_min.tasks.countdown import (
     MAX_LITERAL_DIGITS,
     MAX_NESTING,

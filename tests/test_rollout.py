@@ -1,4 +1,4 @@
-"""The batched sampler (e2h_min/rollout.py, e2h_min/decoders.py) against transformers' generate and naive loops."""
+"""The batched sampler (e2h_min/engine/sampler.py, e2h_min/engine/decoders.py) against transformers' generate and naive loops."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from e2h_min.rollout import (StopChecker, compaction_order, generate, left_pad, sample_from_weights,
+from e2h_min.engine.sampler import (StopChecker, compaction_order, generate, left_pad, sample_from_weights,
                              sample_next_token)
 from e2h_min.tasks.countdown import CountdownTask
 
@@ -93,7 +93,7 @@ def test_greedy_is_token_for_token_model_generate_with_left_padding(model, promp
 def test_other_architectures_lean_llama_and_generic_fallback_match_model_generate(prompts, arch):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from e2h_min.decoders import HFCacheDecoder, LeanDecoder, make_decoder
+    from e2h_min.engine.decoders import HFCacheDecoder, LeanDecoder, make_decoder
 
     torch.manual_seed(0)
     if arch == "llama":  # same decoder-layer layout as Qwen2 minus the q/k/v biases: runs the lean decoder

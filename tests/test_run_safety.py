@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from e2h_min.checkpoint import list_checkpoints, resume_checkpoint, save_checkpoint, verify_checkpoint
+from e2h_min.run.checkpoint import list_checkpoints, resume_checkpoint, save_checkpoint, verify_checkpoint
 from e2h_min.jsonl import parse_json, read_log
 from tests.test_checkpoint import make_state
 from tests.test_train import TIMING_FIELDS, read_jsonl, requires_tiny
@@ -196,10 +196,10 @@ def test_second_run_on_a_busy_folder_exits_2_and_the_first_finishes_intact(tmp_p
 
 
 def test_lock_names_another_process_and_is_released_when_it_is_killed(tmp_path, capsys):
-    from e2h_min.config import parse_config
-    from e2h_min.runlog import claim_run_dir
+    from e2h_min.run.config import parse_config
+    from e2h_min.run.runlog import claim_run_dir
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from pathlib import Path; from e2h_min.runlog import RunLock\n"
+        "import sys; from pathlib import Path; from e2h_min.run.runlog import RunLock\n"
         f"lock = RunLock(Path({str(tmp_path)!r})); assert lock.try_acquire() is None\n"
         "print('locked', flush=True); sys.stdin.read()")],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -279,7 +279,7 @@ def test_huge_lr_stops_with_one_line_naming_the_step(tmp_path, capsys):
 
 
 def test_nonfinite_parameter_is_named():
-    from e2h_min.divergence import first_nonfinite_parameter
+    from e2h_min.run.divergence import first_nonfinite_parameter
     ok, bad = torch.ones(3), torch.tensor([1.0, float("nan")])
     assert first_nonfinite_parameter([("a", ok), ("b", torch.tensor([1e30]))]) is None
     assert first_nonfinite_parameter([("a", ok), ("b", bad), ("c", torch.tensor([float("inf")]))]) == "b"
@@ -378,7 +378,7 @@ def test_data_the_schedule_cannot_draw_from_is_refused_before_anything_is_writte
 
 
 def test_report_names_malformed_log_lines(tmp_path, capsys):
-    from e2h_min import report
+    from e2h_min.analysis import report
     from tests.test_report import write_run
     run = write_run(tmp_path / "r", steps=4)
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -399,7 +399,7 @@ def test_report_names_malformed_log_lines(tmp_path, capsys):
     (["--beta", "inf"], "beta must be a finite number"),
 ])
 def test_curriculum_cli_rejects_values_that_would_hang_or_divide_by_zero(argv, fragment, capsys):
-    from e2h_min import curriculum
+    from e2h_min.rl import curriculum
     assert curriculum.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment in err, err

@@ -2,9 +2,9 @@
 
 import torch
 
-from e2h_min.evaluation import completion_texts, cut_at_stop, score_rollout
-from e2h_min.models import load_tokenizer
-from e2h_min.rollout import Rollout, StopChecker
+from e2h_min.analysis.evaluation import completion_texts, cut_at_stop, score_rollout
+from e2h_min.engine.models import load_tokenizer
+from e2h_min.engine.sampler import Rollout, StopChecker
 from e2h_min.tasks import make_task
 
 

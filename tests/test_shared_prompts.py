@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import train
-from e2h_min.config import Config
-from e2h_min.logprobs import (SharedPrompts, completion_logprobs, micro_batches, pack_micro_batches, pack_sequences,
+from e2h_min.run.config import Config
+from e2h_min.engine.logprobs import (SharedPrompts, completion_logprobs, micro_batches, pack_micro_batches, pack_sequences,
                               pack_suffixes)
-from e2h_min.losses import group_advantages, rloo_advantages
-from e2h_min.models import frozen_copy
-from e2h_min.update_batches import MicroBatchLimits
+from e2h_min.rl.losses import group_advantages, rloo_advantages
+from e2h_min.engine.models import frozen_copy
+from e2h_min.engine.batching import MicroBatchLimits
 from tests.test_train import naive_logprobs, random_model
 
 CPU = torch.device("cpu")
@@ -184,7 +184,7 @@ def test_pack_micro_batches_returns_sample_rows_of_the_subset():
 
 
 def test_out_of_memory_in_the_update_halves_the_budgets_and_retries_to_the_same_result(monkeypatch):
-    from e2h_min.samples import StepSamples
+    from e2h_min.rl.samples import StepSamples
 
     rows, completions = grouped_batch()
     samples = StepSamples(3, [None] * len(rows), rows, completions, [[0.0] * len(c) for c in completions],

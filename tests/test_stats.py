@@ -1,4 +1,4 @@
-"""e2h_min.stats: the bootstrap of the mean over seeds, against a brute-force enumeration of every resample."""
+"""e2h_min.analysis.stats: the bootstrap of the mean over seeds, against a brute-force enumeration of every resample."""
 
 import itertools
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from e2h_min import stats
+from e2h_min.analysis import stats
 
 
 def brute_force_interval(values, confidence=0.95):

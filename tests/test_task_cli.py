@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from e2h_min.models import TINY_MODEL_DIR
+from e2h_min.engine.models import TINY_MODEL_DIR
 from e2h_min.tasks import make_task
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -160,7 +160,7 @@ TESTBED = REPO_ROOT / "e2h_min" / "assets" / "tiny-countdown-testbed"
 def test_testbed_is_the_tiny_model_trained_further_with_its_recipe_chain_recorded():
     """The schedule testbed (README: Results) keeps the demo model's tokenizer and shape, and its build_info.json
     records every stage back to the committed demo model, whose own build_info it must repeat exactly."""
-    from e2h_min.models import resolve_model_name
+    from e2h_min.engine.models import resolve_model_name
 
     assert Path(resolve_model_name("tiny-testbed")) == TESTBED
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 import train
-from e2h_min import tracking
-from e2h_min.config import UserError
-from e2h_min.model_card import reproducing_command
-from e2h_min.models import TINY_MODEL_DIR
+from e2h_min.run import tracking
+from e2h_min.run.config import UserError
+from e2h_min.run.model_card import reproducing_command
+from e2h_min.engine.models import TINY_MODEL_DIR
 
 requires_tiny = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),
                                    reason="embedded tiny model not built (python scripts/build_tiny_model.py)")

@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import train
-from e2h_min.config import Config
-from e2h_min.logprobs import completion_logprobs, micro_batches, pack_sequences
-from e2h_min.models import TINY_MODEL_DIR, ValueHead, frozen_copy
-from e2h_min.ppo import ppo_update
-from e2h_min.rollout import generate
+from e2h_min.run.config import Config
+from e2h_min.engine.logprobs import completion_logprobs, micro_batches, pack_sequences
+from e2h_min.engine.models import TINY_MODEL_DIR, ValueHead, frozen_copy
+from e2h_min.rl.ppo import ppo_update
+from e2h_min.engine.sampler import generate
 
 requires_tiny = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),
                                    reason="embedded tiny model not built (python scripts/build_tiny_model.py)")
@@ -58,12 +58,12 @@ def test_chunked_completion_logprobs_match_full_forward():
 
 @pytest.mark.parametrize("checkpoint_bytes", [0, 2 ** 62])  # every chunk checkpointed / none (the default here)
 def test_chunking_and_checkpointing_do_not_change_gradients(monkeypatch, checkpoint_bytes):
-    import e2h_min.logprobs
+    import e2h_min.engine.logprobs
 
     prompts, completions = sample_batch()
     grads = []
     for chunk, threshold in ((1000, 2 ** 62), (4, checkpoint_bytes)):  # reference: one chunk, no checkpoint
-        monkeypatch.setattr(e2h_min.logprobs, "CHECKPOINT_LOGITS_BYTES", threshold)
+        monkeypatch.setattr(e2h_min.engine.logprobs, "CHECKPOINT_LOGITS_BYTES", threshold)
         model = random_model()
         logp, _ = completion_logprobs(model, pack_sequences(prompts, completions, 0), 1.0, chunk_rows=chunk)
         logp.sum().backward()

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from e2h_min.distributed import DistInfo, gather_lists
-from e2h_min.passk import mean_pass_at_k
-from e2h_min.rollout import Rollout, StopChecker, generate
+from e2h_min.engine.distributed import DistInfo, gather_lists
+from e2h_min.analysis.passk import mean_pass_at_k
+from e2h_min.engine.sampler import Rollout, StopChecker, generate
 
 
 def today() -> str:

@@ -1,6 +1,6 @@
 """What each KL option optimises: its expected gradient, computed exactly by enumeration (no sampling).
 
-    python -m e2h_min.kl_gradients        # prints the KL table of the README
+    python -m e2h_min.analysis.kl_gradients        # prints the KL table of the README
 
 The policy is one categorical draw over a small vocabulary, pi = softmax(theta), against a fixed reference.
 Every quantity goes through the functions the trainer runs, not a re-derivation:
@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from e2h_min.losses import compute_advantages, kl_penalised_advantages, policy_token_loss, sequence_kl
+from e2h_min.rl.losses import compute_advantages, kl_penalised_advantages, policy_token_loss, sequence_kl
 
 # (placement, estimator, bias correction): every combination the flags allow
 OPTIONS = [("loss", est, bc) for bc in (False, True) for est in ("k1", "k2", "k3")] + \

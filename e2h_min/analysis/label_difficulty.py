@@ -1,6 +1,6 @@
 """Difficulty labels for a dataset without levels: quartiles of a model's error rate (spec section 2).
 
-    python -m e2h_min.tasks.label_difficulty --model Qwen2.5-1.5B --task gsm8k --data gsm8k_train.jsonl \\
+    python -m e2h_min.analysis.label_difficulty --model Qwen2.5-1.5B --task gsm8k --data gsm8k_train.jsonl \\
         --samples 20 --out gsm8k_levels.jsonl
     python train.py --task gsm8k --data gsm8k_levels.jsonl        # 4 levels, trivial -> hard
 
@@ -43,11 +43,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from e2h_min.config import (MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS, OneLineErrorParser, UserError,
+from e2h_min.run.config import (MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS, OneLineErrorParser, UserError,
                              check_context, check_output_file, exit_on_user_error, is_iso_date)
-from e2h_min.evaluation import chat_date_variables, completion_texts, encode_prompts, eos_token_ids, today
-from e2h_min.models import context_length, load_model, load_tokenizer, pick_device
-from e2h_min.rollout import StopChecker, generate
+from e2h_min.analysis.evaluation import chat_date_variables, completion_texts, encode_prompts, eos_token_ids, today
+from e2h_min.engine.models import context_length, load_model, load_tokenizer, pick_device
+from e2h_min.engine.sampler import StopChecker, generate
 from e2h_min.tasks import FILE_TASKS, Problem, Task, make_task
 from e2h_min.tasks.math_tasks import read_rows
 
@@ -190,7 +190,7 @@ def sample_error_rates(model, tokenizer, task: Task, problems: list[Problem], sa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog="python -m e2h_min.tasks.label_difficulty", description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(prog="python -m e2h_min.analysis.label_difficulty", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the base model whose error rate defines difficulty (alias, "
                                                   "local directory or hub id)")
     p.add_argument("--data", required=True, help="input rows (JSONL, Parquet or hf:NAME[:CONFIG][@SPLIT])")

@@ -1,8 +1,8 @@
 """A run's story at a glance, and several runs side by side: PNG plots and a Table-2-shaped markdown table.
 
-    python -m e2h_min.report runs/countdown-gaussian-s0                       # -> runs/countdown-gaussian-s0/report/
-    python -m e2h_min.report runs/countdown-balanced-s* runs/countdown-gaussian-s* --out report
-    python -m e2h_min.report RUN [RUN ...] --no-plots                         # the table only (no matplotlib needed)
+    python -m e2h_min.analysis.report runs/countdown-gaussian-s0                       # -> runs/countdown-gaussian-s0/report/
+    python -m e2h_min.analysis.report runs/countdown-balanced-s* runs/countdown-gaussian-s* --out report
+    python -m e2h_min.analysis.report RUN [RUN ...] --no-plots                         # the table only (no matplotlib needed)
 
 Reads what train.py writes into a run directory: config.json, metrics.jsonl (one line per optimizer step) and
 eval.jsonl (one line per greedy evaluation). Writes into --out:
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from e2h_min.config import MAX_STEPS, OneLineErrorParser, UserError, check_output_dir, exit_on_user_error
+from e2h_min.run.config import MAX_STEPS, OneLineErrorParser, UserError, check_output_dir, exit_on_user_error
 from e2h_min.jsonl import parse_json, read_log
-from e2h_min.stats import paired_difference, percentile_interval
+from e2h_min.analysis.stats import paired_difference, percentile_interval
 
 # Config fields that do not change what a run computes: runs differing only in these and the seed are replicates.
 BOOKKEEPING_FIELDS = {"seed", "out_dir", "resume", "device", "threads", "save_every", "keep_checkpoints",
@@ -221,7 +221,7 @@ def _points(value: float, signed: bool = False) -> str:
 def interval_table(runs: list[Run], baseline: str = "balanced", confidence: float = 0.95) -> str:
     """Markdown: per schedule, the final greedy accuracy per level as mean [95% bootstrap interval] over seeds and
     the share of groups with no GRPO signal (all G rewards equal; mean over steps and seeds), then each schedule's
-    paired difference from `baseline` (same seed) with its interval (e2h_min.stats).
+    paired difference from `baseline` (same seed) with its interval (e2h_min.analysis.stats).
 
     Only runs that share every setting but the schedule, its parameters and the seed are compared (else the line
     names the setting that differs); each arm's runs must end at the same step. Empty string for < 2 seeds in
@@ -480,7 +480,7 @@ def matplotlib_available() -> bool:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    parser = OneLineErrorParser(prog="python -m e2h_min.report", description="Plots and a table of train.py runs.")
+    parser = OneLineErrorParser(prog="python -m e2h_min.analysis.report", description="Plots and a table of train.py runs.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by train.py")
     parser.add_argument("--out", help="output directory (default RUN_DIR/report for one run, ./report for several)")
     parser.add_argument("--smooth", type=int, default=0,

@@ -1,4 +1,4 @@
-"""Intervals over seeds for the schedule comparison (`python -m e2h_min.report`): a bootstrap of the mean.
+"""Intervals over seeds for the schedule comparison (`python -m e2h_min.analysis.report`): a bootstrap of the mean.
 
 A sweep gives each schedule a handful of seeds (3-5), so the question "is E2H better than balanced on L2?" is
 answered with an interval, not a mean: the 95% percentile bootstrap interval of the mean over seeds, and of the

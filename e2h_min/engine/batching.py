@@ -20,9 +20,9 @@ from typing import Iterator
 
 import torch
 
-from e2h_min.distributed import DistInfo, all_reduce_max, all_reduce_sum, sum_gradients
-from e2h_min.fsdp import is_sharded
-from e2h_min.logprobs import (PromptKV, SharedPrompts, completion_logprobs, pack_micro_batches,
+from e2h_min.engine.distributed import DistInfo, all_reduce_max, all_reduce_sum, sum_gradients
+from e2h_min.engine.fsdp import is_sharded
+from e2h_min.engine.logprobs import (PromptKV, SharedPrompts, completion_logprobs, pack_micro_batches,
                               shared_prompts_unsupported_reason)
 
 

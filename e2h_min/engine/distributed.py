@@ -9,7 +9,7 @@ no-op, so the single-process path is the same code.
 
 Every collective here must be called by every rank with the same shapes, whatever that rank's data: a rank
 whose samples all have advantage 0 still reduces the same statistics and gradients (as zeros). This is the
-replicated mode (--parallel ddp); e2h_min/fsdp.py shards the model instead (--parallel fsdp).
+replicated mode (--parallel ddp); e2h_min/engine/fsdp.py shards the model instead (--parallel fsdp).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def shard_policy(policy) -> torch.nn.Module:
 
     The copy is taken before sharding, so it starts equal to the weights; `refresh_full_copy` keeps it so.
     """
-    from e2h_min import logprobs  # the LM-head function registered as a forward method below
+    from e2h_min.engine import logprobs  # the LM-head function registered as a forward method below
 
     full = copy.deepcopy(policy).eval().requires_grad_(False)
     for layer in policy.get_decoder().layers:
@@ -103,7 +103,7 @@ def local_training_bytes(model, optimizer) -> int:
 def log_sharded_memory(policy, full_copy, optimizer, dist_info, log) -> dict:
     """Log (and return) this rank's parameter + gradient + AdamW bytes next to what one process holds (the sum of
     the shards), and the full rollout copy's weights that every rank adds."""
-    from e2h_min.distributed import all_reduce_sum
+    from e2h_min.engine.distributed import all_reduce_sum
 
     mine = local_training_bytes(policy, optimizer)
     device = next(full_copy.parameters()).device  # (nccl reduces CUDA tensors only)

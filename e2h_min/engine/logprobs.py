@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from e2h_min.decoders import cache_argument_name, prefill_positions
+from e2h_min.engine.decoders import cache_argument_name, prefill_positions
 
 
 def pack_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int
@@ -77,7 +77,7 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: floa
                         return_hidden: bool = False, prompt_kv: "PromptKV | None" = None):
     """log pi(o_t | q, o_<t) / T-scaled, and the true entropy of pi at each completion position.
 
-    On an FSDP2-sharded model (e2h_min/fsdp.py) this runs as the model's registered forward method, so the
+    On an FSDP2-sharded model (e2h_min/engine/fsdp.py) this runs as the model's registered forward method, so the
     sharded embeddings / LM head are gathered around it; otherwise it is `local_completion_logprobs`.
     """
     sharded = getattr(model, "e2h_completion_logprobs", None)

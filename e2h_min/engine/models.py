@@ -18,12 +18,12 @@ from typing import Callable
 
 import torch
 
-from e2h_min.config import ModelFacts, UserError
+from e2h_min.run.config import ModelFacts, UserError
 
-TINY_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-countdown"
+TINY_MODEL_DIR = Path(__file__).parents[1] / "assets" / "tiny-countdown"
 # The schedule testbed (README: Results): the tiny model trained further on harder demos, so that the hard level
 # is out of greedy reach but inside pass@16 (its build_info.json holds the recipe and the measured premise).
-TESTBED_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-countdown-testbed"
+TESTBED_MODEL_DIR = Path(__file__).parents[1] / "assets" / "tiny-countdown-testbed"
 MODEL_ALIASES = {
     "tiny": str(TINY_MODEL_DIR),
     "tiny-testbed": str(TESTBED_MODEL_DIR),

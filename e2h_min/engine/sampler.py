@@ -4,7 +4,7 @@ Design (why each choice):
 - Each distinct prompt is prefilled once and its KV cache is copied into its G sample rows, so a step pays for
   P prompt prefills, not P*G. With a Qwen-sized model and ~150-token Countdown prompts, the prompt pass is most
   of what `model.generate(num_return_sequences=G)` computes.
-- The decode step is hand-written for Qwen2/Llama-style models (e2h_min/decoders.py: preallocated in-place KV
+- The decode step is hand-written for Qwen2/Llama-style models (e2h_min/engine/decoders.py: preallocated in-place KV
   cache, RoPE table, mask built once) and goes through `model(...)` with a DynamicCache for anything else.
 - Rows stop at an EOS token (kept in the completion and its mask) or right after the token that completes a stop
   string ("</answer>"). Finished rows leave the running batch once at least `compact_fraction` of it has
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from e2h_min.decoders import make_decoder
+from e2h_min.engine.decoders import make_decoder
 
 
 @dataclass
@@ -211,7 +211,7 @@ def generate(model, prompt_ids: list[list[int]], num_samples: int, max_new_token
     """`num_samples` completions for each of P prompts (token lists) in one KV-cached decode: a Rollout of N = P *
     num_samples rows, row i from prompt i // num_samples. Noise: `generator`, or uniforms [N, max_new_tokens] in
     [0, 1), row i's at decode step s (a row's sample then ignores its neighbours). Options: the module docstring
-    and e2h_min/decoders.py. Example: generate(model, [[1, 2, 3]], 2, 5, [0], 0).completion_ids: shape [2, <=5]."""
+    and e2h_min/engine/decoders.py. Example: generate(model, [[1, 2, 3]], 2, 5, [0], 0).completion_ids: shape [2, <=5]."""
     _validate(prompt_ids, num_samples, max_new_tokens, temperature, greedy, top_k, top_p, check_every)
     device = next(model.parameters()).device
     if check_every is None:

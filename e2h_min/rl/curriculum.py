@@ -12,8 +12,8 @@
   exponential moving average of the mean |advantage| seen at that level, sampled by a softmax with a temperature;
   the trainer feeds it through `LevelSampler.update` (under --schedule sec only).
 
-CLI: python -m e2h_min.curriculum --schedule gaussian --beta 0.5 --sigma 0.5 --levels 4 --steps 1600
-     python -m e2h_min.curriculum --schedule all --steps 1600 --prompts-per-step 8
+CLI: python -m e2h_min.rl.curriculum --schedule gaussian --beta 0.5 --sigma 0.5 --levels 4 --steps 1600
+     python -m e2h_min.rl.curriculum --schedule all --steps 1600 --prompts-per-step 8
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from e2h_min.config import OneLineErrorParser, UserError, check_output_file
+from e2h_min.run.config import OneLineErrorParser, UserError, check_output_file
 from e2h_min.tasks.base import Problem, Task
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="python -m e2h_min.curriculum",
+    parser = OneLineErrorParser(prog="python -m e2h_min.rl.curriculum",
                             description="Print the E2H level schedule p_t and the expected prompts per level.")
     parser.add_argument("--schedule", default="gaussian", choices=TIME_SCHEDULES + ("all",))
     parser.add_argument("--levels", type=int, default=4, help="K, the number of training levels")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from e2h_min.distributed import DistInfo, all_reduce_sum
-from e2h_min.losses import kl_penalty
+from e2h_min.engine.distributed import DistInfo, all_reduce_sum
+from e2h_min.rl.losses import kl_penalty
 
 
 class UpdateDiagnostics:

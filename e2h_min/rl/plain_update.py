@@ -1,4 +1,4 @@
-"""One GRPO update written plainly: read this before the fast one, update.policy_update (e2h_min/update.py).
+"""One GRPO update written plainly: read this before the fast one, update.policy_update (e2h_min/rl/update.py).
 
 It computes the same parameter change as the fast update at the same settings (tests/test_reference_update.py
 checks it to 1e-6), with none of the fast update's savings: every sample is run, each as a whole

@@ -1,4 +1,4 @@
-"""PPO with a value head and GAE (--advantage ppo), in its own room: the GRPO update (e2h_min/update.py) has no
+"""PPO with a value head and GAE (--advantage ppo), in its own room: the GRPO update (e2h_min/rl/update.py) has no
 PPO branch. It shares the clipped surrogate and the KL terms (losses.py), the work savings (update_batches.py)
 and the diagnostics (diagnostics.py) with GRPO; what is PPO's own is here:
 - the critic: models.ValueHead reads the policy trunk's hidden states (no second model, no extra forward);
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from e2h_min.config import kl_estimator_for
-from e2h_min.diagnostics import UpdateDiagnostics
-from e2h_min.distributed import DistInfo, all_reduce_sum
-from e2h_min.losses import (clipped_value_loss, gae_advantages, kl_penalty, policy_token_loss, token_loss_weights,
+from e2h_min.run.config import kl_estimator_for
+from e2h_min.rl.diagnostics import UpdateDiagnostics
+from e2h_min.engine.distributed import DistInfo, all_reduce_sum
+from e2h_min.rl.losses import (clipped_value_loss, gae_advantages, kl_penalty, policy_token_loss, token_loss_weights,
                             whiten)
-from e2h_min.update_batches import (MicroBatchLimits, UpdateBatches, completion_mask, global_counts,
+from e2h_min.engine.batching import (MicroBatchLimits, UpdateBatches, completion_mask, global_counts,
                                     step_optimizer)
 
 

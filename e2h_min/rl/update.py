@@ -1,16 +1,16 @@
-"""The fast GRPO update: the same parameter change as e2h_min/reference_update.py (read that first), with the work
-savings of e2h_min/update_batches.py and the ablation menu (--loss-type, --importance-sampling-level, the KL
-estimators). PPO with a value head and GAE is in e2h_min/ppo.py."""
+"""The fast GRPO update: the same parameter change as e2h_min/rl/plain_update.py (read that first), with the work
+savings of e2h_min/engine/batching.py and the ablation menu (--loss-type, --importance-sampling-level, the KL
+estimators). PPO with a value head and GAE is in e2h_min/rl/ppo.py."""
 
 from __future__ import annotations
 
 import torch
 
-from e2h_min.config import kl_estimator_for
-from e2h_min.diagnostics import UpdateDiagnostics
-from e2h_min.distributed import DistInfo
-from e2h_min.losses import policy_token_loss, token_loss_weights
-from e2h_min.update_batches import (MicroBatchLimits, UpdateBatches, completion_mask, global_counts,
+from e2h_min.run.config import kl_estimator_for
+from e2h_min.rl.diagnostics import UpdateDiagnostics
+from e2h_min.engine.distributed import DistInfo
+from e2h_min.rl.losses import policy_token_loss, token_loss_weights
+from e2h_min.engine.batching import (MicroBatchLimits, UpdateBatches, completion_mask, global_counts,
                                     samples_to_run, step_optimizer)
 
 

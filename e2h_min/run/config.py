@@ -111,7 +111,7 @@ class Config:
                                          "and backward where they cannot change the gradient (no KL in the loss, "
                                          "not ppo)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, ~30% slower)")
-    plain_update: bool = _f(False, "train with the plain reference update (e2h_min/reference_update.py): the same "
+    plain_update: bool = _f(False, "train with the plain reference update (e2h_min/rl/plain_update.py): the same "
                                    "parameter change as the fast one, none of its savings; the paper's loss only")
     max_nonfinite_steps: int = _f(3, "abort after this many updates in a row with a non-finite gradient")
     # --- LoRA (needs peft; the paper: r 32, alpha 64, dropout 0.1 on q_proj,v_proj) ---
@@ -283,7 +283,7 @@ def kl_estimator_for(cfg: Config) -> str:
 
 def combination_warnings(cfg: Config) -> list[str]:
     """Accepted combinations whose expected gradient is zero or not what their names suggest, each with what it
-    does instead (measured exactly by `python -m e2h_min.kl_gradients`; README: KL)."""
+    does instead (measured exactly by `python -m e2h_min.analysis.kl_gradients`; README: KL)."""
     out = []
     estimator = kl_estimator_for(cfg)
     if cfg.beta > 0 and not cfg.kl_in_reward and estimator == "k1" and not cfg.use_bias_correction_kl:
@@ -309,7 +309,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 def resolve_config(argv: list[str] | None = None) -> tuple[Config, Preset, dict[str, Any]]:
     """The validated Config, the preset chosen for the model and the values it set (those the user's flags did
     not override). The Config is built once from preset + flags and not changed afterwards."""
-    from e2h_min.models import describe_model
+    from e2h_min.engine.models import describe_model
 
     given = vars(build_parser().parse_args(argv))
     saved = _resumed_run_settings(given.get("resume"))
@@ -448,7 +448,7 @@ def validate(cfg: Config) -> None:
                                                           f"({samples}); got {' '.join(map(str, cfg.eval_pass_k))}")
     need(min(cfg.eval_every, cfg.save_every, cfg.log_completions_every) >= 0, "--*-every flags must be >= 0")
     need(cfg.log_every >= 0, "--log-every must be >= 0 (0 = auto)")
-    from e2h_min.tracking import parse_report_to
+    from e2h_min.run.tracking import parse_report_to
     parse_report_to(cfg.report_to)  # raises UserError on an unknown tracker name
     need(cfg.lora_r >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1, "--lora-r must be >= 0, "
          "--lora-alpha > 0 and --lora-dropout in [0, 1)")

@@ -13,8 +13,8 @@ import shlex
 from importlib import metadata
 from pathlib import Path
 
-from e2h_min.config import Config, schedule_params
-from e2h_min.models import resolve_model_name
+from e2h_min.run.config import Config, schedule_params
+from e2h_min.engine.models import resolve_model_name
 
 # Config fields a reproducing command leaves out: where a resumed run came from, not what it computed.
 NOT_IN_COMMAND = {"resume"}

@@ -17,9 +17,9 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from e2h_min.config import Config, UserError, check_output_dir
+from e2h_min.run.config import Config, UserError, check_output_dir
 from e2h_min.jsonl import read_log, write_log
-from e2h_min.samples import StepSamples
+from e2h_min.rl.samples import StepSamples
 
 LOCK_FILE = ".lock"
 # What a train.py run writes into its directory; a directory holding any of these holds a run.

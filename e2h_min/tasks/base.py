@@ -3,7 +3,7 @@
 A task is a set of difficulty levels 0..num_levels-1 used for training, plus an optional out-of-distribution
 level (index num_levels) that is only evaluated. Problems are addressed by (split, level, index): generated
 tasks build problem `index` deterministically from a seed, file-backed tasks index into the rows of that level.
-This makes the curriculum sampler's state plain integers (see e2h_min/curriculum.py).
+This makes the curriculum sampler's state plain integers (see e2h_min/rl/curriculum.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import hashlib
 import random
 import re
 
-from e2h_min.rewards import parse_think_answer
+from e2h_min.tasks.rewards import parse_think_answer
 from e2h_min.tasks.base import SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION, Problem, Task
 from e2h_min.tasks.blocksworld_strips import (
     HAND, TABLE, VERB_ARITY, Action, State, apply_action, changed_positions, legal_actions, make_state, satisfies,

@@ -3,7 +3,7 @@
 Levels 0..3 use 2..5 numbers, the OOD level (4) uses 6. Problem `index` of a split is generated from its own
 seeded RNG, so any problem can be rebuilt from (seed, split, level, index) alone.
 
-Reward (the grader, below): 0.0 when the format fails (e2h_min.rewards.parse_think_answer), else 0.1 for the
+Reward (the grader, below): 0.0 when the format fails (e2h_min.tasks.rewards.parse_think_answer), else 0.1 for the
 format plus 0.9 when the answer is correct, so the reward is exactly 0.0, 0.1 or 1.0. Correct means: the answer
 is an arithmetic expression over ASCII digits, + - * / ( ) and the space character; its integer literals equal
 the given numbers as a multiset (each used exactly once); and its exact rational value is within 1e-5 of the
@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 from fractions import Fraction
 
-from e2h_min.rewards import ANSWER_REWARD, FORMAT_REWARD, parse_think_answer
+from e2h_min.tasks.rewards import ANSWER_REWARD, FORMAT_REWARD, parse_think_answer
 from e2h_min.tasks.base import THINK_ANSWER_INSTRUCTION, Problem, Task
 
 NUMBERS_PER_LEVEL = [2, 3, 4, 5, 6]  # the last one is the OOD level

@@ -27,7 +27,7 @@ is the index-th row of that (split, level) in file order; the curriculum sampler
 Errors. A missing file, a bad JSON line, a missing or malformed column, or no rows at all raises TaskDataError with
 one line naming the file (and line), what is wrong and the expected columns.
 
-Rewards: 0.0 when the format fails (e2h_min.rewards.parse_think_answer), else 0.1, plus 0.9 when correct:
+Rewards: 0.0 when the format fails (e2h_min.tasks.rewards.parse_think_answer), else 0.1, plus 0.9 when correct:
 - GSM8K: the first number of the answer text (commas removed; a '-' right before it is its sign unless a letter
   or digit precedes the '-') is within 1e-5 of the gold number.
 - AQuA: the chosen letter, read by the first rule that applies: (1) the answer is a lone letter, possibly in
@@ -48,7 +48,7 @@ import re
 import sys
 from collections import Counter
 
-from e2h_min.rewards import ANSWER_REWARD, FORMAT_REWARD, parse_think_answer
+from e2h_min.tasks.rewards import ANSWER_REWARD, FORMAT_REWARD, parse_think_answer
 from e2h_min.jsonl import parse_json
 from e2h_min.tasks.base import THINK_ANSWER_INSTRUCTION, Problem, Task, TaskDataError
 from e2h_min.tasks.math_grader import extract_boxed_answer, load_mpmath, math_answers_equivalent
