@@ -37,12 +37,12 @@ import torch
 from tqdm.auto import tqdm
 
 from e2h_min.run.checkpoint import latest_checkpoint
-from e2h_min.run.config import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS,
-                             OneLineErrorParser, UserError, check_context, check_output_dir, exit_on_user_error,
-                             is_iso_date)
+from e2h_min.errors import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS,
+                            OneLineErrorParser, UserError, check_context, check_output_dir, exit_on_user_error)
+from e2h_min.run.config import is_iso_date
 from e2h_min.jsonl import parse_json
-from e2h_min.analysis.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate, held_out_problems,
-                                score_rollout, today)
+from e2h_min.analysis.evaluation import evaluate, held_out_problems
+from e2h_min.rl.scoring import chat_date_variables, encode_prompts, eos_token_ids, score_rollout, today
 from e2h_min.engine.models import (MODEL_ALIASES, context_length, load_model, load_tokenizer, peft_building, pick_device,
                             resolve_model_name)
 from e2h_min.analysis.passk import mean_pass_at_k

@@ -45,17 +45,20 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from e2h_min.run.checkpoint import load_training_state, resume_checkpoint, save_checkpoint, save_final
-from e2h_min.run.config import (Config, UserError, check_context, combination_warnings, describe_preset,
-                            exit_on_user_error, kl_estimator_for, resolve_config, schedule_params)
+from e2h_min.errors import UserError, check_context, exit_on_user_error
+from e2h_min.rl.losses import kl_estimator_for
+from e2h_min.run.config import Config, combination_warnings, schedule_params
+from e2h_min.run.presets import describe_preset, resolve_config
 from e2h_min.rl.curriculum import LevelSampler
 from e2h_min.engine.distributed import DistInfo, all_reduce_sum, barrier, gather_lists, init_distributed
 from e2h_min.run.divergence import (DivergedError, divergence_message, first_nonfinite_parameter,
                                 probe_logits_finite)
-from e2h_min.analysis.evaluation import (chat_date_variables, encode_prompts, eos_token_ids, evaluate_sharded,
-                                held_out_problems, sampled_pass_at_k, score_rollout, today)
+from e2h_min.analysis.evaluation import evaluate_sharded, held_out_problems, sampled_pass_at_k
+from e2h_min.rl.scoring import chat_date_variables, encode_prompts, eos_token_ids, score_rollout, today
 from e2h_min.engine.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy, shard_policy
 from e2h_min.engine.logprobs import completion_logprobs, pack_micro_batches
-from e2h_min.rl.losses import compute_advantages, kl_penalised_advantages, sequence_kl
+from e2h_min.rl.advantages import compute_advantages, kl_penalised_advantages
+from e2h_min.rl.losses import sequence_kl
 from e2h_min.run.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
 from e2h_min.run.model_card import write_model_card
 from e2h_min.rl.ppo import ppo_update
@@ -439,7 +442,7 @@ def feed_sec_curriculum(run: Run, samples: StepSamples, group_adv: torch.Tensor)
 def kl_penalised(run: Run, samples: StepSamples, advantages: torch.Tensor, limits: MicroBatchLimits
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """--kl-in-reward: (advantages less the KL penalty, subtracted after the normalisation (see
-    losses.kl_penalised_advantages), float32; the per-sample KL [N]). Groups are rank-local: each rank
+    advantages.kl_penalised_advantages), float32; the per-sample KL [N]). Groups are rank-local: each rank
     penalises its own samples."""
     sequence_kl_values = reference_sequence_kl(run.reference, samples, run.cfg, run.device, run.autocast, limits)
     penalised = kl_penalised_advantages(advantages, sequence_kl_values, run.cfg.beta, run.cfg.num_generations)

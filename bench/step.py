@@ -67,14 +67,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (seed_step: the trainer's own step code)
-from e2h_min.run.config import UserError, parse_config, schedule_params  # noqa: E402
+from e2h_min.errors import UserError  # noqa: E402
+from e2h_min.run.config import schedule_params  # noqa: E402
+from e2h_min.run.presets import parse_config  # noqa: E402
 from e2h_min.rl.curriculum import LevelSampler  # noqa: E402
 from e2h_min.engine.decoders import lean_decoder_unsupported_reason  # noqa: E402
-from e2h_min.analysis.evaluation import encode_prompts, eos_token_ids, score_rollout  # noqa: E402
+from e2h_min.rl.scoring import encode_prompts, eos_token_ids, score_rollout  # noqa: E402
 from e2h_min.engine.logprobs import pack_micro_batches  # noqa: E402
 from e2h_min.rl.update import policy_update  # noqa: E402
 from e2h_min.engine.batching import samples_to_run, shared_prompts_for  # noqa: E402
-from e2h_min.rl.losses import compute_advantages  # noqa: E402
+from e2h_min.rl.advantages import compute_advantages  # noqa: E402
 from e2h_min.engine.models import Reference, frozen_copy, load_model, load_tokenizer, pick_device  # noqa: E402
 from e2h_min.engine.sampler import StopChecker, generate  # noqa: E402
 from e2h_min.tasks import make_task  # noqa: E402

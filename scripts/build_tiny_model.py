@@ -63,7 +63,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as `python scripts/build_tiny_model.py` from a plain checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from e2h_min.analysis.evaluation import cut_at_stop  # noqa: E402
+from e2h_min.rl.scoring import cut_at_stop  # noqa: E402
 from e2h_min.tasks.countdown import CountdownTask  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "e2h_min" / "assets" / "tiny-countdown"

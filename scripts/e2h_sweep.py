@@ -35,7 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from e2h_min.run.config import UserError, resolve_config  # noqa: E402
+from e2h_min.errors import UserError  # noqa: E402
+from e2h_min.run.presets import resolve_config  # noqa: E402
 from e2h_min.rl.curriculum import expected_level_counts  # noqa: E402
 
 SCHEDULES = ["hard", "balanced", "cosine", "gaussian", "sec"]

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/kl_to_reference.py`
-from e2h_min.analysis.evaluation import encode_prompts, eos_token_ids, held_out_problems
+from e2h_min.analysis.evaluation import held_out_problems
+from e2h_min.rl.scoring import encode_prompts, eos_token_ids
 from e2h_min.engine.logprobs import pack_sequences
 from e2h_min.engine.models import load_model, load_tokenizer
 from e2h_min.engine.sampler import StopChecker, generate

@@ -33,7 +33,7 @@ from e2h_min.run.config import Config
 from e2h_min.engine.distributed import DistInfo, init_distributed
 from e2h_min.analysis.evaluation import evaluate_sharded, held_out_problems
 from e2h_min.engine.models import frozen_copy, load_model, load_tokenizer
-from e2h_min.engine.sampler import Rollout, StopChecker
+from e2h_min.engine.sampler import Generation, StopChecker
 from e2h_min.tasks import make_task
 
 LOOP_ARGS = ["--model", "tiny", "--total-steps", "2", "--prompts-per-step", "4", "--num-generations", "4",
@@ -97,7 +97,7 @@ def fake_generate(model, prompt_ids, num_samples, max_new_tokens, eos_token_ids,
         ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
     logprobs = -0.1 * mask.float()  # what a sampler would report; only logprob_mismatch reads it
     finished = torch.tensor([len(r) < max_new_tokens for r in rows])
-    return Rollout(prompt_ids=prompt_ids, num_samples=num_samples, completion_ids=ids, completion_mask=mask,
+    return Generation(prompt_ids=prompt_ids, num_samples=num_samples, completion_ids=ids, completion_mask=mask,
                    logprobs=logprobs, finished=finished)
 
 

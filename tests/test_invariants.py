@@ -200,7 +200,7 @@ def test_a_non_finite_gradient_skips_the_step_and_leaves_the_weights_unchanged()
 
 def test_none_is_a_choice_of_scale_rewards_and_unsets_only_optional_flags():
     """--scale-rewards none (Dr. GRPO's unscaled advantages) was parsed as None and then refused."""
-    from e2h_min.run.config import parse_config
+    from e2h_min.run.presets import parse_config
 
     cfg = parse_config(["--scale-rewards", "none", "--epsilon-high", "none", "--model", "x"])
     assert cfg.scale_rewards == "none" and cfg.epsilon_high is None

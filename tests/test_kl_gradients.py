@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import train
-from e2h_min.run.config import combination_warnings, parse_config
+from e2h_min.run.config import combination_warnings
+from e2h_min.run.presets import parse_config
 from e2h_min.analysis.kl_gradients import (OPTIONS, categorical_setup, compare, expected_gradient, kl_table,
                                   target_gradient)
-from e2h_min.rl.losses import compute_advantages, rloo_advantages
+from e2h_min.rl.advantages import compute_advantages, rloo_advantages
 from e2h_min.engine.models import TINY_MODEL_DIR
 from tests.test_train import random_model, run_update, sample_batch
 

@@ -46,7 +46,7 @@ def test_lora_update_trains_adapters_only_and_reference_is_the_base_model(tmp_pa
 
 
 def test_unknown_lora_target_is_a_one_line_user_error():
-    from e2h_min.run.config import UserError
+    from e2h_min.errors import UserError
     with pytest.raises(UserError, match="--lora-targets"):
         apply_lora(random_model(), r=4, alpha=8, dropout=0.0, targets="no_such_proj")
 

@@ -6,10 +6,10 @@ import statistics
 import pytest
 import torch
 
-from e2h_min.rl.losses import (clipped_surrogate, clipped_value_loss, compute_advantages, gae_advantages,
-                            group_advantages, importance_log_ratio, kl_loss_term, kl_penalised_advantages,
-                            kl_penalty, policy_token_loss, sequence_kl, whiten, rloo_advantages,
-                            token_loss_weights)
+from e2h_min.rl.advantages import (compute_advantages, gae_advantages, group_advantages, kl_penalised_advantages,
+                                   whiten, rloo_advantages)
+from e2h_min.rl.losses import (clipped_surrogate, clipped_value_loss, importance_log_ratio, kl_loss_term, kl_penalty,
+                               policy_token_loss, sequence_kl, token_loss_weights)
 
 torch.manual_seed(0)
 

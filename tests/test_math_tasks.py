@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from e2h_min.tasks import make_task
 from e2h_min.tasks import math_grader
-from e2h_min.tasks.base import THINK_ANSWER_INSTRUCTION, TaskDataError
+from e2h_min.errors import TaskDataError
+from e2h_min.tasks.base import THINK_ANSWER_INSTRUCTION
 from e2h_min.tasks.math_grader import (extract_boxed_answer, math_answers_equivalent, normalize_math_answer,
                                        parse_math_expression, rational_value)
 from e2h_min.tasks.math_tasks import (AQuATask, GSM8KTask, MATHTask, aqua_reward, extract_option_letter,

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import train
 from e2h_min.run.checkpoint import save_final
-from e2h_min.run.config import parse_config
+from e2h_min.run.presets import parse_config
 from e2h_min.run.memory import (GIB, estimate_memory, format_memory, loading_peak, lora_parameter_count, training_memory,
                             with_process)
 from e2h_min.engine.models import TINY_MODEL_DIR, apply_lora, checkpoint_dtype, frozen_copy

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from e2h_min.run.config import UserError
+from e2h_min.errors import UserError
 from e2h_min.engine.models import MODEL_ALIASES, TINY_MODEL_DIR, load_model, pick_device, resolve_model_name
 from tests.test_train import random_model
 

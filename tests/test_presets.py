@@ -7,8 +7,9 @@ import pytest
 from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
 import train
-from e2h_min.run.config import (DEMO_PRESET, PAPER_RECIPE, Config, UserError, describe_preset, parse_config,
-                            resolve_config)
+from e2h_min.errors import UserError
+from e2h_min.run.config import Config
+from e2h_min.run.presets import DEMO_PRESET, PAPER_RECIPE, describe_preset, parse_config, resolve_config
 from e2h_min.engine.models import TINY_MODEL_DIR, require_peft
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,

@@ -20,9 +20,9 @@ import eval as evaluate_cli
 import train
 from e2h_min.analysis import evaluation
 from e2h_min.engine.decoders import LeanDecoder, make_decoder
-from e2h_min.analysis.evaluation import chat_date_variables, encode_prompts, score_rollout
+from e2h_min.rl.scoring import chat_date_variables, encode_prompts, score_rollout
 from e2h_min.engine.models import load_tokenizer, peft_building
-from e2h_min.engine.sampler import Rollout, StopChecker, generate
+from e2h_min.engine.sampler import Generation, StopChecker, generate
 from e2h_min.tasks import make_task
 from tests.real_shape import LLAMA_EOS_IDS, LLAMA_VOCAB_SIZE, QWEN_EOS_IDS, QWEN_VOCAB_SIZE
 
@@ -92,7 +92,7 @@ def test_a_correct_answer_whose_last_token_is_merged_with_the_stop_string_scores
     assert tokenizer.decode(ids[-1:]) == ">" + tail  # one token: the end of </answer> and what follows
     assert StopChecker(tokenizer, ["</answer>"]).first_stop(ids, 0, len(ids)) == len(ids) - 1
     completion = torch.tensor([ids])
-    rollout = Rollout([[0]], 1, completion, torch.ones_like(completion, dtype=torch.bool),
+    rollout = Generation([[0]], 1, completion, torch.ones_like(completion, dtype=torch.bool),
                       torch.zeros(completion.shape), torch.ones(1, dtype=torch.bool))
     texts, rewards = score_rollout(task, [problem], tokenizer, rollout, ["</answer>"])
     assert texts == [task.demonstration(problem)] and rewards.tolist() == [1.0]

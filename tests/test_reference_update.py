@@ -6,7 +6,7 @@ import torch
 
 import train
 from e2h_min.run.config import Config
-from e2h_min.rl.losses import group_advantages
+from e2h_min.rl.advantages import group_advantages
 from e2h_min.engine.models import frozen_copy
 from e2h_min.rl.plain_update import grpo_update_plain
 from tests.test_shared_prompts import grouped_batch
@@ -71,7 +71,8 @@ def test_plain_update_flag_trains_with_the_reference_update(tmp_path, monkeypatc
 
 
 def test_plain_update_flag_refuses_what_the_plain_update_does_not_write_out():
-    from e2h_min.run.config import UserError, parse_config
+    from e2h_min.errors import UserError
+    from e2h_min.run.presets import parse_config
     for flags in (["--advantage", "ppo"], ["--loss-type", "dapo"], ["--kl-in-reward", "--beta", "0.1"],
                   ["--importance-sampling-level", "sequence"]):
         with pytest.raises(UserError, match="--plain-update"):

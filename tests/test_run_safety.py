@@ -196,7 +196,7 @@ def test_second_run_on_a_busy_folder_exits_2_and_the_first_finishes_intact(tmp_p
 
 
 def test_lock_names_another_process_and_is_released_when_it_is_killed(tmp_path, capsys):
-    from e2h_min.run.config import parse_config
+    from e2h_min.run.presets import parse_config
     from e2h_min.run.runlog import claim_run_dir
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys; from pathlib import Path; from e2h_min.run.runlog import RunLock\n"

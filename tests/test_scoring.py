@@ -2,9 +2,9 @@
 
 import torch
 
-from e2h_min.analysis.evaluation import completion_texts, cut_at_stop, score_rollout
+from e2h_min.rl.scoring import completion_texts, cut_at_stop, score_rollout
 from e2h_min.engine.models import load_tokenizer
-from e2h_min.engine.sampler import Rollout, StopChecker
+from e2h_min.engine.sampler import Generation, StopChecker
 from e2h_min.tasks import make_task
 
 
@@ -16,13 +16,13 @@ def test_cut_at_stop_keeps_the_text_up_to_the_first_stop_string():
     assert cut_at_stop("x </answer>.", []) == "x </answer>." and cut_at_stop("x", [""]) == "x"
 
 
-def rollout_of(token_lists: list[list[int]], pad: int) -> Rollout:
+def rollout_of(token_lists: list[list[int]], pad: int) -> Generation:
     width = max(map(len, token_lists))
     ids = torch.full((len(token_lists), width), pad)
     mask = torch.zeros((len(token_lists), width), dtype=torch.bool)
     for row, tokens in enumerate(token_lists):
         ids[row, :len(tokens)], mask[row, :len(tokens)] = torch.tensor(tokens), True
-    return Rollout([[1]], len(token_lists), ids, mask, torch.zeros(ids.shape), torch.ones(len(token_lists), dtype=bool))
+    return Generation([[1]], len(token_lists), ids, mask, torch.zeros(ids.shape), torch.ones(len(token_lists), dtype=bool))
 
 
 def test_a_correct_answer_ending_in_a_merged_stop_token_scores_one_and_the_stop_checker_ends_there():

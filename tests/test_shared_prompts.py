@@ -14,7 +14,7 @@ import train
 from e2h_min.run.config import Config
 from e2h_min.engine.logprobs import (SharedPrompts, completion_logprobs, micro_batches, pack_micro_batches, pack_sequences,
                               pack_suffixes)
-from e2h_min.rl.losses import group_advantages, rloo_advantages
+from e2h_min.rl.advantages import group_advantages, rloo_advantages
 from e2h_min.engine.models import frozen_copy
 from e2h_min.engine.batching import MicroBatchLimits
 from tests.test_train import naive_logprobs, random_model

@@ -32,7 +32,7 @@ def test_schedules_differ_only_in_schedule_and_seed(tmp_path):
 
 def test_long_sweep_runs_the_paper_budget_with_pass_at_k(tmp_path):
     """--long: the settings every run resolves to (the last flag wins), the same for every schedule but its name."""
-    from e2h_min.run.config import resolve_config
+    from e2h_min.run.presets import resolve_config
 
     configs = {s: resolve_config(sweep.run_args(s, 1, tmp_path, args(long=True), [])[2:])[0]
                for s in sweep.LONG_SCHEDULES}

@@ -17,7 +17,7 @@ import pytest
 
 import train
 from e2h_min.run import tracking
-from e2h_min.run.config import UserError
+from e2h_min.errors import UserError
 from e2h_min.run.model_card import reproducing_command
 from e2h_min.engine.models import TINY_MODEL_DIR
 

@@ -8,7 +8,7 @@ Every quantity goes through the functions the trainer runs, not a re-derivation:
   item, each weighted by its probability pi(x) (detached): sum_x pi(x) loss(x) is the expected loss of a sample
   of pi, and its gradient the expected gradient of the update.
 - KL in the reward: every group of G = 2 samples is enumerated (V^2 pairs, weight pi(x1) pi(x2)): verifier
-  rewards -> losses.compute_advantages, the sampled KL -> losses.sequence_kl -> losses.kl_penalised_advantages,
+  rewards -> advantages.compute_advantages, the sampled KL -> losses.sequence_kl -> advantages.kl_penalised_advantages,
   then losses.policy_token_loss, averaged over the group's two samples as the grpo loss weights do. The KL's
   own contribution is (gradient at beta - gradient at beta 0) / beta, so the verifier rewards (random 0/1, some
   groups constant, some not) must leave it untouched.
@@ -22,7 +22,8 @@ import argparse
 
 import torch
 
-from e2h_min.rl.losses import compute_advantages, kl_penalised_advantages, policy_token_loss, sequence_kl
+from e2h_min.rl.advantages import compute_advantages, kl_penalised_advantages
+from e2h_min.rl.losses import policy_token_loss, sequence_kl
 
 # (placement, estimator, bias correction): every combination the flags allow
 OPTIONS = [("loss", est, bc) for bc in (False, True) for est in ("k1", "k2", "k3")] + \

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from e2h_min.run.config import MAX_STEPS, OneLineErrorParser, UserError, check_output_dir, exit_on_user_error
+from e2h_min.errors import MAX_STEPS, OneLineErrorParser, UserError, check_output_dir, exit_on_user_error
 from e2h_min.jsonl import parse_json, read_log
 from e2h_min.analysis.stats import paired_difference, percentile_interval
 

@@ -8,19 +8,17 @@ demand. Three savings sit inside it, none of which changes the gradient (tests/t
   its keys/values are computed before the micro-batches, which attend to them, and its backward runs once after
   them, with the gradient every micro-batch left on those keys/values;
 - micro-batches are cut by rows and by padded tokens after sorting by length (logprobs.micro_batches).
-Plus the plumbing the update must not forget: FSDP filler micro-batches (every rank runs as many forwards as
-the busiest), the frozen reference's log-probs (computed once per step, reused by every iteration), and
-`step_optimizer` (a zero gradient where no sample reached a parameter, the sum over ranks, clip, step).
+Plus the plumbing the update calls explicitly: the prompts' forward and backward, the FSDP filler micro-batches
+(every rank runs as many forwards as the busiest), and the frozen reference's log-probs (computed once per step,
+reused by every iteration). The optimizer step is the update's (e2h_min/rl/update.py: step_optimizer).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 
-from e2h_min.engine.distributed import DistInfo, all_reduce_max, all_reduce_sum, sum_gradients
+from e2h_min.engine.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from e2h_min.engine.fsdp import is_sharded
 from e2h_min.engine.logprobs import (PromptKV, SharedPrompts, completion_logprobs, pack_micro_batches,
                               shared_prompts_unsupported_reason)
@@ -63,22 +61,6 @@ def shared_prompts_for(model, prompt_ids: list[list[int]], cfg, rows: list[int] 
     return SharedPrompts.from_rows(prompt_ids, rows)
 
 
-def step_optimizer(params: list[torch.nn.Parameter], optimizer, max_grad_norm: float, dist_info: DistInfo
-                   ) -> tuple[torch.Tensor, bool]:
-    """After an iteration's backward: None gradients -> 0 (AdamW still steps its moments), sum over ranks, clip to
-    max_grad_norm (0: off), step unless the norm is NaN/inf (that step is skipped). Returns (grad norm, stepped)."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    sum_gradients(params, dist_info)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-        return grad_norm, True
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, False
-
-
 @dataclass
 class MicroBatch:
     """One micro-batch: `index` (the same at every iteration), the sample `rows` it holds, the packed `batch`,
@@ -115,10 +97,12 @@ class UpdateBatches:
 
         batches = UpdateBatches(policy, reference, prompt_ids, completions, rows, cfg, device, autocast, dist_info)
         for iteration in range(cfg.num_iterations):
-            for mb in batches.micro_batches():      # the prompts' forward runs first
+            prompt_kv = batches.prompts_forward()
+            for mb in batches.micro_batches(prompt_kv):
                 logp, entropy = mb.logprobs()       # [R, T], rows mb.rows of the step's samples
                 (loss_tok * mb.select(weights)).sum().backward()
-            # here the prompts' backward has run: the gradients are complete
+            batches.run_fsdp_fillers()
+            batches.prompts_backward(prompt_kv)     # now the gradients are complete
     """
 
     def __init__(self, policy, reference, prompt_ids: list[list[int]], completions: list[list[int]],
@@ -146,16 +130,27 @@ class UpdateBatches:
         with self.autocast():
             return self.shared.keys_values(model)
 
-    def micro_batches(self) -> Iterator[MicroBatch]:
-        """Per iteration: the prompts' forward, the micro-batches, the FSDP fillers, the prompts' backward."""
-        kv = self.prompt_kv(self.policy)
-        for b, (rows, batch) in enumerate(self.packed):
-            yield MicroBatch(b, rows, batch, self, kv)
+    def prompts_forward(self) -> PromptKV | None:
+        """Per iteration, first: the policy's keys/values of the distinct prompts (shared layout; None otherwise)."""
+        return self.prompt_kv(self.policy)
+
+    def micro_batches(self, prompt_kv: PromptKV | None) -> list[MicroBatch]:
+        """This rank's micro-batches, attending to `prompt_kv` (the same list at every iteration)."""
+        return [MicroBatch(b, rows, batch, self, prompt_kv) for b, (rows, batch) in enumerate(self.packed)]
+
+    def run_fsdp_fillers(self) -> None:
+        """FSDP: a forward and backward of one token with no loss weight for each micro-batch this rank has fewer
+        than the busiest rank (every FSDP forward all-gathers, so every rank must run as many); else nothing."""
         for batch in self.fillers:
             with self.autocast():
                 (completion_logprobs(self.policy, batch, self.temperature)[0].sum() * 0.0).backward()
-        if kv is not None:
-            kv.backward()
+
+    @staticmethod
+    def prompts_backward(prompt_kv: PromptKV | None) -> None:
+        """After the micro-batches' backward: the gradient they left on the prompts' keys/values, through the
+        prompts' forward once (shared layout); the gradients are then complete."""
+        if prompt_kv is not None:
+            prompt_kv.backward()
 
     def reference_logprobs(self, b: int, batch: dict) -> torch.Tensor:
         """The reference's log-probs of micro-batch b, computed once per step (the reference is frozen)."""

@@ -14,11 +14,24 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from e2h_min.run.config import ModelFacts, UserError
+from e2h_min.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a --model is, read before loading it (models.describe_model): its resolved path or hub id, its
+    architectures and parameter count from config.json (None when no config is reachable offline), and whether
+    scripts/build_tiny_model.py built it (its build_info.json says so)."""
+
+    path: str
+    architectures: tuple[str, ...] = ()
+    num_parameters: Optional[int] = None
+    tiny_build: bool = False
+
 
 TINY_MODEL_DIR = Path(__file__).parents[1] / "assets" / "tiny-countdown"
 # The schedule testbed (README: Results): the tiny model trained further on harder demos, so that the hard level

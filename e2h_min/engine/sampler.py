@@ -36,7 +36,7 @@ from e2h_min.engine.decoders import make_decoder
 
 
 @dataclass
-class Rollout:
+class Generation:
     """The samples of one generation call; sample i belongs to prompt i // num_samples.
 
     completion_ids   [N, T] long, right-padded with pad_id
@@ -207,8 +207,8 @@ def generate(model, prompt_ids: list[list[int]], num_samples: int, max_new_token
              top_p: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
              compact_fraction: float = 0.125, check_every: int | None = None, decoder: str = "auto",
              static_shapes: bool = False, compile_step: bool = False, uniforms: torch.Tensor | None = None
-             ) -> Rollout:
-    """`num_samples` completions for each of P prompts (token lists) in one KV-cached decode: a Rollout of N = P *
+             ) -> Generation:
+    """`num_samples` completions for each of P prompts (token lists) in one KV-cached decode: a Generation of N = P *
     num_samples rows, row i from prompt i // num_samples. Noise: `generator`, or uniforms [N, max_new_tokens] in
     [0, 1), row i's at decode step s (a row's sample then ignores its neighbours). Options: the module docstring
     and e2h_min/engine/decoders.py. Example: generate(model, [[1, 2, 3]], 2, 5, [0], 0).completion_ids: shape [2, <=5]."""
@@ -263,7 +263,7 @@ def generate(model, prompt_ids: list[list[int]], num_samples: int, max_new_token
     width = int(lengths.max())
     mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
     tokens_out = tokens_out[:, :width].masked_fill(~mask, pad_id)
-    return Rollout(prompt_ids=prompt_ids, num_samples=num_samples, completion_ids=tokens_out.cpu(),
+    return Generation(prompt_ids=prompt_ids, num_samples=num_samples, completion_ids=tokens_out.cpu(),
                    completion_mask=mask.cpu(), logprobs=logprobs_out[:, :width].masked_fill(~mask, 0.0).cpu(),
                    finished=finished.cpu())
 

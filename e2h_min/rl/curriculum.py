@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from e2h_min.run.config import OneLineErrorParser, UserError, check_output_file
+from e2h_min.errors import OneLineErrorParser, UserError, check_output_file
 from e2h_min.tasks.base import Problem, Task
 
 # ----------------------------------------------------------------------------------------------------------------

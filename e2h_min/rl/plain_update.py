@@ -27,7 +27,7 @@ def grpo_update_plain(policy, reference, optimizer, prompt_ids, completions, adv
     """cfg.num_iterations optimizer steps on one batch; returns the last iteration's loss.
 
     prompt_ids, completions: N token lists; advantages [N], one per sample (group-relative, from
-    losses.group_advantages); reference: a models.Reference (or None when cfg.beta is 0).
+    advantages.group_advantages); reference: a models.Reference (or None when cfg.beta is 0).
     Per token t of sample i, with rho = pi / pi_old and d = log pi_ref - log pi:
         loss_it = -min(rho A_i, clip(rho, 1 - eps, 1 + eps_high) A_i) + beta (exp(d) - d - 1)
     loss = mean over samples of (mean over the sample's completion tokens of loss_it).

@@ -1,6 +1,6 @@
 """PPO with a value head and GAE (--advantage ppo), in its own room: the GRPO update (e2h_min/rl/update.py) has no
 PPO branch. It shares the clipped surrogate and the KL terms (losses.py), the work savings (update_batches.py)
-and the diagnostics (diagnostics.py) with GRPO; what is PPO's own is here:
+the diagnostics (diagnostics.py) and the optimizer step (update.step_optimizer) with GRPO; what is PPO's own is here:
 - the critic: models.ValueHead reads the policy trunk's hidden states (no second model, no extra forward);
 - per-token rewards: the verifier's reward on the last real token, minus beta * KL on every token with
   --kl-in-reward (the InstructGPT form; the estimator is k1 unless --kl-estimator says otherwise);
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from e2h_min.run.config import kl_estimator_for
-from e2h_min.rl.diagnostics import UpdateDiagnostics
 from e2h_min.engine.distributed import DistInfo, all_reduce_sum
-from e2h_min.rl.losses import (clipped_value_loss, gae_advantages, kl_penalty, policy_token_loss, token_loss_weights,
-                            whiten)
-from e2h_min.engine.batching import (MicroBatchLimits, UpdateBatches, completion_mask, global_counts,
-                                    step_optimizer)
+from e2h_min.rl.advantages import gae_advantages, whiten
+from e2h_min.rl.diagnostics import UpdateDiagnostics
+from e2h_min.rl.losses import (clipped_value_loss, kl_estimator_for, kl_penalty, policy_token_loss,
+                               token_loss_weights)
+from e2h_min.rl.update import step_optimizer
+from e2h_min.engine.batching import MicroBatchLimits, UpdateBatches, completion_mask, global_counts
 
 
 def ppo_update(policy, reference, optimizer, prompt_ids, completions, rewards, sampler_logprobs, cfg, device,
@@ -48,7 +48,7 @@ def ppo_update(policy, reference, optimizer, prompt_ids, completions, rewards, s
     token_rewards = torch.zeros((n, width), device=device)
     old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old
     with torch.no_grad():
-        for mb in batches.micro_batches():
+        for mb in batches.micro_batches(batches.prompts_forward()):
             with autocast():
                 logp, _, hidden = mb.logprobs(return_hidden=True)
                 old_values[mb.rows, :logp.shape[1]] = value_head(hidden) * mb.mask
@@ -68,7 +68,8 @@ def ppo_update(policy, reference, optimizer, prompt_ids, completions, rewards, s
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         last = iteration == cfg.num_iterations - 1
-        for mb in batches.micro_batches():
+        prompt_kv = batches.prompts_forward()
+        for mb in batches.micro_batches(prompt_kv):
             logp, entropy, hidden = mb.logprobs(return_hidden=True)
             old = old_logprobs[mb.index]
             ref = mb.reference_logprobs() if kl_in_loss else None
@@ -84,7 +85,8 @@ def ppo_update(policy, reference, optimizer, prompt_ids, completions, rewards, s
             if last:
                 stats.add(mb, loss, logp, old, entropy, flags, sampler_logprobs, kl,
                           batches.cached_reference_logprobs(mb.index), value_loss)
-        # the prompts' backward has run, so the gradients are complete: sum over ranks, clip, step (or skip NaN)
+        batches.run_fsdp_fillers()
+        batches.prompts_backward(prompt_kv)  # the prompts' part of the gradient: now it is complete
         grad_norm, stepped = step_optimizer(params, optimizer, cfg.max_grad_norm, dist_info)
         skipped += not stepped
     extra = {"explained_variance": explained_variance(returns, old_values, valid, reduce)}

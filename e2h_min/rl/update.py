@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from e2h_min.run.config import kl_estimator_for
+from e2h_min.engine.batching import MicroBatchLimits, UpdateBatches, completion_mask, global_counts, samples_to_run
+from e2h_min.engine.distributed import DistInfo, sum_gradients
 from e2h_min.rl.diagnostics import UpdateDiagnostics
-from e2h_min.engine.distributed import DistInfo
-from e2h_min.rl.losses import policy_token_loss, token_loss_weights
-from e2h_min.engine.batching import (MicroBatchLimits, UpdateBatches, completion_mask, global_counts,
-                                    samples_to_run, step_optimizer)
+from e2h_min.rl.losses import kl_estimator_for, policy_token_loss, token_loss_weights
 
 
 def policy_update(policy, reference, optimizer, prompt_ids, completions, advantages, sampler_logprobs, cfg,
@@ -35,7 +33,8 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         last = iteration == cfg.num_iterations - 1
-        for mb in batches.micro_batches():
+        prompt_kv = batches.prompts_forward()  # shared layout: each distinct prompt's keys/values, once (else None)
+        for mb in batches.micro_batches(prompt_kv):
             logp, entropy = mb.logprobs()  # [R, T] log pi at the sampling temperature, with gradient
             old = old_logprobs.setdefault(mb.index, logp.detach())  # first pass: ratio exactly 1
             ref = mb.reference_logprobs() if kl_in_loss else None
@@ -46,8 +45,24 @@ def policy_update(policy, reference, optimizer, prompt_ids, completions, advanta
             loss.backward()
             if last:
                 stats.add(mb, loss, logp, old, entropy, flags, sampler_logprobs, kl, ref)
-        # the prompts' backward has run, so the gradients are complete: sum over ranks, clip, step (or skip NaN)
+        batches.run_fsdp_fillers()  # FSDP: as many forwards as the busiest rank (else nothing)
+        batches.prompts_backward(prompt_kv)  # the prompts' part of the gradient: now it is complete
         grad_norm, stepped = step_optimizer(params, optimizer, cfg.max_grad_norm, dist_info)
         skipped += not stepped
     return stats.summary(grad_norm, skipped, num_samples, device, dist_info)
 
+
+def step_optimizer(params: list[torch.nn.Parameter], optimizer, max_grad_norm: float, dist_info: DistInfo
+                   ) -> tuple[torch.Tensor, bool]:
+    """After an iteration's backward: None gradients -> 0 (AdamW still steps its moments), sum over ranks, clip to
+    max_grad_norm (0: off), step unless the norm is NaN/inf (that step is skipped). Returns (grad norm, stepped)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    sum_gradients(params, dist_info)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+        return grad_norm, True
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, False

@@ -3,14 +3,8 @@
 Each field's `help` metadata becomes its `--flag` help text, so `python train.py --help` is the full catalogue.
 Option names follow TRL's GRPOConfig where one exists (num_generations, epsilon, epsilon_high, beta,
 num_iterations, loss_type, scale_rewards, max_grad_norm) so users can map concepts between the two.
-
-Presets fill the fields the user did not set on the command line, chosen by what the model is (models.
-describe_model reads its config), never by how it was named; the run prints which applied and every value it set:
-- demo: the embedded tiny model (or a copy of it: its build_info.json names scripts/build_tiny_model.py), which
-  cannot learn at the paper's lr of 1e-6 within a CPU demo (DEMO_PRESET);
-- paper: a Qwen2 or Llama architecture (the paper's model families): the paper's release recipe for the task
-  (PAPER_RECIPE + PAPER_TASK_BUDGETS, spec section 5), LoRA included;
-- none: any other model: the flags' defaults (the paper's GRPO settings, full fine-tuning).
+Presets (which fill the fields the user did not set) are in run/presets.py; the limits and UserError in
+e2h_min/errors.py. This module imports no model code.
 """
 
 from __future__ import annotations
@@ -18,30 +12,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import errno
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2 (see `exit_on_user_error`)."""
+from e2h_min.rl.losses import kl_estimator_for
+from e2h_min.errors import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_STEPS, MAX_THREADS,
+                            OneLineErrorParser, UserError)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
-
-
-# Limits that keep a typo from exhausting memory or hanging (each named in its error line). They are far above any
-# real run: the paper uses 1,600 steps, 8 x 8 samples per step, 512 tokens, 100-1,000 eval problems per level.
-MAX_STEPS = 10_000_000  # --total-steps (the curriculum clock); curriculum.py --steps
-MAX_ROLLOUT_ROWS = 65_536  # --prompts-per-step x --num-generations sequences decoded in one batch
-MAX_NEW_TOKENS = 131_072  # any completion budget; the model's own context is checked once its config is read
-MAX_EVAL_PROBLEMS = 100_000  # test problems per level (generated tasks build each one)
-MAX_SEED = 2**32 - 1  # numpy's seed range
-MAX_THREADS = 1024
 
 
 SCHEDULES = ("classic", "balanced", "cosine", "cosine_literal", "gaussian", "hard", "sec")
@@ -50,7 +33,7 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     # --- model and task ---
     model: str = _f("tiny", "hub id, local directory, or alias (tiny, Qwen2.5-1.5B, Qwen2.5-3B-Instruct, ...)")
@@ -150,110 +133,68 @@ class Config:
                               "(FSDP2: weights, gradients and AdamW state sharded across ranks; full fine-tuning)")
 
     def __post_init__(self):
-        self.eval_pass_k = tuple(self.eval_pass_k)  # argparse and config.json give a list
+        object.__setattr__(self, "eval_pass_k", tuple(self.eval_pass_k))  # argparse and config.json give a list
 
 
-# Settings that make the embedded tiny model learn visibly in a few CPU minutes (the demo preset: applied to the
-# model scripts/build_tiny_model.py built, whatever path names it, only to flags the user did not give). Why each
-# differs from the paper: a 1.8M-parameter model needs a far larger lr (5e-4 and 2e-4 made it forget level 0; 1e-4
-# learned); its completions are ~20-40 tokens; a short run needs a short clock. The schedule is E2H-C (cosine),
-# which visits every level equally, easy first; at 200 steps and 3 seeds it is not reliably better or worse than
-# balanced or gaussian on L1 (README results: the order changed between two sweeps). One torch thread: the model is
-# overhead-bound, and a second thread only waits on a loaded 2-core machine. Micro-batches of 128 rows under a
-# 512-token budget: sorted by length, the update pads ~4% (bench/step.py).
-DEMO_PRESET: dict[str, Any] = dict(
-    schedule="cosine", lr=1e-4, total_steps=200, prompts_per_step=16, max_new_tokens=64, micro_batch_size=128,
-    micro_batch_tokens=512,
-    beta=0.0, eval_every=50, eval_problems=200, save_every=50, log_completions_every=20, warmup_steps=5,
-    threads=1,
-)
-
-
-# The paper's release recipe (spec section 5) for Qwen2.5 / Llama-3.2 models, every value written out so the
-# start-up line shows the whole recipe; PAPER_TASK_BUDGETS overrides it per task.
-PAPER_RECIPE: dict[str, Any] = dict(
-    lora_r=32, lora_alpha=64.0, lora_dropout=0.1, lora_targets="q_proj,v_proj", lr=1e-6, lr_schedule="cosine",
-    num_generations=8, prompts_per_step=8, temperature=1.0, beta=0.001, epsilon=0.2, max_grad_norm=1.0,
-    total_steps=1600, max_new_tokens=512,
-)  # the KL estimator is left to its placement (kl_estimator_for): k3 in the loss as the paper, k1 with --kl-in-reward
-PAPER_TASK_BUDGETS: dict[str, dict[str, Any]] = {
-    "math": dict(total_steps=1200, max_new_tokens=1600),
-    "blocksworld": dict(total_steps=1200),
+# --help shows the flags in these groups, in this order (tests/test_train.py: every field in exactly one).
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "model and task": ("model", "task", "data", "seed", "chat_date", "device"),
+    "curriculum (the clock is the optimizer step)": ("schedule", "total_steps", "schedule_beta", "sigma", "min_prob",
+                                                     "sec_temperature", "sec_ema"),
+    "GRPO: rollout and update": ("prompts_per_step", "num_generations", "temperature", "max_new_tokens", "stop", "lr",
+                                 "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "epsilon",
+                                 "epsilon_high", "num_iterations", "advantage", "scale_rewards", "loss_type",
+                                 "importance_sampling_level", "drop_zero_std", "dynamic_sampling",
+                                 "max_resample_rounds", "mask_truncated", "plain_update", "max_nonfinite_steps"),
+    "KL to the reference model": ("beta", "kl_estimator", "use_bias_correction_kl", "kl_in_reward"),
+    "PPO (--advantage ppo)": ("gamma", "lam", "vf_coef", "cliprange_value"),
+    "batching and speed": ("micro_batch_size", "micro_batch_tokens", "share_prompt_forward", "skip_zero_advantage",
+                           "gradient_checkpointing", "threads", "parallel"),
+    "LoRA and precision": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "save_merged", "frozen_dtype",
+                           "save_dtype"),
+    "evaluation and logging": ("eval_every", "eval_problems", "eval_max_new_tokens", "eval_pass_k", "eval_samples",
+                               "eval_pass_k_levels", "log_completions_every", "log_every", "report_to"),
+    "the run folder": ("out_dir", "resume", "overwrite", "save_every", "keep_checkpoints"),
 }
-PAPER_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What a --model is, read before loading it (models.describe_model): its resolved path or hub id, its
-    architectures and parameter count from config.json (None when no config is reachable offline), and whether
-    scripts/build_tiny_model.py built it (its build_info.json says so)."""
-
-    path: str
-    architectures: tuple[str, ...] = ()
-    num_parameters: Optional[int] = None
-    tiny_build: bool = False
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str  # demo, paper or none
-    reason: str  # what the model is, in words
-    values: dict[str, Any]  # every field the preset sets where the user gave no flag
-
-
-def choose_preset(facts: ModelFacts, task: str) -> Preset:
-    """The preset for a model, by what it is: the tiny demo build, a paper architecture, or anything else.
-
-    Without a reachable config (a hub id not in the local cache) the hub id's family name decides.
-    """
-    size = f", {facts.num_parameters / 1e6:.1f}M parameters" if facts.num_parameters else ""
-    if facts.tiny_build:
-        return Preset("demo", f"{facts.path} was built by scripts/build_tiny_model.py{size}", dict(DEMO_PRESET))
-    paper_arch = next((a for a in facts.architectures if a in PAPER_ARCHITECTURES), None)
-    by_name = not facts.architectures and any(family in facts.path for family in ("Qwen2.5", "Llama-3"))
-    if paper_arch or by_name:
-        what = paper_arch or "a Qwen2.5 / Llama-3 hub id"
-        return Preset("paper", f"{what}{size}: the paper's release recipe for task {task}",
-                      {**PAPER_RECIPE, **PAPER_TASK_BUDGETS.get(task, {})})
-    what = "/".join(facts.architectures) or "no config.json reachable"
-    return Preset("none", f"{what}{size}: neither the tiny demo model nor a paper architecture "
-                          f"({', '.join(PAPER_ARCHITECTURES)}); the flags' defaults apply", {})
-
-
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """One --flag per Config field (underscored spelling accepted too); Optionals accept 'none'.
+    """One --flag per Config field, shown once in its HELP_GROUPS group (the underscored spelling, --x_y, is
+    accepted but hidden); Optionals accept 'none'; no abbreviations (--total-step is an error, not --total-steps).
 
-    Defaults are suppressed in the namespace so that `parse_config` knows which flags the user actually gave.
+    Defaults are suppressed in the namespace so that `resolve_config` knows which flags the user actually gave.
     """
-    parser = OneLineErrorParser(description=description, argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(Config):
-        kind = _base_type(f)
-        spellings = [_flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
-        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats help
-        if kind is bool:  # --flag / --no-flag
-            parser.add_argument(*spellings, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        elif kind is tuple:  # --eval-pass-k 1 4 16 (ints)
-            parser.add_argument(*spellings, dest=f.name, type=_parse_value(int, False), nargs="+", metavar="INT",
-                                help=help_text)
-        else:
-            optional = str(f.type).startswith("Optional[")  # only these take 'none' (--scale-rewards none is a str)
-            parser.add_argument(*spellings, dest=f.name, type=_parse_value(kind, optional),
-                                metavar=kind.__name__.upper(), help=help_text)
+    parser = OneLineErrorParser(description=description, argument_default=argparse.SUPPRESS,
+                                usage="%(prog)s [--flag VALUE ...]  (--help: every flag, by group)",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for title, names in HELP_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            add_flag(group, fields[name], [flag_name(name)], fields[name].metadata["help"])
+            if "_" in name:
+                add_flag(group, fields[name], [f"--{name}"], argparse.SUPPRESS)
     return parser
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints the whole usage block on a bad flag; every entry point prints the one line that matters
-    (and exits with code 2)."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+def add_flag(group, f: dataclasses.Field, spellings: list[str], help_text: str) -> None:
+    """One spelling of field f's flag: --x / --no-x for a bool, ints for a tuple, else one typed value."""
+    if help_text is not argparse.SUPPRESS:
+        help_text = f"{help_text} (default: {f.default})".replace("%", "%%")  # argparse formats help
+    kind = _base_type(f)
+    if kind is bool:
+        group.add_argument(*spellings, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+    elif kind is tuple:  # --eval-pass-k 1 4 16 (ints)
+        group.add_argument(*spellings, dest=f.name, type=_parse_value(int, False), nargs="+", metavar="INT",
+                           help=help_text)
+    else:
+        optional = str(f.type).startswith("Optional[")  # only these take 'none' (--scale-rewards none is a str)
+        group.add_argument(*spellings, dest=f.name, type=_parse_value(kind, optional),
+                           metavar=kind.__name__.upper(), help=help_text)
 
 
 def _base_type(f: dataclasses.Field) -> type:
@@ -271,14 +212,6 @@ def _parse_value(kind: type, optional: bool):
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
     parse.__name__ = kind.__name__  # argparse names the type in its error line
     return parse
-
-
-def kl_estimator_for(cfg: Config) -> str:
-    """The KL estimator a run uses: the one given, else the one whose expected gradient is grad KL(pi||ref) or
-    the paper's where it sits: k1 in the reward (InstructGPT), k3 in the loss (DeepSeekMath). README: KL."""
-    if cfg.kl_estimator is not None:
-        return cfg.kl_estimator
-    return "k1" if cfg.kl_in_reward else "k3"
 
 
 def combination_warnings(cfg: Config) -> list[str]:
@@ -301,80 +234,29 @@ def combination_warnings(cfg: Config) -> list[str]:
     return out
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Parse the command line into a validated Config (the model's preset under the user's flags)."""
-    return resolve_config(argv)[0]
-
-
-def resolve_config(argv: list[str] | None = None) -> tuple[Config, Preset, dict[str, Any]]:
-    """The validated Config, the preset chosen for the model and the values it set (those the user's flags did
-    not override). The Config is built once from preset + flags and not changed afterwards."""
-    from e2h_min.engine.models import describe_model
-
-    given = vars(build_parser().parse_args(argv))
-    saved = _resumed_run_settings(given.get("resume"))
-    if saved is not None:  # --resume RUN: the run's own settings under the flags given now (checked on resume)
-        preset = Preset("resumed", f"the settings of {given['resume']}/config.json", saved)
-    else:
-        preset = choose_preset(describe_model(given.get("model", Config.model)), given.get("task", Config.task))
-    if given.get("lora_r") == 0:  # full fine-tuning asked for: the preset's LoRA shape is neither set nor shown
-        preset = dataclasses.replace(preset, values={k: v for k, v in preset.values.items()
-                                                     if k not in ("lora_alpha", "lora_dropout", "lora_targets")})
-    applied = {k: v for k, v in preset.values.items() if k not in given}
-    if "warmup_steps" in applied:  # a short run asked for on the command line keeps a valid warmup
-        total = given.get("total_steps", applied.get("total_steps", Config.total_steps))
-        applied["warmup_steps"] = min(applied["warmup_steps"], total - 1)
-    cfg = Config(**{**applied, **given})
-    validate(cfg)
-    # config.json records the estimator used (a new Config: the one built above is not changed)
-    cfg = dataclasses.replace(cfg, kl_estimator=kl_estimator_for(cfg))
-    return cfg, preset, applied
-
-
-def _resumed_run_settings(run_dir: str | None) -> dict[str, Any] | None:
-    """The settings a train.py run recorded in RUN/config.json (None if run_dir is None or holds no such file),
-    without the bookkeeping of how it was started (resume, out_dir, overwrite)."""
-    import json
-    from pathlib import Path
-
-    if run_dir is None:
-        return None
-    try:
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(saved, dict) or "schedule" not in saved or "total_steps" not in saved:
-        return None
-    fields = {f.name for f in dataclasses.fields(Config)} - {"resume", "out_dir", "overwrite"}
-    return {k: v for k, v in saved.items() if k in fields}
-
-
-def describe_preset(preset: Preset, applied: dict[str, Any]) -> str:
-    """The start-up line: which preset, why, every value it set and which of its values the user's flags won."""
-    kept = sorted(_flag(k) for k in set(preset.values) - set(applied))
-    if preset.name == "resumed":  # every setting comes from the run; name only what the flags give again
-        return f"resuming with {preset.reason}" + (f"; flags given again: {', '.join(kept)}" if kept else "")
-    values = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in applied.items()) or "nothing"
-    return (f"preset {preset.name} ({preset.reason}): sets {values}"
-            + (f"; your flags win over its {', '.join(kept)}" if kept else ""))
-
-
 def validate(cfg: Config) -> None:
     """Reject invalid values and combinations before anything heavy happens (raises UserError, one line)."""
-    from e2h_min.tasks import TASKS
+    check_limits(cfg)
+    check_names(cfg)
+    check_ranges(cfg)
+    check_combinations(cfg)
 
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(message)
 
+def need(ok: bool, message: str) -> None:
+    """UserError(message) unless ok."""
+    if not ok:
+        raise UserError(message)
+
+
+def check_limits(cfg: Config) -> None:
+    """Sizes under the limits of e2h_min/errors.py, and no NaN/inf float (it would poison the math silently)."""
     for f in dataclasses.fields(cfg):  # every float knob: NaN or inf is never meant (and poisons the math silently)
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{_flag(f.name)} must be a finite number, got {value}")
+            raise UserError(f"{flag_name(f.name)} must be a finite number, got {value}")
     need(0 <= cfg.seed <= MAX_SEED, f"--seed must be in [0, {MAX_SEED}], got {cfg.seed}")
     need(0 <= cfg.threads <= MAX_THREADS, f"--threads must be in [0, {MAX_THREADS}] (0 = torch default), "
                                           f"got {cfg.threads}")
-    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.total_steps <= MAX_STEPS, f"--total-steps must be <= {MAX_STEPS:,} (the limit), got {cfg.total_steps}")
     need(cfg.prompts_per_step * cfg.num_generations <= MAX_ROLLOUT_ROWS,
          f"--prompts-per-step x --num-generations = {cfg.prompts_per_step * cfg.num_generations:,} sequences per "
@@ -387,12 +269,12 @@ def validate(cfg: Config) -> None:
                                                  f"limit), got {cfg.eval_problems}")
     need(cfg.max_resample_rounds <= 100, f"--max-resample-rounds must be <= 100, got {cfg.max_resample_rounds}")
     need(cfg.num_iterations <= 100, f"--num-iterations must be <= 100, got {cfg.num_iterations}")
-    need(cfg.sigma >= 1e-3, f"--sigma must be >= 0.001 (a narrower bump is the same single level), got {cfg.sigma}")
-    need(cfg.min_prob is None or 0 <= cfg.min_prob <= 1, f"--min-prob must be in [0, 1/K] (K levels), "
-                                                         f"got {cfg.min_prob}")
-    need(not (cfg.resume and cfg.overwrite), "--overwrite replaces a run and --resume continues one; pass one")
-    need(not (cfg.resume and cfg.out_dir and cfg.out_dir != cfg.resume),
-         "--resume DIR continues the run in DIR; drop --out-dir (or give the same directory)")
+
+
+def check_names(cfg: Config) -> None:
+    """Every name-valued flag names something that exists."""
+    from e2h_min.tasks import TASKS
+
     need(cfg.task in TASKS, f"unknown --task {cfg.task!r}; choose one of {', '.join(sorted(TASKS))}")
     need(cfg.schedule in SCHEDULES, f"unknown --schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     need(cfg.advantage in ADVANTAGES, f"unknown --advantage {cfg.advantage!r}; choose one of {', '.join(ADVANTAGES)}")
@@ -402,11 +284,21 @@ def validate(cfg: Config) -> None:
     need(cfg.scale_rewards in ("group", "batch", "none"), "--scale-rewards must be group, batch or none")
     need(cfg.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant")
     need(cfg.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp (got {cfg.parallel})")
-    need(cfg.parallel != "fsdp" or not cfg.lora_r, f"--parallel fsdp shards full fine-tuning, but LoRA is on "
-                                                   f"(--lora-r {cfg.lora_r}; the paper preset turns it on): pass "
-                                                   f"--lora-r 0, or use --parallel ddp for LoRA")
-    need(cfg.parallel != "fsdp" or cfg.advantage != "ppo", "--parallel fsdp does not support --advantage ppo yet "
-                                                           "(its value head); use --parallel ddp")
+    need(cfg.importance_sampling_level in ("token", "sequence"), "--importance-sampling-level must be token or sequence")
+    need(cfg.frozen_dtype in ("auto", "float32", "bfloat16"), "--frozen-dtype must be auto, float32 or bfloat16")
+    need(cfg.save_dtype in ("auto", "float32", "bfloat16"), "--save-dtype must be auto, float32 or bfloat16")
+    need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
+         f"unknown --device {cfg.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    from e2h_min.run.tracking import parse_report_to
+    parse_report_to(cfg.report_to)  # raises UserError on an unknown tracker name
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every number in its range."""
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.sigma >= 1e-3, f"--sigma must be >= 0.001 (a narrower bump is the same single level), got {cfg.sigma}")
+    need(cfg.min_prob is None or 0 <= cfg.min_prob <= 1, f"--min-prob must be in [0, 1/K] (K levels), "
+                                                         f"got {cfg.min_prob}")
     need(cfg.num_generations >= 2, f"--num-generations must be >= 2 for group-relative advantages "
                                    f"(got {cfg.num_generations})")
     need(cfg.prompts_per_step >= 1, "--prompts-per-step must be >= 1")
@@ -420,19 +312,11 @@ def validate(cfg: Config) -> None:
     need(cfg.lr > 0, "--lr must be > 0")
     need(0 <= cfg.warmup_steps < cfg.total_steps, "--warmup-steps must be in [0, total_steps)")
     need(cfg.beta >= 0, "--beta (KL coefficient) must be >= 0")
-    need(not cfg.plain_update or (cfg.advantage != "ppo" and cfg.loss_type == "grpo" and not cfg.kl_in_reward
-                                  and cfg.importance_sampling_level == "token" and not cfg.use_bias_correction_kl
-                                  and cfg.kl_estimator in (None, "k3")),
-         "--plain-update writes out the paper's loss only: drop --advantage ppo, --loss-type, --kl-in-reward, "
-         "--importance-sampling-level sequence, --use-bias-correction-kl and --kl-estimator other than k3")
-    need(not (cfg.use_bias_correction_kl and cfg.kl_in_reward), "--use-bias-correction-kl weights the KL in the "
-         "loss; with --kl-in-reward it has no effect: drop one of the two")
     need(cfg.epsilon > 0, "--epsilon must be > 0")
     need(cfg.epsilon_high is None or cfg.epsilon_high >= cfg.epsilon, "--epsilon-high must be >= --epsilon")
     need(cfg.num_iterations >= 1, "--num-iterations must be >= 1")
     need(cfg.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 disables clipping)")
     need(cfg.sigma > 0, "--sigma must be > 0")
-    need(cfg.importance_sampling_level in ("token", "sequence"), "--importance-sampling-level must be token or sequence")
     need(cfg.max_resample_rounds >= 0, "--max-resample-rounds must be >= 0")
     need(0 < cfg.gamma <= 1 and 0 <= cfg.lam <= 1, "--gamma must be in (0, 1] and --lam in [0, 1]")
     need(cfg.vf_coef >= 0 and cfg.cliprange_value > 0, "--vf-coef must be >= 0 and --cliprange-value > 0")
@@ -440,85 +324,38 @@ def validate(cfg: Config) -> None:
     need(0 < cfg.sec_ema <= 1, "--sec-ema must be in (0, 1]")
     need(cfg.schedule_beta >= 0, "--schedule-beta must be >= 0")
     need(cfg.eval_problems >= 1, "--eval-problems must be >= 1")
+    need(min(cfg.eval_every, cfg.save_every, cfg.log_completions_every) >= 0, "--*-every flags must be >= 0")
+    need(cfg.log_every >= 0, "--log-every must be >= 0 (0 = auto)")
+    need(cfg.lora_r >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1, "--lora-r must be >= 0, "
+         "--lora-alpha > 0 and --lora-dropout in [0, 1)")
+    need(cfg.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be >= 1")
+    need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
+
+
+def check_combinations(cfg: Config) -> None:
+    """Flags that contradict each other, or one that needs another."""
+    need(not (cfg.resume and cfg.overwrite), "--overwrite replaces a run and --resume continues one; pass one")
+    need(not (cfg.resume and cfg.out_dir and cfg.out_dir != cfg.resume),
+         "--resume DIR continues the run in DIR; drop --out-dir (or give the same directory)")
+    need(cfg.parallel != "fsdp" or not cfg.lora_r, f"--parallel fsdp shards full fine-tuning, but LoRA is on "
+                                                   f"(--lora-r {cfg.lora_r}; the paper preset turns it on): pass "
+                                                   f"--lora-r 0, or use --parallel ddp for LoRA")
+    need(cfg.parallel != "fsdp" or cfg.advantage != "ppo", "--parallel fsdp does not support --advantage ppo yet "
+                                                           "(its value head); use --parallel ddp")
+    need(not cfg.plain_update or (cfg.advantage != "ppo" and cfg.loss_type == "grpo" and not cfg.kl_in_reward
+                                  and cfg.importance_sampling_level == "token" and not cfg.use_bias_correction_kl
+                                  and cfg.kl_estimator in (None, "k3")),
+         "--plain-update writes out the paper's loss only: drop --advantage ppo, --loss-type, --kl-in-reward, "
+         "--importance-sampling-level sequence, --use-bias-correction-kl and --kl-estimator other than k3")
+    need(not (cfg.use_bias_correction_kl and cfg.kl_in_reward), "--use-bias-correction-kl weights the KL in the "
+         "loss; with --kl-in-reward it has no effect: drop one of the two")
+    need(cfg.data is None or cfg.task in ("gsm8k", "math", "aqua"), f"--data is not used by task {cfg.task!r}")
     need(not cfg.eval_samples or cfg.eval_pass_k, f"--eval-samples {cfg.eval_samples} needs --eval-pass-k (which k "
                                                   f"to report, e.g. --eval-pass-k 1 4 16)")
     samples = cfg.eval_samples or max(cfg.eval_pass_k, default=0)
     need(0 <= samples <= MAX_ROLLOUT_ROWS, f"--eval-samples must be in [0, {MAX_ROLLOUT_ROWS:,}], got {samples}")
     need(all(1 <= k <= samples for k in cfg.eval_pass_k), f"--eval-pass-k needs 1 <= k <= --eval-samples "
                                                           f"({samples}); got {' '.join(map(str, cfg.eval_pass_k))}")
-    need(min(cfg.eval_every, cfg.save_every, cfg.log_completions_every) >= 0, "--*-every flags must be >= 0")
-    need(cfg.log_every >= 0, "--log-every must be >= 0 (0 = auto)")
-    from e2h_min.run.tracking import parse_report_to
-    parse_report_to(cfg.report_to)  # raises UserError on an unknown tracker name
-    need(cfg.lora_r >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1, "--lora-r must be >= 0, "
-         "--lora-alpha > 0 and --lora-dropout in [0, 1)")
-    need(cfg.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be >= 1")
-    need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
-    need(cfg.data is None or cfg.task in ("gsm8k", "math", "aqua"), f"--data is not used by task {cfg.task!r}")
-    need(cfg.frozen_dtype in ("auto", "float32", "bfloat16"), "--frozen-dtype must be auto, float32 or bfloat16")
-    need(cfg.save_dtype in ("auto", "float32", "bfloat16"), "--save-dtype must be auto, float32 or bfloat16")
-    need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
-         f"unknown --device {cfg.device!r}; use auto, cpu, cuda, cuda:N or mps")
-
-
-def check_context(max_new_tokens: int, context: int | None, flag: str = "--max-new-tokens") -> None:
-    """A completion budget must leave room in the model's context (max_position_embeddings; None = unknown), or
-    decoding would index past the position table or allocate for a length the model cannot use."""
-    if context is not None and max_new_tokens > context:
-        raise UserError(f"{flag} {max_new_tokens} exceeds the model's context of {context} tokens "
-                        f"(max_position_embeddings); use less, leaving room for the prompt")
-
-
-def check_output_dir(path, flag: str) -> None:
-    """Create `path` (a directory the entry point will write into) now and write a scratch file there, or raise a
-    UserError saying why not: an unwritable place should fail before the work, not after it."""
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
-    for parent in [path, *path.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"{flag} {path}: {parent} is a file, not a directory; pass a directory path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise UserError(f"{flag} {path}: cannot write there ({exc.strerror}); pass a writable directory") from None
-
-
-def check_output_file(path, flag: str) -> None:
-    """`path` can be written: not a directory, and its directory can be created and written (a scratch file is
-    written and removed there). Checked before the work."""
-    from pathlib import Path
-
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: a directory; pass a file path")
-    check_output_dir(path.parent if str(path.parent) else Path("."), flag + " (its directory)")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UserError(f"{flag} {path}: not writable; pass a writable path")
-
-
-def exit_on_user_error(fn):
-    """Decorator for entry points: a UserError (or a task data error) becomes one stderr line and exit code 2."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from e2h_min.tasks.base import TaskDataError
-        try:
-            return fn(*args, **kwargs)
-        except (UserError, TaskDataError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        except OSError as exc:  # a full disk or quota is the user's to fix, not a bug: one line too
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            print(f"error: no space left on the device (writing {exc.filename or 'a file'}); free some space and "
-                  f"run again (train.py: --resume RUN_DIR continues from the last intact checkpoint)", file=sys.stderr)
-            sys.exit(2)
-    return wrapper
 
 
 def schedule_params(cfg: Config) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from e2h_min.run.config import UserError
+from e2h_min.errors import UserError
 
 
 class DivergedError(UserError):

@@ -17,7 +17,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from e2h_min.run.config import Config, UserError, check_output_dir
+from e2h_min.errors import UserError, check_output_dir
+from e2h_min.run.config import Config
 from e2h_min.jsonl import read_log, write_log
 from e2h_min.rl.samples import StepSamples
 

@@ -24,7 +24,7 @@ import os
 import uuid
 from pathlib import Path
 
-from e2h_min.run.config import UserError
+from e2h_min.errors import UserError
 
 # tracker name -> (the module it needs, the pip package that brings it)
 TRACKER_MODULES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}

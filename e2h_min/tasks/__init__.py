@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from e2h_min.tasks.base import Problem, Task, TaskDataError
+from e2h_min.errors import TaskDataError
+from e2h_min.tasks.base import Problem, Task
 
 # name -> "module:Class"; imported lazily so optional dependencies of one task never slow or break another.
 TASKS = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from e2h_min.errors import TaskDataError  # noqa: F401  (the tasks raise it; re-exported)
+
 SYSTEM_PROMPT = (
     "You are a helpful assistant. You first thinks about the reasoning process in the mind and then provides "
     "the user with the answer.\n"
@@ -19,10 +21,6 @@ PREFILL = "Let me solve this step by step.\n<think>"
 THINK_ANSWER_INSTRUCTION = (
     "Show your work in <think> </think> tags. And return the final answer in <answer> </answer> tags"
 )
-
-
-class TaskDataError(ValueError):
-    """A data file is missing or malformed; the message names the file and the expected columns."""
 
 
 @dataclass(frozen=True)

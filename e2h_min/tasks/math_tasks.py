@@ -50,7 +50,8 @@ from collections import Counter
 
 from e2h_min.tasks.rewards import ANSWER_REWARD, FORMAT_REWARD, parse_think_answer
 from e2h_min.jsonl import parse_json
-from e2h_min.tasks.base import THINK_ANSWER_INSTRUCTION, Problem, Task, TaskDataError
+from e2h_min.errors import TaskDataError
+from e2h_min.tasks.base import THINK_ANSWER_INSTRUCTION, Problem, Task
 from e2h_min.tasks.math_grader import extract_boxed_answer, load_mpmath, math_answers_equivalent
 
 TEST_FRACTION = 0.05
