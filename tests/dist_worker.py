@@ -28,6 +28,9 @@ import numpy as np
 import torch
 
 import train
+from e2h_min.rl.curriculum import LevelSampler
+from e2h_min.run import bookkeeping
+from e2h_min.run import setup as run_setup
 from e2h_min.engine import logprobs
 from e2h_min.run.config import Config
 from e2h_min.engine.distributed import DistInfo, init_distributed
@@ -65,7 +68,7 @@ def _digest(tokens) -> int:
     return zlib.crc32(np.asarray(tokens, dtype=np.int64).tobytes())
 
 
-class FixedDraws(train.LevelSampler):
+class FixedDraws(LevelSampler):
     """Level-0 test problems in a fixed order, whatever p_t says: the k-th problem drawn at step t is problem
     20 t + k (a function of the step, so a resumed run draws the same). Problems whose index % 20 is in EQUAL
     score the same for every sample; the pattern puts them in the first half of a 4-prompt step (rank 0's
@@ -112,7 +115,7 @@ def fake_score(task, problems, tokenizer, rollout, stop_strings=()):
 
 @contextlib.contextmanager
 def deterministic_rollouts(sgd: bool = True):
-    with mock.patch.object(train, "LevelSampler", FixedDraws), mock.patch.object(train, "generate", fake_generate), \
+    with mock.patch.object(run_setup, "LevelSampler", FixedDraws), mock.patch.object(train, "generate", fake_generate), \
             mock.patch.object(train, "score_rollout", fake_score), \
             mock.patch.object(torch.optim, "AdamW", PlainSGD if sgd else torch.optim.AdamW):
         yield
@@ -121,7 +124,7 @@ def deterministic_rollouts(sgd: bool = True):
 def run_resume(out: Path, dist_info: DistInfo) -> None:
     """The FSDP2 run uninterrupted (out/resume_full) and stopped after its step-1 checkpoint, then resumed
     (out/resume_broken); rank 0 also writes the memory figures the run logged (out/fsdp_memory.json)."""
-    real_barrier, real_memory = train.barrier, train.log_sharded_memory
+    real_barrier, real_memory = bookkeeping.barrier, bookkeeping.log_sharded_memory
     broken = out / "resume_broken"
 
     def stop_after_first_checkpoint(info):  # checkpoint() ends in this barrier, on every rank
@@ -138,9 +141,9 @@ def run_resume(out: Path, dist_info: DistInfo) -> None:
             (out / "fsdp_memory.json").write_text(json.dumps(figures))
         return figures
 
-    with deterministic_rollouts(sgd=False), mock.patch.object(train, "log_sharded_memory", keep_memory):
+    with deterministic_rollouts(sgd=False), mock.patch.object(bookkeeping, "log_sharded_memory", keep_memory):
         train.main(LOOP_ARGS + RESUME_ARGS + ["--out-dir", str(out / "resume_full")])
-        with mock.patch.object(train, "barrier", stop_after_first_checkpoint):
+        with mock.patch.object(bookkeeping, "barrier", stop_after_first_checkpoint):
             try:
                 train.main(LOOP_ARGS + RESUME_ARGS + ["--out-dir", str(broken)])
             except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train
+from e2h_min.run.setup import lr_multiplier
 from e2h_min.run.config import Config
 from e2h_min.engine.models import ValueHead, frozen_copy
 from e2h_min.rl.ppo import ppo_update
@@ -211,7 +212,7 @@ def test_none_is_a_choice_of_scale_rewards_and_unsets_only_optional_flags():
 def test_lr_multiplier_warms_up_then_follows_the_schedule(schedule, expected):
     cfg = Config(total_steps=6, warmup_steps=4, lr_schedule=schedule)  # decay over steps 4..6
     steps = [0, 1, 3, 5, 6]
-    assert [train.lr_multiplier(s, cfg) for s in steps] == pytest.approx(expected, abs=1e-12)
+    assert [lr_multiplier(s, cfg) for s in steps] == pytest.approx(expected, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- signs of the reward-shaping terms

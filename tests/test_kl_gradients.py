@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from e2h_min.rl import kl_reward
 from e2h_min.run.config import combination_warnings
 from e2h_min.run.presets import parse_config
 from e2h_min.analysis.kl_gradients import (OPTIONS, categorical_setup, compare, expected_gradient, kl_table,
@@ -152,17 +153,18 @@ def test_ppo_reward_penalty_uses_the_estimator_k1_by_default():
 def test_training_step_subtracts_the_kl_after_normalising_the_verifier_rewards(tmp_path, monkeypatch):
     """In train.main: the update receives A(verifier rewards) - beta * (KL_i - mean of the group's other KLs)."""
     seen = {}
-    real_kl, real_update = train.reference_sequence_kl, train.update_with_oom_retry
+    real_kl, real_update = kl_reward.reference_sequence_kl, train.update_with_oom_retry
 
     def record_kl(*args):
         seen["kl"] = real_kl(*args)
         return seen["kl"]
 
-    def record_update(run, kept, advantages, limits):
+    def record_update(run_update, *rest):  # run_update: the step's update, partial(update, kept, advantages)
+        kept, advantages = run_update.args
         seen["rewards"], seen["advantages"] = kept.rewards, advantages
-        return real_update(run, kept, advantages, limits)
+        return real_update(run_update, *rest)
 
-    monkeypatch.setattr(train, "reference_sequence_kl", record_kl)
+    monkeypatch.setattr(kl_reward, "reference_sequence_kl", record_kl)
     monkeypatch.setattr(train, "update_with_oom_retry", record_update)
     # step 2 samples from a policy that step 1 moved away from the reference (a large lr makes the KL visible)
     train.main(["--total-steps", "2", "--lr", "0.01", "--prompts-per-step", "2", "--num-generations", "4",

@@ -8,6 +8,7 @@ texts and everything downstream are real). Expected values are computed here fro
 """
 
 import copy
+import functools
 import json
 
 import numpy as np
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 import train
+from e2h_min.engine.models import load_tokenizer
+from e2h_min.run import setup as run_setup
 from e2h_min.engine.models import TINY_MODEL_DIR, frozen_copy
 from tests.test_invariants import plain_kl, plain_logprobs
 
@@ -33,9 +36,10 @@ class Recorder:
         self.script = [list(r) for r in rewards] if rewards is not None else None
         real_update, real_score = train.update_with_oom_retry, train.score_rollout
 
-        def update(run, kept, advantages, limits):
+        def update(run_update, *rest):  # run_update: the step's update, partial(update, kept, advantages)
+            kept, advantages = run_update.args
             self.updates.append((copy.deepcopy(kept), advantages.detach().clone()))
-            return real_update(run, kept, advantages, limits)
+            return real_update(run_update, *rest)
 
         def score(task, problems, tokenizer, rollout, stop_strings=()):
             texts, rewards = real_score(task, problems, tokenizer, rollout, stop_strings)
@@ -47,14 +51,14 @@ class Recorder:
 
         recorder = self
 
-        class RecordingSampler(train.LevelSampler):
+        class RecordingSampler(run_setup.LevelSampler):
             def update(self, level_to_signal):
                 recorder.sec_signals.append(dict(level_to_signal))
                 return super().update(level_to_signal)
 
         monkeypatch.setattr(train, "update_with_oom_retry", update)
         monkeypatch.setattr(train, "score_rollout", score)
-        monkeypatch.setattr(train, "LevelSampler", RecordingSampler)
+        monkeypatch.setattr(run_setup, "LevelSampler", RecordingSampler)
 
     def sampled(self):
         """Every sample drawn in the step (all rounds, in order): completions, finished flags, rewards."""
@@ -119,7 +123,7 @@ def test_mask_truncated_trains_exactly_the_finished_samples_and_each_ends_in_eos
     (kept, _), = recorder.updates
     assert kept.completions == finished
     assert row["trained_fraction"] == pytest.approx(len(finished) / len(drawn))
-    tokenizer = train.load_tokenizer(cfg["model"])
+    tokenizer = load_tokenizer(cfg["model"])
     for completion in kept.completions:  # the token that ended the row (EOS or the stop string's) is kept
         text = tokenizer.decode(completion, skip_special_tokens=False)
         assert completion[-1] == tokenizer.eos_token_id or text.rstrip().endswith(cfg["stop"]), text
@@ -161,8 +165,9 @@ def test_non_finite_gradients_skip_updates_and_stop_the_run_after_max_nonfinite_
                                                                                       capsys):
     real = train.update_with_oom_retry
 
-    def poisoned(run, kept, advantages, limits):  # NaN advantages -> NaN grads
-        return real(run, kept, advantages * float("nan"), limits)
+    def poisoned(run_update, *rest):  # NaN advantages -> NaN grads
+        kept, advantages = run_update.args
+        return real(functools.partial(run_update.func, kept, advantages * float("nan")), *rest)
 
     monkeypatch.setattr(train, "update_with_oom_retry", poisoned)
     with pytest.raises(SystemExit) as exc:
@@ -207,7 +212,7 @@ def test_kl_in_the_reward_lowers_the_advantage_of_samples_far_from_the_reference
         references.append(reference)
         return reference
 
-    monkeypatch.setattr(train, "frozen_copy", perturbed_copy)
+    monkeypatch.setattr(run_setup, "frozen_copy", perturbed_copy)
     recorder = Recorder(monkeypatch, rewards=[[0.0] * 8])
     (row,), cfg = run(tmp_path, "--prompts-per-step", "2", "--num-generations", "4", "--beta", "0.1",
                       "--kl-in-reward", "--kl-estimator", estimator, "--temperature", "3")

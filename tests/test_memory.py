@@ -9,6 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import train
+from e2h_min.run.setup import build_models
 from e2h_min.run.checkpoint import save_final
 from e2h_min.run.presets import parse_config
 from e2h_min.run.memory import (GIB, estimate_memory, format_memory, loading_peak, lora_parameter_count, training_memory,
@@ -62,10 +63,10 @@ def test_training_memory_reads_counts_and_frozen_dtype_off_the_built_models():
 def test_build_models_keeps_frozen_weights_in_the_frozen_dtype():
     base = ["--model", "tiny", "--beta", "0.01", "--device", "cpu"]
     for extra, frozen in (([], torch.float32), (["--frozen-dtype", "bfloat16"], torch.bfloat16)):
-        policy, reference, _ = train.build_models(parse_config(base + extra), CPU, None)  # full fine-tuning
+        policy, reference, _ = build_models(parse_config(base + extra), CPU, None)  # full fine-tuning
         assert {p.dtype for p in policy.parameters()} == {torch.float32}
         assert {p.dtype for p in reference.model.parameters()} == {frozen}
-        policy, reference, _ = train.build_models(parse_config(base + extra + ["--lora-r", "4"]), CPU, None)
+        policy, reference, _ = build_models(parse_config(base + extra + ["--lora-r", "4"]), CPU, None)
         assert {p.dtype for p in policy.parameters() if p.requires_grad} == {torch.float32}
         assert {p.dtype for p in policy.parameters() if not p.requires_grad} == {frozen}
         assert reference.model is policy

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from e2h_min.run import bookkeeping
 from e2h_min.run.checkpoint import list_checkpoints, resume_checkpoint, save_checkpoint, verify_checkpoint
 from e2h_min.jsonl import parse_json, read_log
 from tests.test_checkpoint import make_state
@@ -34,7 +35,7 @@ def final_weights(run_dir: Path) -> dict:
 
 def run_killed_after_checkpoint(run_dir: Path, step: int, monkeypatch, args=QUICK) -> None:
     """train.main dies (as if killed) right after writing checkpoint `step`."""
-    real_save = train.save_checkpoint
+    real_save = bookkeeping.save_checkpoint
 
     def save_then_die(directory, at, *a, **kw):
         path = real_save(directory, at, *a, **kw)
@@ -42,10 +43,10 @@ def run_killed_after_checkpoint(run_dir: Path, step: int, monkeypatch, args=QUIC
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(bookkeeping, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--out-dir", str(run_dir)])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(bookkeeping, "save_checkpoint", real_save)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_same_command_twice_keeps_both_runs(tmp_path, monkeypatch, capsys):
 def test_second_run_on_a_busy_folder_exits_2_and_the_first_finishes_intact(tmp_path, monkeypatch, capsys,
                                                                             uninterrupted):
     run_dir = tmp_path / "busy"
-    real_save, seen = train.save_checkpoint, []
+    real_save, seen = bookkeeping.save_checkpoint, []
 
     def save_and_start_a_rival(directory, step, *a, **kw):
         if step == 1:  # a second run on the same folder while the first is mid-run
@@ -185,7 +186,7 @@ def test_second_run_on_a_busy_folder_exits_2_and_the_first_finishes_intact(tmp_p
                 seen.append((exc.value.code, capsys.readouterr().err.strip()))
         return real_save(directory, step, *a, **kw)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_and_start_a_rival)
+    monkeypatch.setattr(bookkeeping, "save_checkpoint", save_and_start_a_rival)
     train.main(QUICK + ["--out-dir", str(run_dir)])
     for code, err in seen:
         assert code == 2 and len(err.splitlines()) == 1 and f"in use by another run (PID {os.getpid()})" in err
@@ -422,7 +423,7 @@ def test_label_difficulty_checks_its_output_before_sampling(tmp_path, capsys):
 @requires_tiny
 def test_full_disk_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys, uninterrupted):
     import errno
-    real_append = train.append_jsonl
+    real_append = bookkeeping.append_jsonl
 
     def append_until_full(path, row):
         if row.get("step") == 3 and path.name == "metrics.jsonl":
@@ -431,9 +432,9 @@ def test_full_disk_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real_append(path, row)
 
-    monkeypatch.setattr(train, "append_jsonl", append_until_full)
+    monkeypatch.setattr(bookkeeping, "append_jsonl", append_until_full)
     one_line_exit_2(capsys, lambda: train.main(QUICK + ["--out-dir", str(tmp_path)]), "no space left on the device",
                     after_progress=True)
-    monkeypatch.setattr(train, "append_jsonl", real_append)
+    monkeypatch.setattr(bookkeeping, "append_jsonl", real_append)
     train.main(QUICK + ["--resume", str(tmp_path)])
     assert strip(read_jsonl(tmp_path / "metrics.jsonl")) == strip(read_jsonl(uninterrupted / "metrics.jsonl"))

@@ -4,13 +4,15 @@ Each saving is checked against the plain computation it replaces: whole prompt +
 run, micro-batches cut by rows only.
 """
 
-from types import SimpleNamespace
+import functools
 
 import numpy as np
 import pytest
 import torch
 
 import train
+from e2h_min.engine.distributed import Compute, DistInfo
+from e2h_min.engine.models import Models
 from e2h_min.run.config import Config
 from e2h_min.engine.logprobs import (SharedPrompts, completion_logprobs, micro_batches, pack_micro_batches, pack_sequences,
                               pack_suffixes)
@@ -207,9 +209,10 @@ def test_out_of_memory_in_the_update_halves_the_budgets_and_retries_to_the_same_
         monkeypatch.setattr(train, "policy_update", flaky_update)
         before = [p.detach().clone() for p in policy.parameters()]
         limits = MicroBatchLimits(cfg.micro_batch_size, cfg.micro_batch_tokens)
-        run = SimpleNamespace(policy=policy, reference=None, optimizer=optimizer, cfg=cfg, device=CPU,
-                              autocast=NO_AUTOCAST, value_head=None, dist_info=train.DistInfo(), log=logged.append)
-        _, limits = train.update_with_oom_retry(run, samples, advantages, limits)
+        algorithm = train.choose_algorithm(cfg, Models(policy, policy, None, None), optimizer,
+                                           Compute(CPU, DistInfo(), NO_AUTOCAST))
+        _, limits = train.update_with_oom_retry(functools.partial(algorithm.update, samples, advantages), limits,
+                                                optimizer, algorithm.may_retry, logged.append)
         assert (cfg.micro_batch_size, cfg.micro_batch_tokens) == (8, 40)  # the config is never changed
         calls.append(("after", limits.rows, limits.tokens))
         delta = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, policy.parameters())])

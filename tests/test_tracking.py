@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import train
+from e2h_min.run import setup as run_setup
 from e2h_min.run import tracking
 from e2h_min.errors import UserError
 from e2h_min.run.model_card import reproducing_command
@@ -90,8 +91,8 @@ def test_missing_tracker_package_is_one_line_and_exit_2_before_any_model_loads(m
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the tracker check")
 
-    monkeypatch.setattr(train, "load_tokenizer", no_model)
-    monkeypatch.setattr(train, "load_model", no_model)
+    monkeypatch.setattr(run_setup, "load_tokenizer", no_model)
+    monkeypatch.setattr(run_setup, "load_model", no_model)
     with pytest.raises(SystemExit) as exc:
         train.main(["--report-to", "wandb", "--out-dir", str(tmp_path / "run")])
     assert exc.value.code == 2

@@ -8,6 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import train
+from e2h_min.run import bookkeeping
+from e2h_min.run.setup import lr_multiplier
 from e2h_min.run.config import Config
 from e2h_min.engine.logprobs import completion_logprobs, micro_batches, pack_sequences
 from e2h_min.engine.models import TINY_MODEL_DIR, ValueHead, frozen_copy
@@ -139,11 +141,11 @@ def test_eos_token_is_inside_the_loss_even_when_pad_equals_eos():
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
     cfg = Config(total_steps=100, warmup_steps=10)
-    assert train.lr_multiplier(0, cfg) == pytest.approx(0.1)
-    assert train.lr_multiplier(9, cfg) == pytest.approx(1.0)
-    assert train.lr_multiplier(10, cfg) == pytest.approx(1.0)
-    assert train.lr_multiplier(55, cfg) == pytest.approx(0.5)
-    assert train.lr_multiplier(100, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(10, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(55, cfg) == pytest.approx(0.5)
+    assert lr_multiplier(100, cfg) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_micro_batches_sort_by_length_and_cover_every_sample():
@@ -204,7 +206,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, monkeypatch):
     full, broken = tmp_path / "full", tmp_path / "broken"
     train.main(TINY_ARGS + ["--out-dir", str(full)])
 
-    real_save = train.save_checkpoint
+    real_save = bookkeeping.save_checkpoint
 
     def save_then_die(run_dir, step, *args, **kwargs):
         path = real_save(run_dir, step, *args, **kwargs)
@@ -212,10 +214,10 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if killed right after the step-2 checkpoint
         return path
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(bookkeeping, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.main(TINY_ARGS + ["--out-dir", str(broken)])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(bookkeeping, "save_checkpoint", real_save)
     # a half-finished step 3 line would be dropped too; add one to prove it
     with open(broken / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps({"step": 3, "partial": True}) + "\n")

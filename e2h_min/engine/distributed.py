@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -45,6 +49,25 @@ class DistInfo:
         """This rank's contiguous share of `items` (equal shares when the world size divides its length)."""
         start, stop = self.shard_start(len(items)), self.shard_start(len(items)) + len(items) // self.world_size
         return items[start:stop + (self.rank < len(items) % self.world_size)]
+
+
+class Compute(NamedTuple):
+    """Where one step computes: its device, its rank among the processes, and autocast() (a context: bf16 compute
+    on CUDA, fp32 elsewhere)."""
+
+    device: torch.device
+    dist: DistInfo
+    autocast: Callable
+
+
+def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> None:
+    """Seed every RNG from (seed, rank, step): a resumed or multi-rank run draws exactly what it would have.
+    The rollout generator is seeded from (seed, step) alone, the same on every rank: the ranks draw the random
+    numbers of the whole step's samples and each keeps its own rows' (see train.collect), so a sample is the
+    same whichever rank rolls it out and however many ranks there are."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(1)
+    random.seed(int(state[0])), np.random.seed(int(state[0])), torch.manual_seed(int(state[0]))
+    generator.manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
 
 def init_distributed(device_type: str) -> DistInfo:

@@ -14,7 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -213,6 +213,17 @@ class Reference:
 
     model: torch.nn.Module
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+class Models(NamedTuple):
+    """The models of a run: the trained policy (under FSDP: sharded), the model that rolls out, evaluates and is
+    saved (the policy itself, or under FSDP its full-weight copy), the frozen reference (None when beta = 0) and
+    PPO's value head (None unless --advantage ppo)."""
+
+    policy: torch.nn.Module
+    sampling_model: torch.nn.Module
+    reference: Reference | None
+    value_head: ValueHead | None
 
 
 def frozen_copy(model, dtype: torch.dtype | None = None) -> Reference:

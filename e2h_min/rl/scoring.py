@@ -4,10 +4,23 @@ sampled for them, the same in training (train.py), evaluation (analysis/evaluati
 from __future__ import annotations
 
 from datetime import date, datetime, timezone
+from typing import NamedTuple
 
 import numpy as np
 
-from e2h_min.engine.sampler import Generation
+from e2h_min.engine.sampler import Generation, StopChecker
+
+
+class Chat(NamedTuple):
+    """How problems become token prompts and sampled tokens become scored text: the tokenizer, the chat-template
+    variables that pin the prompts' date (chat_date_variables), the stop string checker, the ids that end a turn
+    (eos_token_ids) and the padding id."""
+
+    tokenizer: object
+    template_vars: dict
+    stop_checker: StopChecker
+    eos: list[int]
+    pad: int
 
 
 def today() -> str:
