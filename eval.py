@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from e2h_min.run.checkpoint import latest_checkpoint
 from e2h_min.errors import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS,
                             OneLineErrorParser, UserError, check_context, check_output_dir, exit_on_user_error)
-from e2h_min.run.config import is_iso_date
+from e2h_min.errors import is_iso_date
 from e2h_min.jsonl import parse_json
 from e2h_min.analysis.evaluation import evaluate, held_out_problems
 from e2h_min.rl.scoring import chat_date_variables, encode_prompts, eos_token_ids, score_rollout, today
@@ -317,11 +317,9 @@ def default_out_dir(model: str, loaded_from: str, task_name: str) -> Path:
     return Path("eval") / (re.sub(r"[^A-Za-z0-9._-]+", "-", name) + f"-{task_name}")
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    loaded_from, run_config, step = find_model(args.model)
-    settings = resolve_settings(args, run_config)
+def check_settings(args, settings: dict) -> int | None:
+    """Reject bad flags and settings (UserError, one line) before any model loads; pins the chat date (today if
+    none was given or recorded). Returns the completions per problem for pass@k (None without --pass-k)."""
     if settings["task"] not in TASKS:
         raise UserError(f"unknown --task {settings['task']!r}; choose one of {', '.join(sorted(TASKS))}")
     for flag, value, low, high in (("--n", settings["n"], 1, MAX_EVAL_PROBLEMS),
@@ -349,6 +347,15 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"--pass-k needs 1 <= k <= --samples ({samples}); got {' '.join(map(str, args.pass_k))}")
         if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
             raise UserError("pass@k sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0")
+    return samples
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    loaded_from, run_config, step = find_model(args.model)
+    settings = resolve_settings(args, run_config)
+    samples = check_settings(args, settings)
     task = make_task(settings["task"], seed=settings["seed"], data=settings["data"])
     levels = select_levels(task, args.levels)
     problems = select_problems(task, levels, settings["n"], explicit_levels=bool(args.levels))

@@ -5,6 +5,7 @@ output place can be written. Imports nothing from e2h_min."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import errno
 import os
 import sys
@@ -98,3 +99,12 @@ def exit_on_user_error(fn):
                   f"run again (train.py: --resume RUN_DIR continues from the last intact checkpoint)", file=sys.stderr)
             sys.exit(2)
     return wrapper
+
+
+def is_iso_date(text: str) -> bool:
+    """True for a calendar date written YYYY-MM-DD (the form config.json records). Example: "2024-07-26"."""
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return len(text) == 10

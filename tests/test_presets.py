@@ -115,3 +115,40 @@ def test_a_paper_model_prints_its_preset_and_on_cpu_the_no_gpu_note_before_loadi
     out = capsys.readouterr().out
     assert "preset paper (Qwen2ForCausalLM, 494.0M parameters" in out and "--lora-r 32" in out
     assert ("note: no GPU found" in out) == (pick_device("auto").type == "cpu")
+
+
+# ----------------------------------------------------------------------------- --help
+def test_help_shows_every_flag_once_in_its_group_and_says_which_preset_applies(capsys):
+    import dataclasses
+    import re
+
+    from e2h_min.run.config import HELP_GROUPS
+
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = capsys.readouterr().out
+    assert sum(f"\n{title}:\n" in text for title in HELP_GROUPS) == len(HELP_GROUPS) >= 6
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert len(re.findall(rf"^  {re.escape(flag)}(?![\w-])", text.split("options:")[1], re.M)) == 1, flag
+        assert "_" not in f.name or f"--{f.name}" not in text, f"{f.name}: the underscored alias is shown"
+    intro = text.split("options:")[0]
+    assert "bare `python train.py`" in intro and "demo preset: --schedule cosine --lr 0.0001" in intro
+    assert "`--model Qwen2.5-1.5B`" in intro and "paper preset" in intro and "overriding the defaults" in intro
+
+
+def test_flags_are_not_abbreviated_and_underscored_aliases_still_work(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--total-step", "3"])
+    assert exc.value.code == 2 and "unrecognized arguments: --total-step" in capsys.readouterr().err
+    cfg = parse_config(["--total_steps", "3", "--no-share_prompt_forward"])
+    assert cfg.total_steps == 3 and cfg.share_prompt_forward is False
+
+
+def test_config_is_frozen():
+    import dataclasses
+
+    cfg = parse_config([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    assert dataclasses.replace(cfg, lr=1.0).lr == 1.0 and cfg.eval_pass_k == ()

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from e2h_min.errors import (MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS, OneLineErrorParser, UserError,
                             check_context, check_output_file, exit_on_user_error)
-from e2h_min.run.config import is_iso_date
+from e2h_min.errors import is_iso_date
 from e2h_min.rl.scoring import chat_date_variables, completion_texts, encode_prompts, eos_token_ids, today
 from e2h_min.engine.models import context_length, load_model, load_tokenizer, pick_device
 from e2h_min.engine.sampler import StopChecker, generate

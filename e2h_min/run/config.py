@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
 import os
 import sys
@@ -20,7 +19,7 @@ from typing import Any, Optional
 
 from e2h_min.rl.losses import kl_estimator_for
 from e2h_min.errors import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_STEPS, MAX_THREADS,
-                            OneLineErrorParser, UserError)
+                            OneLineErrorParser, UserError, is_iso_date)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -365,12 +364,3 @@ def schedule_params(cfg: Config) -> dict[str, Any]:
     if cfg.schedule == "sec":
         return {"temperature": cfg.sec_temperature, "ema": cfg.sec_ema}
     return {}
-
-
-def is_iso_date(text: str) -> bool:
-    """True for a calendar date written YYYY-MM-DD (the form config.json records). Example: "2024-07-26"."""
-    try:
-        datetime.date.fromisoformat(text)
-    except ValueError:
-        return False
-    return len(text) == 10
