@@ -1,20 +1,21 @@
-"""Count the lines a reader goes through for one default GRPO step (README: Read the code in this order).
+"""Count the lines a reader goes through to trust one step of the default `python train.py` (README: the reading
+order).
 
     python scripts/read_path.py            # this checkout
-    python scripts/read_path.py PATH       # another checkout of the project (e.g. an older commit)
+    python scripts/read_path.py PATH       # another checkout of the project (one with this layout)
 
-It runs step 1 of `python train.py --total-steps 1 --eval-problems 1` (the CPU demo's defaults otherwise) with a
-profiler from the loop's `seed_step` call to its `check_not_diverged` call: curriculum draw -> rollout -> reward
--> advantages -> loss -> optimizer step. Counted:
-- train.py's `train` (the function that holds the step loop), whole;
-- every function of the project that runs in that window, once, whole (decorators, signature, docstring,
-  comments and blank lines inside), except
-- the engine layers a reader takes on their word: the sampler (rollout.py, decoders.py), the log-prob kernel
-  (logprobs.py), the work savings (update_batches.py), the diagnostics (diagnostics.py), the collectives
-  (distributed.py, fsdp.py) and the Countdown expression parser. Where a non-engine function calls into one of
-  them, the callee counts for its signature and docstring only (its interface); what the engine calls
-  internally is not counted.
-The same rules apply to any checkout, so two commits' figures compare.
+It runs `python train.py --total-steps 1 --eval-every 0 --eval-problems 1 --save-every 0` (the CPU demo's
+settings otherwise) under a profiler and watches step 1 of the loop, from its `seed_step` call to the end of the
+iteration. The rule:
+- every function of the project (train.py, e2h_min/) that runs in that step counts once, whole: decorators,
+  signature, docstring, comments and blank lines inside; the loop's own function, `train`, counts whole too;
+- two kinds count for their signature and docstring only, and what they call is not counted:
+  1. the kernels: the sampler's per-token decode (e2h_min/engine/decoders.py) and the log-prob kernel
+     (completion_logprobs and the chunked log-softmax under it, e2h_min/engine/logprobs.py);
+  2. bookkeeping the loop calls in one line and a learner may skip, provided it lives in e2h_min/run/: the
+     metrics row and the console/tracker logging (RunBook.log_step), the divergence probe (RunBook.check_update)
+     and the evaluation/checkpoint scheduling (RunBook.evaluate_and_save_every). Nothing else in e2h_min/run/
+     is skipped: what the step runs there (the OOM retry, the FSDP copy's refresh) counts whole.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ import os
 import sys
 from collections import defaultdict
 
-ENGINE_FILES = {"e2h_min/engine/sampler.py", "e2h_min/engine/decoders.py", "e2h_min/engine/logprobs.py", "e2h_min/engine/batching.py",
-                "e2h_min/rl/diagnostics.py", "e2h_min/engine/distributed.py", "e2h_min/engine/fsdp.py"}
-PARSER = {"_tokenize", "__init__", "peek", "take", "expr", "term", "factor", "_bounded", "evaluate_expression",
-          "safe_arith"}  # the Countdown grader's parser (tasks/countdown.py; rewards.py before issue 16)
-PARSER_FILES = {"e2h_min/tasks/countdown.py", "e2h_min/tasks/rewards.py"}
+KERNEL_FILES = {"e2h_min/engine/decoders.py"}
+KERNELS = {("e2h_min/engine/logprobs.py", name)
+           for name in ("completion_logprobs", "local_completion_logprobs", "_chunk_logprobs_entropy")}
+BOOKKEEPING = {("e2h_min/run/bookkeeping.py", name)
+               for name in ("log_step", "check_update", "evaluate_and_save_every")}
 
 
 def function_table(path: str) -> dict[int, tuple[str, int, int, int]]:
-    """first line (decorator or def) -> (name, first line, last line, last line of the docstring or signature)."""
+    """def line -> (name, first line (decorator or def), last line, last line of the docstring or signature)."""
     table = {}
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -45,17 +46,6 @@ def function_table(path: str) -> dict[int, tuple[str, int, int, int]]:
     return table
 
 
-def loop_lines(path: str) -> tuple[int, int]:
-    """(lines of the function `train`, lines of its `for step in ...` loop)."""
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.FunctionDef) and node.name == "train":
-            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            for stmt in ast.walk(node):
-                if isinstance(stmt, ast.For) and isinstance(stmt.target, ast.Name) and stmt.target.id == "step":
-                    return node.end_lineno - start + 1, stmt.end_lineno - stmt.lineno + 1
-    raise SystemExit("no function train() with a `for step in ...` loop in train.py")
-
-
 def main() -> None:
     repo = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), ".."))
     sys.path.insert(0, repo)
@@ -64,55 +54,43 @@ def main() -> None:
 
     tables: dict[str, dict] = {}
     counted: dict[tuple[str, str, int], int] = {}
-    active = False
+    state = {"active": False, "skipping": None}  # skipping: the frame of a kernel / bookkeeping call
 
     def where(code) -> tuple[str, tuple] | None:
         path = os.path.abspath(code.co_filename)
         if not path.startswith(repo + os.sep) or not path.endswith(".py") or os.sep + "." in path[len(repo):]:
             return None
         rel = os.path.relpath(path, repo)
-        if rel.startswith(("tests", "scripts")):
+        if rel.startswith(("tests", "scripts", "bench")):
             return None
         if rel not in tables:
             tables[rel] = function_table(path)
         entry = tables[rel].get(code.co_firstlineno)
-        return (rel, entry) if entry else None
-
-    def is_engine(rel: str, name: str) -> bool:
-        return rel in ENGINE_FILES or (rel in PARSER_FILES and name in PARSER)
+        return (rel, entry) if entry and entry[0] == code.co_name else None
 
     def profile(frame, event, arg):
-        if event != "call" or not active:
+        code = frame.f_code
+        if event == "call" and code.co_name in ("seed_step", "finish") and frame.f_back is not None \
+                and frame.f_back.f_code is train.train.__code__:
+            state["active"] = code.co_name == "seed_step" and not state["active"]
             return
-        callee = where(frame.f_code)
+        if not state["active"]:
+            return
+        if event == "return" and frame is state["skipping"]:
+            state["skipping"] = None
+            return
+        if event != "call" or state["skipping"] is not None:
+            return
+        callee = where(code)
         if callee is None:
             return
         rel, (name, start, end, interface_end) = callee
-        if not is_engine(rel, name):
-            counted[(rel, name, start)] = end - start + 1
+        if rel in KERNEL_FILES or (rel, name) in KERNELS or (rel, name) in BOOKKEEPING:
+            counted.setdefault((rel, name, start), interface_end - start + 1)
+            state["skipping"] = frame
             return
-        caller, back = None, frame.f_back
-        while back is not None and caller is None:  # the nearest project frame (skips torch's decorators)
-            caller, back = where(back.f_code), back.f_back
-        if caller is None or is_engine(caller[0], caller[1][0]):
-            return  # inside an engine layer
-        counted.setdefault((rel, name, start), interface_end - start + 1)
+        counted[(rel, name, start)] = end - start + 1
 
-    seeds = []
-    real_seed, real_check = train.seed_step, train.check_not_diverged
-
-    def seed_step(*args, **kwargs):
-        nonlocal active
-        real_seed(*args, **kwargs)
-        seeds.append(1)
-        active = len(seeds) == 2  # the first call seeds the setup, the second opens step 1
-
-    def check_not_diverged(*args, **kwargs):
-        nonlocal active
-        active = False
-        return real_check(*args, **kwargs)
-
-    train.seed_step, train.check_not_diverged = seed_step, check_not_diverged
     out_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"read_path_run_{os.getpid()}")
     sys.setprofile(profile)
     try:
@@ -120,19 +98,18 @@ def main() -> None:
                     "--out-dir", out_dir])
     finally:
         sys.setprofile(None)
+    loop = function_table(os.path.join(repo, "train.py"))[train.train.__code__.co_firstlineno]
+    counted[("train.py", "train", loop[1])] = loop[2] - loop[1] + 1
     by_file = defaultdict(list)
     for (rel, name, start), n in counted.items():
         by_file[rel].append((start, name, n))
-    whole, loop = loop_lines(os.path.join(repo, "train.py"))
-    print(f"train.py: train {whole} lines (its step loop: {loop})")
-    total = whole
-    for rel in sorted(by_file):
+    total = 0
+    for rel in sorted(by_file, key=lambda r: -sum(n for _, _, n in by_file[r])):
         functions = sorted(by_file[rel])
         lines = sum(n for _, _, n in functions)
         total += lines
-        tag = " (interfaces only)" if rel in ENGINE_FILES else ""
-        print(f"{rel}{tag}: {lines} lines: " + ", ".join(f"{name} {n}" for _, name, n in functions))
-    print(f"read path of one default GRPO step: {total} lines in {len(set(by_file) | {'train.py'})} files")
+        print(f"{rel}: {lines} lines: " + ", ".join(f"{name} {n}" for _, name, n in functions))
+    print(f"read path of one default step: {total} lines in {len(by_file)} files")
 
 
 if __name__ == "__main__":

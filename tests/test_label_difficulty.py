@@ -184,7 +184,7 @@ def test_sampled_error_rates_keep_problem_order_across_generation_calls(one_thre
 
 @requires_tiny
 def test_label_difficulty_end_to_end_on_the_tiny_model(tmp_path, capsys, one_thread, monkeypatch):
-    from e2h_min.tasks import label_difficulty
+    from e2h_min.analysis import label_difficulty
     dates, real_encode = [], label_difficulty.encode_prompts
     monkeypatch.setattr(label_difficulty, "today", lambda: "2025-01-31")  # the pass starts on this day
     monkeypatch.setattr(label_difficulty, "encode_prompts",

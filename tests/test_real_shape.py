@@ -18,7 +18,7 @@ from transformers.utils import chat_template_utils
 
 import eval as evaluate_cli
 import train
-from e2h_min.analysis import evaluation
+from e2h_min.rl import scoring
 from e2h_min.engine.decoders import LeanDecoder, make_decoder
 from e2h_min.rl.scoring import chat_date_variables, encode_prompts, score_rollout
 from e2h_min.engine.models import load_tokenizer, peft_building
@@ -43,7 +43,7 @@ def set_today(monkeypatch, day: dt.date) -> None:
             return cls(day.year, day.month, day.day, 12, tzinfo=tz)
 
     monkeypatch.setattr(chat_template_utils, "datetime", Frozen)
-    monkeypatch.setattr(evaluation, "datetime", Frozen)
+    monkeypatch.setattr(scoring, "datetime", Frozen)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,9 +195,9 @@ def test_lora_end_to_end_resumes_to_identical_metrics_on_another_day_and_eval_us
 
 
 def test_chat_date_is_rendered_as_llama_writes_it_and_a_bad_date_is_one_line_exit_2(capsys, tmp_path):
-    assert evaluation.chat_date_variables("2024-07-26") == {"date_string": "26 Jul 2024"}
-    assert evaluation.chat_date_variables("2025-12-01") == {"date_string": "01 Dec 2025"}
-    assert evaluation.chat_date_variables(None) == {}
+    assert scoring.chat_date_variables("2024-07-26") == {"date_string": "26 Jul 2024"}
+    assert scoring.chat_date_variables("2025-12-01") == {"date_string": "01 Dec 2025"}
+    assert scoring.chat_date_variables(None) == {}
     for main, argv in ((train.main, ["--out-dir", str(tmp_path)]), (evaluate_cli.main, ["--model", "tiny"])):
         with pytest.raises(SystemExit) as exc:
             main(argv + ["--chat-date", "2024-13-01"])

@@ -407,7 +407,7 @@ def test_curriculum_cli_rejects_values_that_would_hang_or_divide_by_zero(argv, f
 
 
 def test_label_difficulty_checks_its_output_before_sampling(tmp_path, capsys):
-    from e2h_min.tasks import label_difficulty
+    from e2h_min.analysis import label_difficulty
     (tmp_path / "file").write_text("x")
     data = write_rows(tmp_path / "d.jsonl", GSM8K_ROWS)
     base = ["--model", "tiny", "--task", "gsm8k", "--data", data]
