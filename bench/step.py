@@ -3,7 +3,7 @@
 The step is assembled from the real code, in train.py's order: LevelSampler -> encode_prompts -> rollout.generate
 -> score_rollout -> compute_advantages -> update.policy_update (whose reference pass, with --beta > 0, is a
 models.Reference from frozen_copy). The columns, all in the same run, differ in the sampler and the update:
-  before       the step before issue 3: the sampler as it was (e2h_min/engine/sampler.py at --old-commit, read with
+  before       the step before issue 3: the sampler as it was (e2h_min/rollout.py at --old-commit, read with
                `git show` and imported from a temporary file; skipped with a note when git or that commit is not
                at hand) and the update as it was: every sample, whole prompt + completion rows, micro-batches cut
                by rows only (--no-share-prompt-forward --micro-batch-tokens 0 --no-skip-zero-advantage)
@@ -32,7 +32,7 @@ completion length n (S = p + n):
             decode (n - 1 fed tokens)  sum_j [2 N_t + 2 N_h + A (p + j + 1)],  j = 0 .. n-2
   reference forward, whole layout      2 N_t S + 2 N_h n + A S(S+1)/2
             shared-prompt layout       per prompt 2 N_t (p-1) + A (p-1)p/2, per row sum_j [2 N_t + 2 N_h + A (p+j)]
-  update    forward + backward         3 x the forward figure, over the rows it runs (update_batches.samples_to_run)
+  update    forward + backward         3 x the forward figure, over the rows it runs (batching.samples_to_run)
 The matmul terms match torch.utils.flop_counter.FlopCounterMode on completion_logprobs exactly (forward, and
 forward + backward, which adds the LM head's checkpoint recompute, 2 N_h n, when the logits are big enough to be
 checkpointed; that recompute is not model FLOPs).
@@ -110,12 +110,13 @@ class PhaseTimer:
 
 
 def load_old_sampler(commit: str):
-    """e2h_min/engine/sampler.py as of `commit`, imported as a module of its own; (None, why) when unavailable."""
+    """e2h_min/rollout.py as of `commit` (today e2h_min/engine/sampler.py), imported as a module of its own; (None,
+    why) when unavailable."""
     try:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:e2h_min/engine/sampler.py"], check=True,
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:e2h_min/rollout.py"], check=True,
                                 capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        return None, f"git show {commit}:e2h_min/engine/sampler.py failed ({str(exc).strip()[:120]})"
+        return None, f"git show {commit}:e2h_min/rollout.py failed ({str(exc).strip()[:120]})"
     name = f"e2h_rollout_{commit}"
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{name}.py"
@@ -162,7 +163,7 @@ def step_flops(shape: dict, prompt_lengths: list[int], group: int, completion_le
     """Model FLOPs of one step's phases (formulas in the module docstring); reference 0 without a reference model.
 
     prompt_lengths: P distinct prompts; completion_lengths: N = P * group, row i from prompt i // group.
-    run: the rows the update runs (update_batches.samples_to_run); shared: the update uses the shared-prompt layout.
+    run: the rows the update runs (batching.samples_to_run); shared: the update uses the shared-prompt layout.
     The reference pass runs every row (a KL term in the loss means no row is skipped).
     Example: N_t = 10, N_h = 2, A = 0, one prompt of 3 tokens, G = 1, one completion of 2 tokens ->
              rollout 2*10*3 + 2*2 + (2*10 + 2*2) * 1 = 88; whole layout: reference 2*10*5 + 2*2*2 = 108,
@@ -241,7 +242,7 @@ def update_work(shape: dict, prompt_ids: list[list[int]], group: int, completion
     """Model FLOPs per phase ("flops") and (token positions the update's forward runs on, the same with padding)
     ("update_tokens") for one iteration, read off the batches update.policy_update packs for this config.
 
-    Only the samples update_batches.samples_to_run keeps. Whole-sequence layout: each one's prompt + completion, padded
+    Only the samples batching.samples_to_run keeps. Whole-sequence layout: each one's prompt + completion, padded
     per micro-batch. Shared-prompt layout: their distinct prompts minus the last token (padded to the longest),
     then each sample's completion-length suffix.
     """
@@ -276,7 +277,7 @@ def build_variants(args, tokenizer, cfg, device, policy) -> tuple[list[dict], li
     if old is not None:
         variants.append({"name": "before", "generate": old.generate, "options": {},
                          "stop_checker": old.StopChecker(tokenizer, stops, device), "update": WHOLE_SEQUENCE_UPDATE})
-        notes.append(f"before: the step before issue 3: e2h_min/engine/sampler.py as of commit {args.old_commit} (imported "
+        notes.append(f"before: the step before issue 3: e2h_min/rollout.py as of commit {args.old_commit} (imported "
                      "via git show) and the update as it was (--no-share-prompt-forward --micro-batch-tokens 0 "
                      "--no-skip-zero-advantage)")
     else:

@@ -27,7 +27,7 @@ from e2h_min.engine.logprobs import (PromptKV, SharedPrompts, completion_logprob
 @dataclass(frozen=True)
 class MicroBatchLimits:
     """How a micro-batch is cut: at most `rows` rows and, if `tokens` > 0, at most `tokens` padded tokens.
-    The OOM retry halves both (train.update_with_oom_retry) instead of changing the config."""
+    The OOM retry halves both (run/oom.py: update_with_oom_retry) instead of changing the config."""
 
     rows: int
     tokens: int = 0

@@ -63,7 +63,7 @@ class Compute(NamedTuple):
 def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> None:
     """Seed every RNG from (seed, rank, step): a resumed or multi-rank run draws exactly what it would have.
     The rollout generator is seeded from (seed, step) alone, the same on every rank: the ranks draw the random
-    numbers of the whole step's samples and each keeps its own rows' (see train.collect), so a sample is the
+    numbers of the whole step's samples and each keeps its own rows' (see train.collect_samples), so a sample is the
     same whichever rank rolls it out and however many ranks there are."""
     state = np.random.SeedSequence([seed, rank, step]).generate_state(1)
     random.seed(int(state[0])), np.random.seed(int(state[0])), torch.manual_seed(int(state[0]))

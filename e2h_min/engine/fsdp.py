@@ -8,7 +8,7 @@ What differs from the replicated (--parallel ddp) path, and why:
   forward; `shard_policy` registers that function as an FSDP forward method of the root, so the root's weights
   are gathered around it and their gradients reduce-scattered after it, like a forward call.
 - Every FSDP forward all-gathers, so every rank must run the same number of forward/backward passes:
-  update_batches.UpdateBatches pads a rank's micro-batches up to the largest count with zero-weight ones.
+  batching.UpdateBatches pads a rank's micro-batches up to the largest count with zero-weight ones.
 - Rollouts and evaluation run on a full (unsharded) copy of the weights on every rank, refreshed from the
   shards after each update (one all-gather per parameter): a decode runs a variable number of steps per rank,
   and a sharded decode would need every rank in lockstep for every token. The copy costs one model's weights

@@ -1,5 +1,5 @@
 """PPO with a value head and GAE (--advantage ppo), in its own room: the GRPO update (e2h_min/rl/update.py) has no
-PPO branch. It shares the clipped surrogate and the KL terms (losses.py), the work savings (update_batches.py)
+PPO branch. It shares the clipped surrogate and the KL terms (losses.py), the work savings (engine/batching.py)
 the diagnostics (diagnostics.py) and the optimizer step (update.step_optimizer) with GRPO; what is PPO's own is here:
 - the critic: models.ValueHead reads the policy trunk's hidden states (no second model, no extra forward);
 - per-token rewards: the verifier's reward on the last real token, minus beta * KL on every token with
