@@ -1,4 +1,4 @@
-"""The fast update (train.policy_update, with every saving on) equals the plain reference update
+"""The fast update (train.policy_update, with every saving on) equals the plain update
 (e2h_min/rl/plain_update.py): same parameter change under SGD, where the change is exactly -lr * gradient."""
 
 import pytest
@@ -35,7 +35,7 @@ def fast_update(policy, reference, optimizer, rows, completions, advantages, cfg
     ({"num_iterations": 2, "beta": 0.0}, 0.3),   # two iterations with skipped samples
     ({"num_iterations": 2, "beta": 0.05, "epsilon_high": 0.28}, 0.3),
 ])
-def test_fast_update_equals_the_plain_reference_update(overrides, lr):
+def test_fast_update_equals_the_plain_update(overrides, lr):
     rows, completions = grouped_batch()
     completions[0] = [3]  # a one-token completion (the EOS alone) must still move the weights
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
@@ -49,7 +49,7 @@ def test_fast_update_equals_the_plain_reference_update(overrides, lr):
 
 
 @requires_tiny
-def test_plain_update_flag_trains_with_the_reference_update(tmp_path, monkeypatch):
+def test_plain_update_flag_trains_with_the_plain_update(tmp_path, monkeypatch):
     """python train.py --plain-update: the loop calls grpo_update_plain (and not the fast update) on the samples
     it trains, and the weights move."""
     calls = []

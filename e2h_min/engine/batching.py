@@ -1,7 +1,7 @@
 """The update's work savings behind one interface: the update loops over micro-batches as if it ran every sample.
 
 `UpdateBatches` packs a step's samples once and hands the update its micro-batches, each with log-probs on
-demand. Three savings sit inside it, none of which changes the gradient (tests/test_reference_update.py):
+demand. Three savings sit inside it, none of which changes the gradient (tests/test_plain_update.py):
 - only the samples that can move the weights are run (`samples_to_run`): with no KL term in the loss, a sample
   whose advantage is exactly 0 adds exactly 0 to the loss and its gradient;
 - each distinct prompt runs through the model once per iteration for all its samples (logprobs.SharedPrompts):

@@ -1,6 +1,6 @@
 """One GRPO update written plainly: read this before the fast one, update.policy_update (e2h_min/rl/update.py).
 
-It computes the same parameter change as the fast update at the same settings (tests/test_reference_update.py
+It computes the same parameter change as the fast update at the same settings (tests/test_plain_update.py
 checks it to 1e-6), with none of the fast update's savings: every sample is run, each as a whole
 prompt + completion row, in one batch, through a full log-softmax over the vocabulary. It covers GRPO with the
 paper's per-sequence aggregation (--loss-type grpo), token-level ratios and the KL in the loss (k3); the fast

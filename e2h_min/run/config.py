@@ -93,7 +93,7 @@ class Config:
                                          "and backward where they cannot change the gradient (no KL in the loss, "
                                          "not ppo)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, ~30% slower)")
-    plain_update: bool = _f(False, "train with the plain reference update (e2h_min/rl/plain_update.py): the same "
+    plain_update: bool = _f(False, "train with the plain update (e2h_min/rl/plain_update.py): the same "
                                    "parameter change as the fast one, none of its savings; the paper's loss only")
     max_nonfinite_steps: int = _f(3, "abort after this many updates in a row with a non-finite gradient")
     # --- LoRA (needs peft; the paper: r 32, alpha 64, dropout 0.1 on q_proj,v_proj) ---
