@@ -40,10 +40,9 @@ class RunBook:
     def __init__(self, cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, compute: Compute, log,
                  chat: Chat, models: Models, optimizer, scheduler, generator: torch.Generator, eval_problems: list,
                  trackers: Trackers, start_step: int):
-        self.cfg, self.task, self.sampler, self.run_dir, self.compute, self.log = cfg, task, sampler, run_dir, \
-            compute, log
-        self.chat, self.models, self.optimizer, self.scheduler, self.generator = chat, models, optimizer, \
-            scheduler, generator
+        self.cfg, self.task, self.sampler, self.run_dir = cfg, task, sampler, run_dir
+        self.compute, self.log, self.chat, self.models = compute, log, chat, models
+        self.optimizer, self.scheduler, self.generator = optimizer, scheduler, generator
         self.eval_problems, self.trackers, self.start_step = eval_problems, trackers, start_step
         self.log_every = resolve_log_every(cfg.log_every, cfg.total_steps)
         self.nonfinite_in_a_row = 0
