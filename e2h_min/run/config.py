@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
