@@ -9,12 +9,16 @@ eval.jsonl (one line per greedy evaluation). Writes into --out:
 - accuracy.png   one panel per level (OOD included): greedy eval accuracy (solid, markers) and the accuracy of
                  the training samples drawn at that level (dashed, moving average), one colour per run;
 - training.png   mean reward (training samples, and greedy eval as dots), completion length, KL to the reference
-                 and entropy over steps, raw (faint) and moving average;
+                 and entropy over steps, raw (faint) and moving average (the legend says which); a quantity no
+                 run logged (KL with --beta 0) gets no panel;
+- pass_at_k.png  with train.py --eval-pass-k: greedy accuracy and each pass@k per level against the step, one
+                 line per schedule (mean over seeds) with a band from the lowest to the highest seed;
 - curriculum.png one panel per run: the schedule's p_t as a stacked area, the share of prompts actually drawn per
                  level (dashed, moving average) on top, and drawn vs expected counts in the legend;
 - table.md       final greedy accuracy per level (%), rows = runs labelled schedule + seed, plus mean ± std (sample
-                 std, ddof=1) over runs that differ only in their seed; then the eval.py results found in
-                 RUN/eval/*/ (greedy accuracy and pass@k per level).
+                 std, ddof=1) over runs that differ only in their seed; per schedule the mean with its 95%
+                 bootstrap interval and the paired difference from --baseline, for greedy accuracy and each
+                 logged pass@k; then the eval.py results found in RUN/eval/*/ (greedy accuracy and pass@k).
 matplotlib is optional: without it only --no-plots works, and the command says how to install it.
 """
 
@@ -158,12 +162,21 @@ def drawn_shares(metrics: list[dict]) -> np.ndarray:
     return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
 
 
-def final_accuracy(run: Run) -> tuple[int | None, dict[str, float]]:
-    """(step, {level name: accuracy}) of the run's last evaluation line; (None, {}) without one."""
+def final_accuracy(run: Run, metric: str = "accuracy") -> tuple[int | None, dict[str, float]]:
+    """(step, {level name: value}) of `metric` (accuracy, pass@16, ...) in the run's last evaluation line, for the
+    levels that line has it for; (None, {}) without an evaluation."""
     if not run.evals:
         return None, {}
     last = run.evals[-1]
-    return last["step"], {name: last[f"{name}/accuracy"] for name in eval_level_names([last])}
+    return last["step"], {name: last[f"{name}/{metric}"] for name in eval_level_names([last])
+                          if last.get(f"{name}/{metric}") is not None}
+
+
+def pass_at_k_metrics(evals: list[dict]) -> list[str]:
+    """The pass@k fields of eval.jsonl rows (train.py --eval-pass-k), by k. Example: L1/pass@16, L1/pass@4 ->
+    ["pass@4", "pass@16"]."""
+    found = {key.split("/", 1)[1] for row in evals for key in row if "/pass@" in key}
+    return sorted(found, key=lambda metric: int(metric.split("@")[1]))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -218,10 +231,12 @@ def _points(value: float, signed: bool = False) -> str:
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
 
 
-def interval_table(runs: list[Run], baseline: str = "balanced", confidence: float = 0.95) -> str:
-    """Markdown: per schedule, the final greedy accuracy per level as mean [95% bootstrap interval] over seeds and
-    the share of groups with no GRPO signal (all G rewards equal; mean over steps and seeds), then each schedule's
-    paired difference from `baseline` (same seed) with its interval (e2h_min.stats).
+def interval_table(runs: list[Run], baseline: str = "balanced", confidence: float = 0.95,
+                   metric: str = "accuracy") -> str:
+    """Markdown: per schedule, the final greedy accuracy (or another eval.jsonl metric: pass@16, ...) per level as
+    mean [95% bootstrap interval] over seeds and the share of groups with no GRPO signal (all G rewards equal;
+    mean over steps and seeds), then each schedule's paired difference from `baseline` (same seed) with its
+    interval (e2h_min.stats).
 
     Only runs that share every setting but the schedule, its parameters and the seed are compared (else the line
     names the setting that differs); each arm's runs must end at the same step. Empty string for < 2 seeds in
@@ -241,7 +256,7 @@ def interval_table(runs: list[Run], baseline: str = "balanced", confidence: floa
     arm_steps: dict[str, set] = {}
     no_signal: dict[str, list[float]] = {}  # per run: mean share of groups whose samples all got one reward
     for run in evaluated:
-        step, acc = final_accuracy(run)
+        step, acc = final_accuracy(run, metric)
         arms.setdefault(arm_label(run.config), {})[run.config.get("seed", 0)] = acc
         arm_steps.setdefault(arm_label(run.config), set()).add(step)
         shares = [row["frac_reward_zero_std"] for row in run.metrics if row.get("frac_reward_zero_std") is not None]
@@ -249,15 +264,17 @@ def interval_table(runs: list[Run], baseline: str = "balanced", confidence: floa
             no_signal.setdefault(arm_label(run.config), []).append(float(np.mean(shares)))
     if max(len(seeds) for seeds in arms.values()) < 2:
         return ""
-    levels = eval_level_names([row for run in evaluated for row in run.evals])
+    levels = [name for name in eval_level_names([row for run in evaluated for row in run.evals])
+              if any(name in acc for by_seed in arms.values() for acc in by_seed.values())]
     pct = f"{100 * confidence:g}%"
     start = [run.evals[0] for run in evaluated if run.evals[0]["step"] == 0]
-    lines = [f"\nFinal greedy accuracy (%): mean over seeds [{pct} bootstrap interval]", "",
+    what = "greedy accuracy" if metric == "accuracy" else f"{metric} (temperature 1)"
+    lines = [f"\nFinal {what} (%): mean over seeds [{pct} bootstrap interval]", "",
              "| schedule | seeds | step | " + " | ".join(levels) + " | zero-std groups |",
              "|---|---:|---:|" + "---:|" * (len(levels) + 1)]
-    if start:
+    if start and all(f"{name}/{metric}" in row for row in start for name in levels):
         lines.append(f"| (step 0) | {len(start)} runs | 0 | " + " | ".join(
-            _points(float(np.mean([row[f"{name}/accuracy"] for row in start]))) for name in levels) + " | |")
+            _points(float(np.mean([row[f"{name}/{metric}"] for row in start]))) for name in levels) + " | |")
     for arm, by_seed in arms.items():
         steps = arm_steps[arm]
         cells = []
@@ -393,24 +410,38 @@ def plot_accuracy(runs: list[Run], path: Path, window: int) -> None:
     plt.close(fig)
 
 
+TRAINING_PANELS = [("reward_mean", "mean reward", "reward"), ("completion_length_mean", "completion length", "tokens"),
+                   ("kl", "KL(policy || reference)", "KL per token (nats)"), ("entropy", "entropy per token", "nats")]
+
+
+def logged(run: Run, key: str) -> bool:
+    """Whether the run logged `key` at some step (KL under beta = 0 never: no reference; older runs logged 0)."""
+    return (bool(run.metrics) and not (key == "kl" and run.config.get("beta") == 0)
+            and bool(np.isfinite(series(run.metrics, key)[1]).any()))
+
+
+def training_panels(runs: list[Run]) -> list[tuple[str, str, str]]:
+    """The (key, title, unit) panels of training.png that some run has data for: an empty panel is left out."""
+    return [panel for panel in TRAINING_PANELS if any(logged(run, panel[0]) for run in runs)]
+
+
 def plot_training(runs: list[Run], path: Path, window: int) -> None:
     """Reward, completion length, KL and entropy over steps: raw (faint) and moving average, one colour per run.
 
     The reward panel also shows each greedy evaluation's reward averaged over its levels (dots).
     """
     plt = _pyplot()
-    panels = [("reward_mean", "mean reward"), ("completion_length_mean", "completion length"),
-              ("kl", "KL(policy || reference)"), ("entropy", "entropy per token")]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for ax, (key, title) in zip(axes.flat, panels):
-        drawn = False
+    panels = training_panels(runs)
+    cols = min(2, len(panels))
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(5 * cols, 3.25 * math.ceil(
+        len(panels) / cols)), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (key, title, unit) in zip(axes.flat, panels):
         for run, color in zip(runs, _run_colors(len(runs))):
-            if key == "kl" and run.config.get("beta") == 0:  # no reference (runs from before this was unlogged: 0)
+            if not logged(run, key):
                 continue
-            steps, values = series(run.metrics, key) if run.metrics else (np.array([]), np.array([]))
-            if not np.isfinite(values).any():
-                continue
-            drawn = True
+            steps, values = series(run.metrics, key)
             ax.plot(steps, values, color=color, alpha=0.2, lw=0.8)
             ax.plot(steps, moving_average(values, window), color=color, lw=1.5, label=run.label)
             if key == "reward_mean" and run.evals:  # greedy held-out reward, averaged over the evaluated levels
@@ -418,20 +449,61 @@ def plot_training(runs: list[Run], path: Path, window: int) -> None:
                 eval_steps = [row["step"] for row in run.evals]
                 eval_reward = [np.mean([row[f"{n}/reward"] for n in names]) for row in run.evals]
                 ax.plot(eval_steps, eval_reward, "o:", color=color, ms=3, lw=1)
-        if not drawn:
-            note = "not computed (beta = 0: no reference model)" if key == "kl" else "not logged"
-            ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, color="gray")
-        ax.set(title=title, xlabel="optimizer step")
+        ax.set(title=title, xlabel="optimizer step", ylabel=unit)
         ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if any(run.evals for run in runs):
-        from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D
 
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="gray", alpha=0.3, lw=0.8), Line2D([], [], color="gray", lw=1.5)]
+    labels += ["raw (every step)", f"smoothed (moving average over {window} steps)"]
+    if any(run.evals for run in runs) and panels[0][0] == "reward_mean":
         handles.append(Line2D([], [], color="gray", marker="o", ms=3, ls=":"))
         labels.append("greedy eval reward (mean over levels)")
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def arm_curves(runs: list[Run], key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per arm (runs that differ only in their seed): (steps, mean, min, max over the seeds) of eval.jsonl's
+    `key`, at the steps every seed evaluated. Example: seeds with L3/pass@16 [.2, .1] and [.4, .3] at steps 0, 200
+    -> steps [0, 200], mean [.3, .2], min [.2, .1], max [.4, .3]."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(replicate_key(run.config), []).append(run)
+    curves = {}
+    for members in groups.values():
+        by_step = [{row["step"]: row[key] for row in run.evals if row.get(key) is not None} for run in members]
+        steps = sorted(set.intersection(*(set(values) for values in by_step)))
+        if steps:
+            values = np.array([[seed[step] for step in steps] for seed in by_step])  # [seeds, steps]
+            curves[arm_label(members[0].config)] = (np.array(steps), values.mean(0), values.min(0), values.max(0))
+    return curves
+
+
+def plot_pass_at_k(runs: list[Run], path: Path, metrics: list[str]) -> None:
+    """Rows: greedy accuracy, then each pass@k; columns: the levels pass@k was logged for. One line per schedule
+    (mean over its seeds) with a band from the lowest to the highest seed."""
+    plt = _pyplot()
+    levels = [name for name in eval_level_names([row for run in runs for row in run.evals])
+              if any(f"{name}/{metrics[-1]}" in row for run in runs for row in run.evals)]
+    rows = ["accuracy"] + metrics
+    fig, axes = plt.subplots(len(rows), len(levels), figsize=(3.3 * len(levels), 2.8 * len(rows)), squeeze=False)
+    for i, metric in enumerate(rows):
+        for j, name in enumerate(levels):
+            ax = axes[i][j]
+            curves = arm_curves(runs, f"{name}/{metric}")
+            for (arm, (steps, mean, low, high)), color in zip(curves.items(), _run_colors(len(curves))):
+                ax.plot(steps, 100 * mean, "o-", color=color, ms=3, label=arm)
+                ax.fill_between(steps, 100 * low, 100 * high, color=color, alpha=0.15, lw=0)
+            what = "greedy accuracy" if metric == "accuracy" else metric
+            ax.set(title=f"{name} {what}", xlabel="optimizer step", ylabel=f"{what} (%)", ylim=(-2, 102))
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
+               title="mean over seeds; band: lowest to highest seed", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -497,8 +569,11 @@ def main(argv: list[str] | None = None) -> dict:
     label_runs(runs)
     out = Path(args.out) if args.out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
     check_output_dir(out, "--out")
-    table = accuracy_table(runs) + interval_table(runs, args.baseline) + eval_results_table(
-        [(run.label, what, report) for run in runs for what, report in find_eval_reports(run.path)])
+    pass_k = pass_at_k_metrics([row for run in runs for row in run.evals])
+    table = (accuracy_table(runs) + interval_table(runs, args.baseline)
+             + "".join(interval_table(runs, args.baseline, metric=metric) for metric in pass_k)
+             + eval_results_table([(run.label, what, report) for run in runs for what, report
+                                   in find_eval_reports(run.path)]))
     (out / "table.md").write_text(table)
     written = [out / "table.md"]
     if not args.no_plots:
@@ -511,6 +586,9 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             plot(runs, out / name, window)
             written.append(out / name)
+        if pass_k:
+            plot_pass_at_k(runs, out / "pass_at_k.png", pass_k)
+            written.append(out / "pass_at_k.png")
     print(table, end="")
     print("wrote " + ", ".join(str(p) for p in written))
     return {"table": table, "files": [str(p) for p in written]}
