@@ -137,13 +137,14 @@ def test_bad_input_gives_one_line_and_exit_code_2(make_args, fragment, tmp_path,
     assert exc.value.code == 2 and fragment in err and err.count("\n") == 1
 
 
-def test_without_matplotlib_it_says_how_to_install(tmp_path, capsys, monkeypatch):
+def test_without_matplotlib_it_writes_the_table_and_says_the_plots_need_it(tmp_path, capsys, monkeypatch):
+    """The README's install (requirements.txt alone) has no matplotlib: the report is the table, exit 0."""
     monkeypatch.setattr(report, "matplotlib_available", lambda: False)
-    with pytest.raises(SystemExit) as exc:
-        report.main([str(write_run(tmp_path / "r"))])
+    result = report.main([str(write_run(tmp_path / "r"))])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "pip install matplotlib" in err and err.count("\n") == 1
-    assert not (tmp_path / "r" / "report").exists()
+    assert "plots need matplotlib" in err and "requirements-optional.txt" in err and err.count("\n") == 1
+    assert result["files"] == [str(tmp_path / "r" / "report" / "table.md")]
+    assert (tmp_path / "r" / "report" / "table.md").read_text() == result["table"]
 
 
 def test_interval_table_gives_bootstrap_intervals_and_paired_differences(tmp_path):
