@@ -72,5 +72,6 @@ def _refusal(task, level: int, prompt: int, budget: int, context: int) -> str:
     head = (f"task {task.name}: its prompts take up to {prompt:,} tokens (level {name}, chat template included) "
             f"and {budget:,} new tokens more, but the model's context is {context:,} tokens")
     if prompt < context:
-        return f"{head}; lower --max-new-tokens to {context - prompt:,} or less, or pass a --model with a longer context"
+        return (f"{head}; lower --max-new-tokens to {context - prompt:,} or less, or pass a --model with a longer "
+                f"context")
     return f"{head}: no budget fits; pass a --model with a longer context (e.g. --model Qwen2.5-1.5B: 32,768 tokens)"

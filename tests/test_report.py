@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from e2h_min import report
+from tests.optional import needs
 
 LEVELS = ["L0", "L1", "L2", "L3", "OOD"]
 
@@ -109,8 +110,8 @@ def test_a_torn_last_line_is_dropped(tmp_path):
     assert len(report.load_run(run).metrics) == 30
 
 
+@needs("matplotlib")
 def test_main_writes_pngs_for_one_run_and_for_several(tmp_path):
-    pytest.importorskip("matplotlib", reason="plots need matplotlib (optional dependency)")
     one = write_run(tmp_path / "g0", beta=0.01)
     report.main([str(one), "--smooth", "3"])
     for name in ("accuracy.png", "training.png", "curriculum.png", "table.md"):
