@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", nargs="+", help="levels by index or name, e.g. 0 1 4 or L3 OOD (default: all)")
     p.add_argument("--n", type=int, help="test problems per level, indices 0..N-1 (default: the run's eval_problems)")
     p.add_argument("--seed", type=int, help="task generator seed; also seeds pass@k sampling (default: the run's)")
-    p.add_argument("--max-new-tokens", type=int, help="completion budget (default: the run's eval budget, else 512)")
+    p.add_argument("--max-new-tokens", type=int, help="completion budget (default: the run's eval budget, else 512, at most "
+                                                      "half the model's context)")
     p.add_argument("--stop", help="stop string (default: the run's, else </answer>; empty = EOS only)")
     p.add_argument("--chat-date", help="YYYY-MM-DD date a date-bearing chat template (Llama 3) writes into the "
                                        "prompts (default: the run's, else today's)")
@@ -364,9 +365,13 @@ def main(argv: list[str] | None = None) -> dict:
     levels = select_levels(task, args.levels)
     out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, task.name)
     check_output_dir(out, "--out")  # an unwritable place fails now, not after the evaluation
-    check_context(settings["max_new_tokens"], context_length(loaded_from))
+    context = context_length(loaded_from)
+    run_budget = (run_config or {}).get("eval_max_new_tokens") or (run_config or {}).get("max_new_tokens")
+    if context is not None and args.max_new_tokens is None and run_budget is None:  # FALLBACKS' 512 would fill a
+        settings["max_new_tokens"] = min(settings["max_new_tokens"], context // 2)  # short context: keep half
+    check_context(settings["max_new_tokens"], context)
     tokenizer = load_tokenizer(loaded_from)
-    fit_prompts(task, tokenizer, context_length(loaded_from), None, settings["max_new_tokens"], settings["chat_date"],
+    fit_prompts(task, tokenizer, context, None, settings["max_new_tokens"], settings["chat_date"],
                 lambda line: print(line, file=sys.stderr))  # rows too long for the model: skipped, as train.py does
     problems = select_problems(task, levels, settings["n"], explicit_levels=bool(args.levels))
 

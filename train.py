@@ -101,7 +101,8 @@ def load_task(cfg: Config) -> tuple:
     run the schedule would draw only from levels with no training rows."""
     task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
     fit_prompts(task, load_tokenizer(cfg.model), context_length(cfg.model), cfg.max_new_tokens,
-                cfg.eval_max_new_tokens or cfg.max_new_tokens, cfg.chat_date or today(), tqdm.write)
+                cfg.eval_max_new_tokens or cfg.max_new_tokens, cfg.chat_date or today(),
+                tqdm.write if int(os.environ.get("RANK", "0")) == 0 else no_log)
     try:
         sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
         sampler.check_every_step_drawable()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +48,16 @@ class Run:
     metrics: list[dict]  # metrics.jsonl, one dict per optimizer step
     evals: list[dict]  # eval.jsonl, one dict per evaluation
     label: str = ""
+    torn: dict[str, int] = field(default_factory=dict)  # log file -> torn last lines dropped (said after the report)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading runs
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Parsed lines of a JSONL log; torn last lines (a run killed mid-write) are dropped with a count on stderr.
-    Any other bad line, a file none of whose lines is a step's row, or a row whose figures are not numbers, is a
-    UserError naming it."""
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """(parsed lines of a JSONL log, torn last lines dropped: a run killed mid-write). Any other bad line, a file
+    none of whose lines is a step's row, or a row whose figures are not numbers, is a UserError naming it."""
     try:
         rows, torn = read_log(path)
     except ValueError as exc:
@@ -65,9 +65,6 @@ def read_jsonl(path: Path) -> list[dict]:
     if torn and not rows:
         raise UserError(f'{path}: none of its {torn} line(s) is a JSON object with an integer "step"; is this a '
                         f"train.py run directory?")
-    if torn:
-        print(f"note: {path}: skipped {torn} torn line(s) at the end (a run killed while writing them)",
-              file=sys.stderr)
     for row in rows:
         for key, value in row.items():
             values = value if key in ("level_probs", "level_counts") and isinstance(value, list) else [value]
@@ -77,7 +74,7 @@ def read_jsonl(path: Path) -> list[dict]:
     widths = {len(row["level_counts"]) for row in rows if isinstance(row.get("level_counts"), list)}
     if len(widths) > 1:
         raise UserError(f"{path}: level_counts lists of different lengths {sorted(widths)}; lines from two runs?")
-    return rows
+    return rows, torn
 
 
 def load_run(path: str | Path) -> Run:
@@ -88,14 +85,16 @@ def load_run(path: str | Path) -> Run:
     for name in ("config.json", "metrics.jsonl"):
         if not (path / name).is_file():
             raise UserError(f"{path}: no {name}; pass a run directory written by train.py")
-    evals = read_jsonl(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else []
+    evals, torn_evals = read_jsonl(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else ([], 0)
     try:
         config = parse_json((path / "config.json").read_bytes())
     except ValueError as exc:
         raise UserError(f"{path / 'config.json'}: {exc}; is this a train.py run directory?") from None
     if not isinstance(config, dict):
         raise UserError(f"{path / 'config.json'}: not a JSON object; is this a train.py run directory?")
-    run = Run(path, config, read_jsonl(path / "metrics.jsonl"), evals)
+    metrics, torn_metrics = read_jsonl(path / "metrics.jsonl")
+    torn = {str(path / name): n for name, n in (("metrics.jsonl", torn_metrics), ("eval.jsonl", torn_evals)) if n}
+    run = Run(path, config, metrics, evals, torn=torn)
     if not run.metrics and not run.evals:
         raise UserError(f"{path}: metrics.jsonl and eval.jsonl are empty; the run has not logged a step yet")
     return run
@@ -557,6 +556,10 @@ def main(argv: list[str] | None = None) -> dict:
             written.append(out / name)
     print(table, end="")
     print("wrote " + ", ".join(str(p) for p in written))
+    for run in runs:
+        for log, n in run.torn.items():
+            print(f"note: {log}: skipped {n} torn line(s) at the end (a run killed while writing them)",
+                  file=sys.stderr)
     if not plots and not args.no_plots:
         print("note: the plots need matplotlib (pip install -r requirements-optional.txt); wrote the table only",
               file=sys.stderr)
