@@ -58,6 +58,7 @@ from e2h_min.logprobs import completion_logprobs, pack_micro_batches
 from e2h_min.losses import compute_advantages, kl_penalised_advantages, sequence_kl
 from e2h_min.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
 from e2h_min.model_card import write_model_card
+from e2h_min.prompt_fit import fit_prompts
 from e2h_min.ppo import ppo_update
 from e2h_min.reference_update import grpo_update_plain
 from e2h_min.models import (Reference, ValueHead, apply_lora, checkpoint_dtype, checkpoint_file_bytes, context_length,
@@ -95,9 +96,13 @@ def seed_step(seed: int, rank: int, step: int, generator: torch.Generator) -> No
 
 
 def load_task(cfg: Config) -> tuple:
-    """The task and its curriculum sampler; UserError if the schedule's parameters do not fit the task's levels,
-    or if at some step of the run the schedule would draw only from levels with no training rows."""
+    """The task, its prompts fitted to the model's context (prompt_fit.py), and its curriculum sampler; UserError
+    if the prompts do not fit, if the schedule's parameters do not fit the task's levels, or if at some step of the
+    run the schedule would draw only from levels with no training rows."""
     task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
+    fit_prompts(task, load_tokenizer(cfg.model), context_length(cfg.model), cfg.max_new_tokens,
+                cfg.eval_max_new_tokens or cfg.max_new_tokens, cfg.chat_date or today(),
+                tqdm.write if int(os.environ.get("RANK", "0")) == 0 else no_log)
     try:
         sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
         sampler.check_every_step_drawable()
@@ -704,8 +709,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, preset, preset_values = resolve_config(argv)
     require_peft(cfg.lora_r)  # before anything heavy: the paper preset turns LoRA on
     require_trackers(parse_report_to(cfg.report_to))  # a missing optional package fails here, before any model loads
-    task, sampler = load_task(cfg)  # the data and the schedule are checked before anything is written
     check_context(max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0), context_length(cfg.model))
+    task, sampler = load_task(cfg)  # the data, its prompts' lengths and the schedule, before anything is written
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes (and owns) the run directory
         return train(cfg, task, sampler, Path(cfg.resume or cfg.out_dir or default_run_dir(cfg)),
                      (preset, preset_values))

@@ -19,14 +19,16 @@ eval.jsonl (one line per greedy evaluation). Writes into --out:
                  std, ddof=1) over runs that differ only in their seed; per schedule the mean with its 95%
                  bootstrap interval and the paired difference from --baseline, for greedy accuracy and each
                  logged pass@k; then the eval.py results found in RUN/eval/*/ (greedy accuracy and pass@k).
-matplotlib is optional: without it only --no-plots works, and the command says how to install it.
+matplotlib is optional (requirements-optional.txt): without it the table is written and one line says that the
+plots need matplotlib.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,19 +52,23 @@ class Run:
     metrics: list[dict]  # metrics.jsonl, one dict per optimizer step
     evals: list[dict]  # eval.jsonl, one dict per evaluation
     label: str = ""
+    torn: dict[str, int] = field(default_factory=dict)  # log file -> torn last lines dropped (said after the report)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading runs
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Parsed lines of a JSONL log; a torn last line (a run killed mid-write) is dropped, any other bad line, or a
-    row whose figures are not numbers, is a UserError naming it."""
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """(parsed lines of a JSONL log, torn last lines dropped: a run killed mid-write). Any other bad line, a file
+    none of whose lines is a step's row, or a row whose figures are not numbers, is a UserError naming it."""
     try:
-        rows, _ = read_log(path)
+        rows, torn = read_log(path)
     except ValueError as exc:
         raise UserError(f"{exc}; is this a train.py run directory?") from None
+    if torn and not rows:
+        raise UserError(f'{path}: none of its {torn} line(s) is a JSON object with an integer "step"; is this a '
+                        f"train.py run directory?")
     for row in rows:
         for key, value in row.items():
             values = value if key in ("level_probs", "level_counts") and isinstance(value, list) else [value]
@@ -72,7 +78,7 @@ def read_jsonl(path: Path) -> list[dict]:
     widths = {len(row["level_counts"]) for row in rows if isinstance(row.get("level_counts"), list)}
     if len(widths) > 1:
         raise UserError(f"{path}: level_counts lists of different lengths {sorted(widths)}; lines from two runs?")
-    return rows
+    return rows, torn
 
 
 def load_run(path: str | Path) -> Run:
@@ -83,14 +89,16 @@ def load_run(path: str | Path) -> Run:
     for name in ("config.json", "metrics.jsonl"):
         if not (path / name).is_file():
             raise UserError(f"{path}: no {name}; pass a run directory written by train.py")
-    evals = read_jsonl(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else []
+    evals, torn_evals = read_jsonl(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else ([], 0)
     try:
         config = parse_json((path / "config.json").read_bytes())
     except ValueError as exc:
         raise UserError(f"{path / 'config.json'}: {exc}; is this a train.py run directory?") from None
     if not isinstance(config, dict):
         raise UserError(f"{path / 'config.json'}: not a JSON object; is this a train.py run directory?")
-    run = Run(path, config, read_jsonl(path / "metrics.jsonl"), evals)
+    metrics, torn_metrics = read_jsonl(path / "metrics.jsonl")
+    torn = {str(path / name): n for name, n in (("metrics.jsonl", torn_metrics), ("eval.jsonl", torn_evals)) if n}
+    run = Run(path, config, metrics, evals, torn=torn)
     if not run.metrics and not run.evals:
         raise UserError(f"{path}: metrics.jsonl and eval.jsonl are empty; the run has not logged a step yet")
     return run
@@ -312,20 +320,55 @@ def find_eval_reports(run_dir: Path) -> list[tuple[str, dict]]:
     """eval.py's report.json files written next to a run: (what was evaluated, report), in folder order.
 
     RUN/eval/<final | step_N | ...>/report.json (eval.py's default), and the older RUN/eval/report.json and
-    RUN/eval-step_N/report.json layouts. Unreadable files are skipped (a report being written right now).
+    RUN/eval-step_N/report.json layouts. A file that cannot be read or is not shaped like eval.py's report is
+    skipped with one line on stderr naming it and why.
     """
     found = []
     paths = sorted(run_dir.glob("eval/*/report.json")) + sorted(run_dir.glob("eval/report.json")) \
         + sorted(run_dir.glob("eval-*/report.json"))
     for path in paths:
         try:
-            report = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            report = parse_json(path.read_bytes())
+            damage = report_damage(report)
+        except (OSError, ValueError) as exc:
+            damage = str(exc)
+        if damage:
+            print(f"note: skipped {path}: {damage} (not eval.py's report; run eval.py again to rewrite it)",
+                  file=sys.stderr)
             continue
-        if isinstance(report, dict) and isinstance(report.get("greedy"), dict):
-            name = path.parent.name if path.parent.name != "eval" else "final"
-            found.append((name.removeprefix("eval-"), report))
+        name = path.parent.name if path.parent.name != "eval" else "final"
+        found.append((name.removeprefix("eval-"), report))
     return found
+
+
+def report_damage(report) -> str | None:
+    """What makes `report` unlike eval.py's report.json (the fields eval_results_table reads), or None.
+    Example: report_damage({"greedy": {"L0": {"accuracy": "x"}}}) == "greedy.L0.accuracy is not a number"."""
+    def number(value) -> bool:
+        return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not isinstance(report, dict):
+        return f"a JSON {type(report).__name__}, not an object"
+    if not isinstance(report.get("greedy"), dict):
+        return "no greedy results"
+    for name, row in report["greedy"].items():
+        if not isinstance(row, dict) or not number(row.get("accuracy")):
+            return f"greedy.{name}.accuracy is not a number"
+    for key in ("step", "n"):
+        if not number(report.get(key)):
+            return f"{key} is not a number"
+    passk = report.get("pass_at_k")
+    if passk is None:
+        return None
+    if not isinstance(passk, dict) or not isinstance(passk.get("by_level") or {}, dict):
+        return "pass_at_k is not an object with by_level"
+    for name, row in (passk.get("by_level") or {}).items():
+        if not isinstance(row, dict):
+            return f"pass_at_k.by_level.{name} is not an object"
+        for key, value in row.items():
+            if key.startswith("pass@") and (not key[5:].isdigit() or not number(value)):
+                return f"pass_at_k.by_level.{name}.{key[:20]} is not pass@<k>: <number>"
+    return None
 
 
 def eval_results_table(entries: list[tuple[str, str, dict]]) -> str:
@@ -557,12 +600,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="output directory (default RUN_DIR/report for one run, ./report for several)")
     parser.add_argument("--smooth", type=int, default=0,
                         help="moving-average window in steps (0 = steps/25, at least 5)")
-    parser.add_argument("--no-plots", action="store_true", help="write only the table (no matplotlib needed)")
+    parser.add_argument("--no-plots", action="store_true", help="write only the table (what happens without "
+                                                                "matplotlib)")
     parser.add_argument("--baseline", default="balanced",
                         help="the schedule every other one is compared with, seed by seed (default: balanced)")
     args = parser.parse_args(argv)
-    if not args.no_plots and not matplotlib_available():
-        raise UserError("plots need matplotlib: pip install matplotlib (or pass --no-plots for the table only)")
+    plots = not args.no_plots and matplotlib_available()
     if not 0 <= args.smooth <= MAX_STEPS:
         raise UserError(f"--smooth must be in [0, {MAX_STEPS:,}], got {args.smooth}")
     runs = [load_run(path) for path in args.runs]
@@ -576,7 +619,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    in find_eval_reports(run.path)]))
     (out / "table.md").write_text(table)
     written = [out / "table.md"]
-    if not args.no_plots:
+    if plots:
         longest = max(len(r.metrics) for r in runs)
         # a step draws only a few prompts, so per-step shares are noisy: smooth over at least 5 steps
         window = args.smooth or min(max(longest, 1), max(5, round(longest / 25)))
@@ -591,6 +634,13 @@ def main(argv: list[str] | None = None) -> dict:
             written.append(out / "pass_at_k.png")
     print(table, end="")
     print("wrote " + ", ".join(str(p) for p in written))
+    for run in runs:
+        for log, n in run.torn.items():
+            print(f"note: {log}: skipped {n} torn line(s) at the end (a run killed while writing them)",
+                  file=sys.stderr)
+    if not plots and not args.no_plots:
+        print("note: the plots need matplotlib (pip install -r requirements-optional.txt); wrote the table only",
+              file=sys.stderr)
     return {"table": table, "files": [str(p) for p in written]}
 
 

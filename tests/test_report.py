@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from e2h_min import report
+from tests.optional import needs
 
 LEVELS = ["L0", "L1", "L2", "L3", "OOD"]
 
@@ -112,8 +113,8 @@ def test_a_torn_last_line_is_dropped(tmp_path):
     assert len(report.load_run(run).metrics) == 30
 
 
+@needs("matplotlib")
 def test_main_writes_pngs_for_one_run_and_for_several(tmp_path):
-    pytest.importorskip("matplotlib", reason="plots need matplotlib (optional dependency)")
     one = write_run(tmp_path / "g0", beta=0.01)
     report.main([str(one), "--smooth", "3"])
     for name in ("accuracy.png", "training.png", "curriculum.png", "table.md"):
@@ -140,13 +141,14 @@ def test_bad_input_gives_one_line_and_exit_code_2(make_args, fragment, tmp_path,
     assert exc.value.code == 2 and fragment in err and err.count("\n") == 1
 
 
-def test_without_matplotlib_it_says_how_to_install(tmp_path, capsys, monkeypatch):
+def test_without_matplotlib_it_writes_the_table_and_says_the_plots_need_it(tmp_path, capsys, monkeypatch):
+    """The README's install (requirements.txt alone) has no matplotlib: the report is the table, exit 0."""
     monkeypatch.setattr(report, "matplotlib_available", lambda: False)
-    with pytest.raises(SystemExit) as exc:
-        report.main([str(write_run(tmp_path / "r"))])
+    result = report.main([str(write_run(tmp_path / "r"))])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "pip install matplotlib" in err and err.count("\n") == 1
-    assert not (tmp_path / "r" / "report").exists()
+    assert "plots need matplotlib" in err and "requirements-optional.txt" in err and err.count("\n") == 1
+    assert result["files"] == [str(tmp_path / "r" / "report" / "table.md")]
+    assert (tmp_path / "r" / "report" / "table.md").read_text() == result["table"]
 
 
 def test_interval_table_gives_bootstrap_intervals_and_paired_differences(tmp_path):

@@ -388,6 +388,7 @@ def test_report_names_malformed_log_lines(tmp_path, capsys):
     one_line_exit_2(capsys, lambda: report.main([str(run), "--no-plots"]), "metrics.jsonl:3: not valid JSON")
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "rew')  # torn last line: dropped
     report.main([str(run), "--no-plots", "--out", str(tmp_path / "out")])
+    assert "skipped 1 torn line(s)" in capsys.readouterr().err  # dropped with a count
     one_line_exit_2(capsys, lambda: report.main([str(run), "--no-plots", "--out", str(run / "config.json")]),
                     "is a file")
 
