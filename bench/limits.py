@@ -35,9 +35,10 @@ CPU_FP32_FLOPS_PER_CYCLE = 32  # two 256-bit FMA pipes: 2 x 8 lanes x 2 (AVX2 co
 
 @dataclass(frozen=True)
 class Limit:
-    """A rate limit: `value` per second (bytes/s or FLOP/s), and where the figure came from."""
+    """A rate limit: `value` per second (bytes/s or FLOP/s), a short label and where the figure came from."""
 
     value: float
+    label: str  # "assumed" or "measured ..."
     source: str
 
 
@@ -74,12 +75,12 @@ def gpu_peaks(name: str) -> tuple[str, float, float] | None:
 def assumed_bandwidth(device: torch.device, override_gbs: float | None = None) -> Limit | None:
     """The assumed peak memory bandwidth: --peak-bandwidth (GB/s), else the GPU's datasheet figure, else None."""
     if override_gbs:
-        return Limit(override_gbs * 1e9, "--peak-bandwidth")
+        return Limit(override_gbs * 1e9, "assumed", "--peak-bandwidth")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         row = gpu_peaks(name)
         if row is not None:
-            return Limit(row[1], f"{name}: datasheet {row[1] / 1e12:.2f} TB/s")
+            return Limit(row[1], "assumed", f"{name}: datasheet {row[1] / 1e12:.2f} TB/s")
     return None
 
 
@@ -87,16 +88,16 @@ def assumed_flops(device: torch.device, override_gflops: float | None = None) ->
     """The assumed peak FLOP/s: --peak-flops (GFLOP/s); else a GPU's dense bf16 datasheet figure; else on a CPU
     cpu_peak_flops(torch threads, the reported clock); None when nothing is known."""
     if override_gflops:
-        return Limit(override_gflops * 1e9, "--peak-flops")
+        return Limit(override_gflops * 1e9, "assumed", "--peak-flops")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         row = gpu_peaks(name)
-        return Limit(row[2], f"{name}: datasheet dense bf16 {row[2] / 1e12:.0f} TFLOP/s") if row else None
+        return Limit(row[2], "assumed", f"{name}: datasheet dense bf16 {row[2] / 1e12:.0f} TFLOP/s") if row else None
     hz = cpu_clock_hz()
     if hz is None:
         return None
     threads = torch.get_num_threads()
-    return Limit(cpu_peak_flops(threads, hz), f"{threads} core(s) x {hz / 1e9:.2f} GHz x "
+    return Limit(cpu_peak_flops(threads, hz), "assumed", f"{threads} core(s) x {hz / 1e9:.2f} GHz x "
                                               f"{CPU_FP32_FLOPS_PER_CYCLE} fp32 FLOP/cycle (two 256-bit FMA pipes)")
 
 
@@ -113,7 +114,7 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256) -> Limit:
         target.copy_(source)
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return Limit(2 * source.numel() * 4 / best, f"measured: {megabytes} MiB tensor copy")
+    return Limit(2 * source.numel() * 4 / best, "measured copy", f"the fastest of 3 copies of a {megabytes} MiB tensor")
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
@@ -177,18 +178,16 @@ def decode_read_bytes(weight_bytes: int, kv_per_token: int, prompt_lengths: list
     return {"steps": steps, "weights": float(weights), "kv": float(kv), "total": float(weights + kv)}
 
 
-def train_flops(parameters: int, tokens: int, backward: bool) -> float:
-    """The usual estimate of a transformer pass's FLOPs: 2 x parameters x tokens for a forward pass (a multiply
-    and an add per weight per token), 6 x parameters x tokens with its backward (which costs twice the forward).
-    Attention's own FLOPs (quadratic in the length) are left out.
-    Example: 1e6 parameters, 100 tokens -> 2e8 forward only, 6e8 forward + backward.
-    """
-    return (6 if backward else 2) * parameters * tokens
-
-
 def share(rate: float, limits: list[Limit | None]) -> str:
-    """rate as a share of each known limit, e.g. '12.3% of 4,800.0 G/s (NVIDIA H200: datasheet 4.80 TB/s)';
-    limits are in the rate's unit (bytes/s or FLOP/s), printed in units of 1e9 per second."""
-    parts = [f"{100 * rate / limit.value:.1f}% of {limit.value / 1e9:,.1f} G/s ({limit.source})"
+    """rate as a share of each known limit, e.g. '12.3% of assumed 4,800.0 G/s; 13.5% of measured copy 4,370.2 G/s'
+    (limits in the rate's unit, bytes/s or FLOP/s, printed in units of 1e9 per second)."""
+    parts = [f"{100 * rate / limit.value:.1f}% of {limit.label} {limit.value / 1e9:,.1f} G/s"
              for limit in limits if limit is not None and limit.value > 0]
     return "; ".join(parts) if parts else "no limit known (pass --peak-bandwidth / --peak-flops)"
+
+
+def describe(limit: Limit | None, flag: str) -> str:
+    """One line naming a limit and its source, or saying that none is known and which flag sets one."""
+    if limit is None:
+        return f"assumed: none known for this device ({flag} sets one)"
+    return f"{limit.label} {limit.value / 1e9:,.1f} G/s ({limit.source})"

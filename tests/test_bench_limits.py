@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.limits import (Limit, assumed_bandwidth, assumed_flops, cpu_peak_flops, decode_read_bytes,
-                          decode_weight_bytes, gpu_peaks, kv_bytes_per_token, share, train_flops)
+                          decode_weight_bytes, gpu_peaks, kv_bytes_per_token, share)
 
 
 def test_kv_bytes_per_token_qwen25_15b():
@@ -50,11 +50,6 @@ def test_decode_weight_bytes_tied_and_untied():
     assert decode_weight_bytes(untied) == all_tied
 
 
-def test_train_flops():
-    assert train_flops(10**6, 100, backward=False) == 2e8
-    assert train_flops(10**6, 100, backward=True) == 6e8
-
-
 def test_cpu_peak_flops():
     assert cpu_peak_flops(1, 2.6e9) == pytest.approx(83.2e9)
     assert cpu_peak_flops(2, 3e9, flops_per_cycle=64) == pytest.approx(384e9)
@@ -71,11 +66,11 @@ def test_gpu_peak_table_matches_specific_names_first():
 def test_overrides_and_cpu_defaults():
     cpu = torch.device("cpu")
     assert assumed_bandwidth(cpu) is None  # no published figure for a CPU's share of memory channels
-    assert assumed_bandwidth(cpu, 12.5) == Limit(12.5e9, "--peak-bandwidth")
-    assert assumed_flops(cpu, 100.0) == Limit(100e9, "--peak-flops")
+    assert assumed_bandwidth(cpu, 12.5) == Limit(12.5e9, "assumed", "--peak-bandwidth")
+    assert assumed_flops(cpu, 100.0) == Limit(100e9, "assumed", "--peak-flops")
 
 
 def test_share_formats_every_known_limit():
-    text = share(50e9, [Limit(100e9, "a"), None, Limit(200e9, "b")])
-    assert text == "50.0% of 100.0 G/s (a); 25.0% of 200.0 G/s (b)"
+    text = share(50e9, [Limit(100e9, "assumed", "x"), None, Limit(200e9, "measured copy", "y")])
+    assert text == "50.0% of assumed 100.0 G/s; 25.0% of measured copy 200.0 G/s"
     assert "no limit known" in share(1.0, [None])
