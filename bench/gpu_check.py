@@ -286,6 +286,7 @@ def batch_generate_tokens(case: DecodeCase, new_tokens: int) -> list[list[int]]:
     rows = rows_of(case)
     page = 256
     per_row = math.ceil((max(map(len, rows)) + case.new_tokens) / page) + 1
+    per_row += per_row % 2  # even, as transformers sizes it itself
     # flash attention only where the flash_attn package is installed (its `kernels` fallback would ask the hub)
     config = ContinuousBatchingConfig(page_size=page, num_blocks=len(rows) * per_row, max_blocks_per_request=per_row,
                                       auto_switch_to_flash=importlib.util.find_spec("flash_attn") is not None)
