@@ -17,7 +17,8 @@ Sections
              row runs all 512 steps), for model.generate (the 64 rows as its batch: greedy generate takes no
              num_return_sequences), transformers' continuous batching (model.generate_batch, the 64 rows as
              requests; skipped with a note where transformers has none), and our sampler (e2h_min/rollout.py) with
-             the lean decoder, the static-shape one, and the static one under torch.compile (CUDA graphs; GPU only).
+             the lean decoder, the static-shape one, and the static one under torch.compile (CUDA graphs; GPU only;
+             run last, after the train sections, as its compile time is the least predictable part of the budget).
              Each: one warm-up call (for the compiled step a full-length one, as its graph is per capacity bucket),
              then a prefill call (max_new_tokens 1) and a full call, timed between torch.cuda.synchronize() calls.
                tokens/s        generated tokens / the full call's seconds
@@ -52,7 +53,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 import resource
 import statistics
 import sys
@@ -67,7 +67,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.limits import (Limit, assumed_bandwidth, copy_bandwidth, decode_read_bytes,  # noqa: E402
+from bench.limits import (assumed_bandwidth, copy_bandwidth, decode_read_bytes,  # noqa: E402
                           decode_weight_bytes, model_kv_bytes_per_token)
 
 GIB = 2 ** 30
@@ -79,7 +79,10 @@ DECODERS = {  # section -> our sampler's options (e2h_min/rollout.generate)
     "decode-static": dict(decoder="lean", static_shapes=True),
     "decode-compiled": dict(decoder="lean", compile_step=True),
 }
-SECTIONS = ["decode-generate", "decode-continuous-batching", *DECODERS, "train-lora", "train-full", "oom-retry"]
+DECODE_SECTIONS = ["decode-generate", "decode-continuous-batching", *DECODERS]
+# run order: the compiled decoder last, as its compile time is the least predictable part of the budget
+SECTIONS = ["decode-generate", "decode-continuous-batching", "decode-lean", "decode-static", "train-lora",
+            "train-full", "oom-retry", "decode-compiled"]
 TRAIN_FLAGS = ["--total-steps", "3", "--eval-every", "0", "--eval-problems", "1", "--eval-max-new-tokens", "8",
                "--save-every", "0", "--log-completions-every", "0"]
 
@@ -188,15 +191,16 @@ def markdown(data: dict) -> str:
              "| decoder | tokens/s | ms per decode step | prefill ms | GB read per step | GB/s | % of assumed peak "
              "| % of measured copy | greedy tokens = model.generate | warm-up s | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in SECTIONS[:5]:
+    for name in DECODE_SECTIONS:
         row = sections.get(name, {})
         equal = row.get("greedy_equal")
+        different = (f"no ({row.get('equal_rows')}/{row.get('rows')} rows; first difference at step "
+                     f"{row.get('first_difference')})")
         equal_text = ("reference" if name == "decode-generate" else "-" if row.get("status") != "ok" else
-                      "n/a (model.generate did not run)" if equal is None else "yes" if equal else f"no ({row.get('equal_rows')}/{row.get('rows')} rows; first difference "
-                                          f"at step {row.get('first_difference')})")
+                      "n/a (model.generate did not run)" if equal is None else "yes" if equal else different)
         lines.append(f"| {name.removeprefix('decode-')} | {_cell(row, 'tokens_per_s', ',.0f')} | "
                      f"{_cell(row, 'ms_per_step', '.2f')} | {_cell(row, 'prefill_ms', '.1f')} | "
-                     f"{_cell(row, 'gb_per_step', '.3f')} | {_cell(row, 'gb_per_s', ',.0f')} | "
+                     f"{_cell(row, 'gb_per_step', '.3f')} | {_cell(row, 'gb_per_s', ',.1f')} | "
                      f"{_cell(row, 'pct_assumed', '.1f')} | {_cell(row, 'pct_measured', '.1f')} | {equal_text} | "
                      f"{_cell(row, 'warmup_s', '.1f')} | {_status(row)} |")
     lines += ["", "## Train steps (train.py, median of steps 2-3; every step in the JSON)", "",
@@ -213,8 +217,8 @@ def markdown(data: dict) -> str:
     lines += ["", "## Out-of-memory retry", "",
               "| forced by | out-of-memory errors caught | micro-batch size after | step finished | status |",
               "|---|---|---|---|---|",
-              f"| {row.get('forced_by', '-')} | {_cell(row, 'oom_errors', 'd')} | {_cell(row, 'micro_batch_after', 'd')}"
-              f" | {_cell(row, 'finished', '')} | {_status(row)} |",
+              f"| {row.get('forced_by', '-')} | {_cell(row, 'oom_errors', 'd')} | "
+              f"{_cell(row, 'micro_batch_after', 'd')} | {_cell(row, 'finished', '')} | {_status(row)} |",
               "", "## Sections", "", "| section | status | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {sections[name]['status']} | {sections[name]['seconds']:.1f} |"
               for name in SECTIONS if name in sections]
@@ -339,40 +343,44 @@ def meta_transformers() -> str:
     return transformers.__version__
 
 
-def decode_sections(report: Report, case_fn, skip: dict[str, str]) -> None:
-    holder = {}
+class DecodeSections:
+    """The decode sections on one lazily loaded model; model.generate's tokens are kept for the later sections'
+    equality check across release() (the model is freed while the train sections run)."""
 
-    def case() -> DecodeCase:
-        if "case" not in holder:
-            holder["case"] = case_fn()
-        return holder["case"]
+    def __init__(self, case_fn):
+        self.case_fn, self.case, self.reference = case_fn, None, None
 
-    def reference() -> dict:
-        row, tokens = measure_decoder(case(), lambda n: generate_tokens(case(), n))
-        case().reference = tokens
-        return row
+    def get(self) -> DecodeCase:
+        if self.case is None:
+            self.case = self.case_fn()
+            self.case.reference = self.reference
+        return self.case
 
-    def continuous_batching() -> dict:
-        if not hasattr(case().model, "generate_batch"):
-            return {"status": "skipped", "note": f"transformers {meta_transformers()} has no generate_batch"}
-        try:
-            return measure_decoder(case(), lambda n: batch_generate_tokens(case(), n))[0]
-        finally:
-            case().model.destroy_cached_continuous_batching_manager()
+    def run(self, name: str) -> dict:
+        case = self.get()
+        if name == "decode-generate":
+            row, self.reference = measure_decoder(case, lambda n: generate_tokens(case, n))
+            case.reference = self.reference
+            return row
+        if name == "decode-continuous-batching":
+            if not hasattr(case.model, "generate_batch"):
+                return {"status": "skipped", "note": f"transformers {meta_transformers()} has no generate_batch"}
+            try:
+                return measure_decoder(case, lambda n: batch_generate_tokens(case, n))[0]
+            finally:
+                case.model.destroy_cached_continuous_batching_manager()
+        options = DECODERS[name]
+        return measure_decoder(case, lambda n: ours_tokens(case, n, options),
+                               full_warmup=options.get("compile_step", False))[0]
 
-    report.run("decode-generate", reference, skip)
-    report.run("decode-continuous-batching", continuous_batching, skip)
-    for name, options in DECODERS.items():
-        compiled = options.get("compile_step", False)
-        report.run(name, lambda o=options, c=compiled: measure_decoder(
-            case(), lambda n: ours_tokens(case(), n, o), full_warmup=c)[0], skip)
-    holder.clear()
-    from e2h_min import decoders
+    def release(self) -> None:
+        from e2h_min import decoders
 
-    decoders._STATIC_BUFFERS.clear()  # the static decoders' persistent buffers and the compiled step's graphs
-    decoders._COMPILED.clear()
-    torch._dynamo.reset()
-    free_memory()
+        self.case = None
+        decoders._STATIC_BUFFERS.clear()  # the static decoders' persistent buffers and the compiled step's graphs
+        decoders._COMPILED.clear()
+        torch._dynamo.reset()
+        free_memory()
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -602,12 +610,17 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = build_model_dir(work / "model", mode)
         print(f"[{time.perf_counter() - report.start:6.1f} s] model built in {time.perf_counter() - start:.1f} s: "
               f"{model_dir}", flush=True)
-        decode_sections(report, lambda: decode_case(model_dir, mode, device, limits), skip)
+        decode = DecodeSections(lambda: decode_case(model_dir, mode, device, limits))
+        for name in ("decode-generate", "decode-continuous-batching", "decode-lean", "decode-static"):
+            report.run(name, lambda n=name: decode.run(n), skip)
+        decode.release()
         store: dict = {}
         report.run("train-lora", lambda: train_section(model_dir, work, mode, "train-lora", [], device, store), skip)
         report.run("train-full", lambda: train_section(model_dir, work, mode, "train-full", ["--lora-r", "0"],
                                                        device, store), skip)
         report.run("oom-retry", lambda: oom_section(model_dir, work, mode, device, store), skip)
+        report.run("decode-compiled", lambda: decode.run("decode-compiled"), skip)
+        decode.release()
     print(f"wrote {args.out / 'gpu_check.md'} and {args.out / 'gpu_check.json'}")
 
 

@@ -155,8 +155,8 @@ def trl_worker(settings: str, out: Path, steps: int) -> None:
         warmup_steps=cfg.warmup_steps, max_steps=cfg.total_steps, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_name(cfg.model), dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=countdown_reward, args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, callbacks=[Lockstep()])
+    trainer = GRPOTrainer(model=model, reward_funcs=countdown_reward, args=config,
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Lockstep()])
     say("ready")
     try:
         trainer.train()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["decode-generate", "decode-continuous-batching", "decode-lean", "decode-static", "decode-compiled",
-            "train-lora", "train-full", "oom-retry"]
+SECTIONS = ["decode-generate", "decode-continuous-batching", "decode-lean", "decode-static", "train-lora",
+            "train-full", "oom-retry", "decode-compiled"]
 
 
 @pytest.fixture(scope="module")
