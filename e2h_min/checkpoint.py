@@ -149,7 +149,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
             raise
         kept = latest_checkpoint(run_dir)
         then = f"{kept.name} is kept intact: free some space, then --resume {run_dir}" if kept else \
-            "there is no earlier checkpoint: free some space and start again"
+            f"there is no earlier checkpoint: free some space and start again (--out-dir {run_dir} --overwrite)"
         raise UserError(f"no space left on the device while saving checkpoint {final.name} in {root}; {then}") from None
     if final.exists():  # re-saving the same step (e.g. end of run right after a periodic save)
         shutil.rmtree(final)
