@@ -138,7 +138,10 @@ def load_policy(path: str, run_config: dict | None, device: torch.device):
         from peft import PeftModel
     except ImportError:
         raise UserError(f"{path} holds a LoRA adapter; loading it needs peft: pip install peft") from None
-    base = (run_config or {}).get("model") or json.loads(adapter.read_text()).get("base_model_name_or_path")
+    base = (run_config or {}).get("model") or _read_json(adapter).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{adapter}: base_model_name_or_path is {json.dumps(base)}, so the adapter's base model is unknown; "
+                        f"write the base model's path or hub id there, or pass the run directory that trained it")
     with peft_building():
         model = PeftModel.from_pretrained(load_model(base, device, trainable=False), path).to(device)
     model.eval()
@@ -309,6 +312,13 @@ def owning_run(loaded: Path) -> Path | None:
     return None
 
 
+def run_config_file(loaded: Path) -> Path:
+    """The file find_model read the run's settings from: a checkpoint's trainer_state.json, else RUN/config.json."""
+    if (loaded / "trainer_state.json").is_file():
+        return loaded / "trainer_state.json"
+    return (owning_run(loaded) or loaded) / "config.json"
+
+
 def default_out_dir(model: str, loaded_from: str, task_name: str) -> Path:
     """Where results go without --out: next to what is evaluated, in a folder named after it.
 
@@ -349,6 +359,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not (math.isfinite(args.temperature) and math.isfinite(args.top_p)):
         raise UserError("--temperature and --top-p must be finite numbers")
     if settings["chat_date"] is not None and not is_iso_date(settings["chat_date"]):
+        if args.chat_date is None:  # the run's own value: name the file it came from, not a flag never given
+            raise UserError(f"{run_config_file(Path(loaded_from))}: chat_date must be a date YYYY-MM-DD, got "
+                            f"{settings['chat_date']!r}; fix it there, or pass --chat-date YYYY-MM-DD")
         raise UserError(f"--chat-date must be a date YYYY-MM-DD, got {settings['chat_date']!r}")
     settings["chat_date"] = settings["chat_date"] or today()  # one date for every prompt, recorded in report.json
     if args.samples and not args.pass_k:

@@ -65,8 +65,9 @@ from e2h_min.models import (Reference, ValueHead, apply_lora, checkpoint_dtype, 
                             frozen_copy, frozen_dtype, load_lora_checkpoint, load_model, load_tokenizer,
                             lora_reference, pick_device, require_peft, resolve_model_name)
 from e2h_min.rollout import StopChecker, generate
-from e2h_min.runlog import (append_jsonl, check_resume_config, claim_run_dir, default_run_dir, eval_logged,
-                            finished_run, log_completions, remove_if_unused, truncate_jsonl)
+from e2h_min.runlog import (append_jsonl, check_logs, check_resume_config, check_sampler_state, claim_run_dir,
+                            default_run_dir, eval_logged, finished_run, log_completions, remove_if_unused,
+                            truncate_logs)
 from e2h_min.samples import StepSamples
 from e2h_min.tasks import make_task
 from e2h_min.tasks.base import Task
@@ -176,13 +177,16 @@ def no_log(*_) -> None:
     """The log of every rank but rank 0."""
 
 
-def resume_point(cfg: Config, run_dir: Path) -> tuple[Config, Path | None, bool]:
+def resume_point(cfg: Config, run_dir: Path, sampler: LevelSampler, preset: tuple | None = None
+                 ) -> tuple[Config, Path | None, bool]:
     """(cfg, the checkpoint to resume from or None for a new run, whether that run already finished).
 
     --resume takes the newest checkpoint that verifies (damaged newer ones are set aside, with a warning), pins
-    the run's prompt date (resumed prompts tokenize as before) and refuses a config that changed the run."""
+    the run's prompt date (resumed prompts tokenize as before) and refuses a config that changed the run or task
+    data that changed under it (before any model loads)."""
     if not cfg.resume:
         return cfg, None, False
+    check_logs(run_dir)  # a damaged log refuses the resume before anything is set aside or rewritten
     resume_from = resume_checkpoint(run_dir, tqdm.write, set_aside=int(os.environ.get("RANK", "0")) == 0)
     if resume_from is None:
         raise UserError(f"--resume {run_dir}: no intact checkpoint found there (expected "
@@ -190,7 +194,8 @@ def resume_point(cfg: Config, run_dir: Path) -> tuple[Config, Path | None, bool]
     saved = json.loads((resume_from / "trainer_state.json").read_text())
     if cfg.chat_date is None:  # the run's pinned prompt date: resumed prompts tokenize as before
         cfg = dataclasses.replace(cfg, chat_date=saved["config"].get("chat_date"))
-    check_resume_config(saved["config"], cfg)
+    check_resume_config(saved["config"], cfg, resume_from, from_config_json=preset[1] if preset else {})
+    check_sampler_state(sampler, saved["sampler"], resume_from)
     return cfg, resume_from, saved["step"] >= cfg.total_steps and finished_run(run_dir, cfg.total_steps)
 
 
@@ -272,8 +277,7 @@ def setup(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
         sampler.load_state_dict(state["sampler"])
         start_step = state["step"]
         if main_rank:
-            for name in ("metrics.jsonl", "eval.jsonl", "completions.jsonl"):  # drop lines after the checkpoint
-                truncate_jsonl(run_dir / name, start_step, log)
+            truncate_logs(run_dir, start_step, log)  # drop lines after the checkpoint
         log(f"resumed from {resume_from} at step {start_step}")
     if main_rank:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -646,7 +650,7 @@ def finish(run: Run, first_eval: dict | None) -> dict:
 def train(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset: tuple | None = None) -> dict:
     """The run, in run_dir (claimed by main); preset: (config.Preset, the values it set) for the start-up line."""
     # ---------------------------------------------------------------- setup
-    cfg, resume_from, already_finished = resume_point(cfg, run_dir)
+    cfg, resume_from, already_finished = resume_point(cfg, run_dir, sampler, preset)
     if already_finished:
         return nothing_to_do(cfg, run_dir)
     run = setup(cfg, task, sampler, run_dir, preset, resume_from)

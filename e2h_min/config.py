@@ -332,21 +332,30 @@ def resolve_config(argv: list[str] | None = None) -> tuple[Config, Preset, dict[
 
 
 def _resumed_run_settings(run_dir: str | None) -> dict[str, Any] | None:
-    """The settings a train.py run recorded in RUN/config.json (None if run_dir is None or holds no such file),
-    without the bookkeeping of how it was started (resume, out_dir, overwrite)."""
+    """The settings a train.py run recorded in RUN/config.json (None if run_dir is None or holds no run), without
+    the bookkeeping of how it was started (resume, out_dir, overwrite). A run (it has checkpoints/) whose
+    config.json is missing, unreadable or not a run's is a UserError naming the file: its settings are unknown."""
     import json
     from pathlib import Path
 
     if run_dir is None:
         return None
+    file = Path(run_dir) / "config.json"
     try:
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(saved, dict) or "schedule" not in saved or "total_steps" not in saved:
-        return None
-    fields = {f.name for f in dataclasses.fields(Config)} - {"resume", "out_dir", "overwrite"}
-    return {k: v for k, v in saved.items() if k in fields}
+        saved = json.loads(file.read_text())
+        problem = None if isinstance(saved, dict) and "schedule" in saved and "total_steps" in saved else \
+            "not a train.py config (no schedule and total_steps)"
+    except FileNotFoundError:
+        problem = "missing"
+    except (OSError, ValueError) as exc:
+        problem = f"unreadable ({getattr(exc, 'strerror', None) or str(exc).splitlines()[0][:80]})"
+    if problem is None:
+        fields = {f.name for f in dataclasses.fields(Config)} - {"resume", "out_dir", "overwrite"}
+        return {k: v for k, v in saved.items() if k in fields}
+    if (Path(run_dir) / "checkpoints").is_dir():
+        raise UserError(f"--resume {run_dir}: {file} is {problem}, so the run's settings are unknown; restore it "
+                        f"(each checkpoint's trainer_state.json holds a copy under \"config\") or start a new run")
+    return None  # not a run: claim_run_dir says so
 
 
 def describe_preset(preset: Preset, applied: dict[str, Any]) -> str:
@@ -455,6 +464,8 @@ def validate(cfg: Config) -> None:
     need(cfg.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be >= 1")
     need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
     need(cfg.data is None or cfg.task in ("gsm8k", "math", "aqua"), f"--data is not used by task {cfg.task!r}")
+    if cfg.data is not None:  # the model card and config.json record it
+        check_path_name(cfg.data, "--data")
     need(cfg.frozen_dtype in ("auto", "float32", "bfloat16"), "--frozen-dtype must be auto, float32 or bfloat16")
     need(cfg.save_dtype in ("auto", "float32", "bfloat16"), "--save-dtype must be auto, float32 or bfloat16")
     need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
@@ -469,12 +480,36 @@ def check_context(max_new_tokens: int, context: int | None, flag: str = "--max-n
                         f"(max_position_embeddings); use less, leaving room for the prompt")
 
 
+def check_path_name(path, flag: str) -> None:
+    """A path the run will write under or record must be UTF-8 (safetensors, JSON and the model card need text) and
+    short enough for the filesystem, with room for the run's own names below it (checkpoints/.tmp_step_..._PID/
+    tokenizer_config.json); else a UserError, before anything is written.
+    Example: check_path_name("runs/\udcffx", "--out-dir") raises "... is not valid UTF-8 ..." """
+    from pathlib import Path
+
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag} {text.encode('utf-8', 'backslashreplace').decode()}: the path is not valid UTF-8; "
+                        f"rename it (or pass another path)") from None
+    longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
+    if longest > 255:
+        raise UserError(f"{flag}: a path component of {longest} bytes is longer than filesystems allow (255); "
+                        f"pass a shorter name")
+    full = len(os.fsencode(os.path.abspath(text)))
+    if full + 100 > 4096:
+        raise UserError(f"{flag}: the path is {full} bytes long; with the run's own names below it that passes the "
+                        f"4096-byte limit of a path: pass a shorter one")
+
+
 def check_output_dir(path, flag: str) -> None:
     """Create `path` (a directory the entry point will write into) now and write a scratch file there, or raise a
     UserError saying why not: an unwritable place should fail before the work, not after it."""
     import tempfile
     from pathlib import Path
 
+    check_path_name(path, flag)
     path = Path(path)
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():
