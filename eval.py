@@ -46,6 +46,7 @@ from e2h_min.rl.scoring import chat_date_variables, encode_prompts, eos_token_id
 from e2h_min.engine.models import (MODEL_ALIASES, context_length, load_model, load_tokenizer, peft_building, pick_device,
                             resolve_model_name)
 from e2h_min.analysis.passk import mean_pass_at_k
+from e2h_min.run.prompt_fit import fit_prompts
 from e2h_min.engine.sampler import StopChecker, generate
 from e2h_min.tasks import TASKS, make_task
 
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", nargs="+", help="levels by index or name, e.g. 0 1 4 or L3 OOD (default: all)")
     p.add_argument("--n", type=int, help="test problems per level, indices 0..N-1 (default: the run's eval_problems)")
     p.add_argument("--seed", type=int, help="task generator seed; also seeds pass@k sampling (default: the run's)")
-    p.add_argument("--max-new-tokens", type=int, help="completion budget (default: the run's eval budget, else 512)")
+    p.add_argument("--max-new-tokens", type=int, help="completion budget (default: the run's eval budget, else 512, at most "
+                                                      "half the model's context)")
     p.add_argument("--stop", help="stop string (default: the run's, else </answer>; empty = EOS only)")
     p.add_argument("--chat-date", help="YYYY-MM-DD date a date-bearing chat template (Llama 3) writes into the "
                                        "prompts (default: the run's, else today's)")
@@ -136,7 +138,10 @@ def load_policy(path: str, run_config: dict | None, device: torch.device):
         from peft import PeftModel
     except ImportError:
         raise UserError(f"{path} holds a LoRA adapter; loading it needs peft: pip install peft") from None
-    base = (run_config or {}).get("model") or json.loads(adapter.read_text()).get("base_model_name_or_path")
+    base = (run_config or {}).get("model") or _read_json(adapter).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{adapter}: base_model_name_or_path is {json.dumps(base)}, so the adapter's base model is unknown; "
+                        f"write the base model's path or hub id there, or pass the run directory that trained it")
     with peft_building():
         model = PeftModel.from_pretrained(load_model(base, device, trainable=False), path).to(device)
     model.eval()
@@ -275,18 +280,28 @@ def format_table(report: dict) -> str:
 
 
 def run_eval_line(loaded_from: str, run_config: dict | None, step: int | None) -> dict | None:
-    """The line of the run's eval.jsonl logged at `step`, when a run's final policy or checkpoint is evaluated."""
+    """The line of the run's eval.jsonl logged at `step`, when a run's final policy or checkpoint is evaluated.
+    Read before the evaluation: lines that are not a JSON object with an integer step (torn or damaged) are
+    skipped with a count on stderr, so a damaged log never costs a finished evaluation."""
     run_dir = owning_run(Path(loaded_from))
     if run_config is None or step is None or run_dir is None or not (run_dir / "eval.jsonl").is_file():
         return None
-    for line in reversed((run_dir / "eval.jsonl").read_text().splitlines()):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a torn line of a killed run
+    found, bad = None, 0
+    for line in (run_dir / "eval.jsonl").read_bytes().splitlines():
+        if not line.strip():
             continue
-        if row.get("step") == step:
-            return row
-    return None
+        try:
+            row = parse_json(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            bad += 1
+        elif row["step"] == step:
+            found = row
+    if bad:
+        print(f"note: {run_dir / 'eval.jsonl'}: skipped {bad} line(s) that are not a JSON object with an integer "
+              f"step (torn or damaged)", file=sys.stderr)
+    return found
 
 
 def owning_run(loaded: Path) -> Path | None:
@@ -295,6 +310,13 @@ def owning_run(loaded: Path) -> Path | None:
         if run_dir is not None and _read_run_config(run_dir) is not None:
             return run_dir
     return None
+
+
+def run_config_file(loaded: Path) -> Path:
+    """The file find_model read the run's settings from: a checkpoint's trainer_state.json, else RUN/config.json."""
+    if (loaded / "trainer_state.json").is_file():
+        return loaded / "trainer_state.json"
+    return (owning_run(loaded) or loaded) / "config.json"
 
 
 def default_out_dir(model: str, loaded_from: str, task_name: str) -> Path:
@@ -335,6 +357,9 @@ def check_settings(args, settings: dict) -> int | None:
     if not (math.isfinite(args.temperature) and math.isfinite(args.top_p)):
         raise UserError("--temperature and --top-p must be finite numbers")
     if settings["chat_date"] is not None and not is_iso_date(settings["chat_date"]):
+        if args.chat_date is None:  # the run's own value: name the file it came from, not a flag never given
+            raise UserError(f"{run_config_file(Path(loaded_from))}: chat_date must be a date YYYY-MM-DD, got "
+                            f"{settings['chat_date']!r}; fix it there, or pass --chat-date YYYY-MM-DD")
         raise UserError(f"--chat-date must be a date YYYY-MM-DD, got {settings['chat_date']!r}")
     settings["chat_date"] = settings["chat_date"] or today()  # one date for every prompt, recorded in report.json
     if args.samples and not args.pass_k:
@@ -358,10 +383,17 @@ def main(argv: list[str] | None = None) -> dict:
     samples = check_settings(args, settings)
     task = make_task(settings["task"], seed=settings["seed"], data=settings["data"])
     levels = select_levels(task, args.levels)
-    problems = select_problems(task, levels, settings["n"], explicit_levels=bool(args.levels))
     out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, task.name)
     check_output_dir(out, "--out")  # an unwritable place fails now, not after the evaluation
-    check_context(settings["max_new_tokens"], context_length(loaded_from))
+    context = context_length(loaded_from)
+    run_budget = (run_config or {}).get("eval_max_new_tokens") or (run_config or {}).get("max_new_tokens")
+    if context is not None and args.max_new_tokens is None and run_budget is None:  # FALLBACKS' 512 would fill a
+        settings["max_new_tokens"] = min(settings["max_new_tokens"], context // 2)  # short context: keep half
+    check_context(settings["max_new_tokens"], context)
+    tokenizer = load_tokenizer(loaded_from)
+    fit_prompts(task, tokenizer, context, None, settings["max_new_tokens"], settings["chat_date"],
+                lambda line: print(line, file=sys.stderr))  # rows too long for the model: skipped, as train.py does
+    problems = select_problems(task, levels, settings["n"], explicit_levels=bool(args.levels))
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -375,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"evaluating {loaded_from} on {task.name} | levels "
           f"{' '.join(task.level_names()[k] for k in levels)} | {len(problems)} problems | device {device}")
     print(f"results will be written to {out}/")
-    tokenizer = load_tokenizer(loaded_from)
+    run_eval = run_eval_line(loaded_from, run_config, step)  # the run's logs are read before the work
     model = load_policy(loaded_from, run_config, device)
     stop_checker = StopChecker(tokenizer, [settings["stop"]], device)
     t0 = time.perf_counter()
@@ -396,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["pass_at_k"] = {"samples": samples, "temperature": args.temperature, "top_p": args.top_p,
                                "top_k": args.top_k, "by_level": by_level}
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    report["run_eval"] = run_eval_line(loaded_from, run_config, step)
+    report["run_eval"] = run_eval
 
     (out / "report.json").write_text(json.dumps(report, indent=1))
     with open(out / "completions.jsonl", "w") as handle:
@@ -404,7 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(report))
     if report["run_eval"]:
         print(f"the run's own evaluation at step {step} (its settings): " + "  ".join(
-            f"{k[:-len('/accuracy')]} {v:.1%}" for k, v in report["run_eval"].items() if k.endswith("/accuracy")))
+            f"{k[:-len('/accuracy')]} {v:.1%}" for k, v in report["run_eval"].items()
+            if k.endswith("/accuracy") and isinstance(v, (int, float))))
     print(f"wrote {out / 'report.json'} and {out / 'completions.jsonl'} ({len(lines)} lines)")
     return report
 

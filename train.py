@@ -52,7 +52,7 @@ from e2h_min.tasks.base import Task
 def train(cfg, task: Task, sampler: LevelSampler, run_dir: Path, preset: tuple | None = None) -> dict:
     """The run, in run_dir (claimed by main); preset: (presets.Preset, the values it set) for the start-up line."""
     # ---------------------------------------------------------------- setup (e2h_min/run/setup.py)
-    cfg, resume_from, already_finished = resume_point(cfg, run_dir)
+    cfg, resume_from, already_finished = resume_point(cfg, run_dir, sampler, preset)
     if already_finished:
         return nothing_to_do(cfg, run_dir)
     cfg, models, chat, compute, optimizer, scheduler, generator, book = setup(cfg, task, sampler, run_dir, preset,
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, preset, preset_values = resolve_config(argv)
     require_peft(cfg.lora_r)  # before anything heavy: the paper preset turns LoRA on
     require_trackers(parse_report_to(cfg.report_to))  # a missing optional package fails here, before any model loads
-    task, sampler = load_task(cfg)  # the data and the schedule are checked before anything is written
     check_context(max(cfg.max_new_tokens, cfg.eval_max_new_tokens or 0), context_length(cfg.model))
+    task, sampler = load_task(cfg)  # the data, its prompts' lengths and the schedule, before anything is written
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes (and owns) the run directory
         return train(cfg, task, sampler, Path(cfg.resume or cfg.out_dir or default_run_dir(cfg)),
                      (preset, preset_values))

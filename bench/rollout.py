@@ -13,6 +13,12 @@ Cases
      ids (100-150 tokens), G=8, max_new_tokens 32 and no stopping (a random model rarely emits EOS; both sides
      produce exactly P*G*M tokens). Also reports decode's share of the measured memory bandwidth.
 
+Beside each speed-up: each side's share of the memory-bandwidth limit (bench/limits.py): the bytes its decode steps
+must read (weights once per step + each row's KV cache so far, counted from the tokens it produced) over its whole
+call's time (prefill included, so a lower bound), against the assumed peak (a GPU's datasheet figure, or
+--peak-bandwidth GB/s; none for a CPU) and the copy bandwidth measured in the same run. On a CPU the tiny model
+(case a) fits in the caches, so its share of the DRAM copy bandwidth can pass 100%.
+
 The last line is `speedup X.XX`: the smaller of the cases' speed-ups.
 
   python bench/rollout.py                            # both cases, CPU or the GPU if there is one
@@ -33,6 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.limits import (assumed_bandwidth, copy_bandwidth, decode_read_bytes, decode_weight_bytes,  # noqa: E402
+                          describe, model_kv_bytes_per_token, share)
 from e2h_min.engine.sampler import StopChecker, generate, left_pad  # noqa: E402
 
 TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "e2h_min" / "assets" / "tiny-countdown"
@@ -99,16 +107,16 @@ def _as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def run_ours(case: dict, group: int, max_new_tokens: int, seed: int, stop_checker) -> int:
+def run_ours(case: dict, group: int, max_new_tokens: int, seed: int, stop_checker) -> list[int]:
     device = next(case["model"].parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     rollout = generate(case["model"], case["prompts"], group, max_new_tokens, eos_token_ids=case["eos"],
                        pad_id=case["pad"], stop_checker=stop_checker, temperature=1.0, generator=generator,
                        **case.get("options", {}))
-    return int(rollout.lengths.sum())
+    return rollout.lengths.tolist()
 
 
-def run_theirs(case: dict, group: int, max_new_tokens: int, seed: int) -> int:
+def run_theirs(case: dict, group: int, max_new_tokens: int, seed: int) -> list[int]:
     model = case["model"]
     device = next(model.parameters()).device
     ids, attention = left_pad(case["prompts"], case["pad"], device)
@@ -122,10 +130,11 @@ def run_theirs(case: dict, group: int, max_new_tokens: int, seed: int) -> int:
     # A finished row is filled with pad after its last token: count up to the last non-pad token.
     real = completions != case["pad"]
     positions = torch.arange(1, completions.shape[1] + 1, device=device)
-    return int((real * positions).amax(dim=1).sum())
+    return (real * positions).amax(dim=1).tolist()
 
 
-def time_call(fn, device) -> tuple[float, int]:
+def time_call(fn, device) -> tuple[float, list[int]]:
+    """(seconds, what fn returned): fn() between two device synchronisations."""
     synchronize(device)
     start = time.perf_counter()
     tokens = fn()
@@ -133,7 +142,7 @@ def time_call(fn, device) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: int) -> float:
+def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: int, limits: list) -> float:
     device = next(case["model"].parameters()).device
     stop_checker = StopChecker(case["tokenizer"], case["stop_strings"], device) if case["stop_strings"] else None
     ours = lambda r: run_ours(case, group, max_new_tokens, seed + r, stop_checker)  # noqa: E731
@@ -153,57 +162,48 @@ def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: 
     n_rows = len(case["prompts"]) * group
     print(f"\n== case {case['name']}: {len(case['prompts'])} prompts x G={group}, max_new_tokens {max_new_tokens}, "
           f"prompt tokens {min(map(len, case['prompts']))}-{max(map(len, case['prompts']))}, device {device}")
-    rates = {}
+    rates, bandwidths = {}, {}
     for name, runs in results.items():
         seconds = statistics.median(t for t, _ in runs)
-        rate = statistics.median(n / t for t, n in runs)
-        tokens = statistics.median(n for _, n in runs)
+        rate = statistics.median(sum(n) / t for t, n in runs)
+        tokens = statistics.median(sum(n) for _, n in runs)
         rates[name] = rate
+        bandwidths[name] = statistics.median(decode_bytes(case, group, n) / t for t, n in runs)
         print(f"  {name:15s} median {seconds:7.3f} s/call  {rate:9.1f} generated tokens/s  "
               f"(median {tokens:.0f} tokens = {tokens / n_rows:.1f} per row; runs: "
-              + ", ".join(f"{t:.2f}s/{n}" for t, n in runs) + ")")
+              + ", ".join(f"{t:.2f}s/{sum(n)}" for t, n in runs) + ")")
     speedup = rates["ours"] / rates["model.generate"]
     print(f"  speed-up (tokens/s ours / model.generate): {speedup:.2f}x")
+    for name, rate in bandwidths.items():
+        print(f"  {name:15s} decode reads {rate / 1e9:8.2f} GB/s = {share(rate, limits)}")
     return speedup
 
 
-def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
-    """Measured device memory bandwidth in bytes/s: a large tensor copy reads and writes every byte once."""
-    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
-    target = torch.empty_like(source)
-    target.copy_(source)
-    times = []
-    for _ in range(3):
-        seconds, _ = time_call(lambda: target.copy_(source), device)
-        times.append(seconds)
-    return 2 * source.numel() * 4 / min(times)
+def decode_bytes(case: dict, group: int, lengths: list[int]) -> float:
+    """Bytes the call's decode steps must read (limits.decode_read_bytes), from the rows' completion lengths."""
+    model = case["model"]
+    rows = [len(p) for p in case["prompts"] for _ in range(group)]
+    kv = model_kv_bytes_per_token(model, next(model.parameters()).element_size())
+    return decode_read_bytes(decode_weight_bytes(model), kv, rows, lengths)["total"]
 
 
-def decode_bandwidth_report(case: dict, group: int, max_new_tokens: int, seed: int, repeats: int) -> None:
+def decode_bandwidth_report(case: dict, group: int, max_new_tokens: int, seed: int, repeats: int,
+                            limits: list) -> None:
     """How close our decode steps come to the memory-bandwidth limit (case b: every row runs every step).
 
-    A decode step must at least read every weight once and each row's KV cache, so
-    bytes/step = parameter bytes + layers * rows * kv_heads * head_dim * 2 (K and V) * dtype bytes * mean length.
-    Decode time = a full call minus a call with max_new_tokens=1 (prefill + first token).
+    Bytes: limits.decode_read_bytes (weights once per step + each row's KV cache so far). Decode time = a full call
+    minus a call with max_new_tokens=1 (prefill + first token), so the prefill is not in it.
     """
-    model = case["model"]
-    device = next(model.parameters()).device
-    config = model.config
+    device = next(case["model"].parameters()).device
     full = statistics.median(time_call(lambda: run_ours(case, group, max_new_tokens, seed, None), device)[0]
                              for _ in range(repeats))
     first = statistics.median(time_call(lambda: run_ours(case, group, 1, seed, None), device)[0]
                               for _ in range(repeats))
     steps, rows = max_new_tokens - 1, len(case["prompts"]) * group
-    dtype_bytes = next(model.parameters()).element_size()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    mean_length = max(map(len, case["prompts"])) + max_new_tokens / 2
-    kv_bytes = config.num_hidden_layers * rows * config.num_key_value_heads * head_dim * 2 * dtype_bytes * mean_length
-    per_step = (full - first) / steps
-    achieved, peak = (weight_bytes + kv_bytes) / per_step, copy_bandwidth(device)
-    print(f"  decode: {per_step * 1e3:.1f} ms/step for {rows} rows; weights {weight_bytes / 1e9:.2f} GB + KV "
-          f"{kv_bytes / 1e9:.3f} GB per step -> {achieved / 1e9:.1f} GB/s = {100 * achieved / peak:.0f}% of the "
-          f"measured copy bandwidth ({peak / 1e9:.1f} GB/s)")
+    read = decode_bytes(case, group, [max_new_tokens] * rows)
+    achieved = read / (full - first)
+    print(f"  decode only: {(full - first) / steps * 1e3:.1f} ms/step for {rows} rows, {read / steps / 1e9:.3f} GB "
+          f"read per step -> {achieved / 1e9:.1f} GB/s = {share(achieved, limits)}")
 
 
 def main() -> None:
@@ -215,6 +215,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile-step", action="store_true",
                         help="ours: static-shape decode step under torch.compile / CUDA graphs (meant for CUDA)")
+    parser.add_argument("--peak-bandwidth", type=float, default=None, metavar="GB/s",
+                        help="the assumed peak memory bandwidth (default: the GPU's datasheet figure; none on CPU)")
     parser.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=True,
                         help="case b: also report decode's share of the measured memory bandwidth")
     # case a
@@ -238,18 +240,21 @@ def main() -> None:
     if device.type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] >= (os.cpu_count() or 1):
         print("note: the CPUs are busy with other work; multi-threaded matmuls then stall at every barrier while a "
               "thread waits for a core, and timings swing 10x between runs. --threads 1 gives stable figures.")
+    limits = [assumed_bandwidth(device, args.peak_bandwidth), copy_bandwidth(device)]
+    print("memory-bandwidth limits (bytes/s): " + describe(limits[0], "--peak-bandwidth GB/s") + "; "
+          + describe(limits[1], "") + ", the practical limit on a shared machine")
     speedups = {}
     if args.case in ("a", "both"):
         case = case_a(device, dtype, args.a_prompts, args.seed, args.a_model_dir)
         case["options"] = dict(compile_step=args.compile_step)
-        speedups["a"] = bench_case(case, args.a_group, args.a_max_new_tokens, args.repeats, args.seed)
+        speedups["a"] = bench_case(case, args.a_group, args.a_max_new_tokens, args.repeats, args.seed, limits)
         del case
     if args.case in ("b", "both"):
         case = case_b(device, dtype, args.b_prompts, args.seed, args.b_size)
         case["options"] = dict(compile_step=args.compile_step)
-        speedups["b"] = bench_case(case, args.b_group, args.b_max_new_tokens, args.repeats, args.seed)
+        speedups["b"] = bench_case(case, args.b_group, args.b_max_new_tokens, args.repeats, args.seed, limits)
         if args.bandwidth:
-            decode_bandwidth_report(case, args.b_group, args.b_max_new_tokens, args.seed, repeats=2)
+            decode_bandwidth_report(case, args.b_group, args.b_max_new_tokens, args.seed, repeats=2, limits=limits)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     worst = min(speedups, key=speedups.get)
     print("\n" + ", ".join(f"case {k}: {v:.2f}x" for k, v in speedups.items())

@@ -38,6 +38,10 @@ forward + backward, which adds the LM head's checkpoint recompute, 2 N_h n, when
 checkpointed; that recompute is not model FLOPs).
 MFU = model FLOPs / step seconds / peak, peak = a large fp32 matmul timed on the same device and threads (on CUDA
 also a bf16 one, since training runs under bf16 autocast there).
+Beside the speed-ups, each column's update (its reference and update phases: model FLOPs / their seconds) as a
+share of the assumed peak (bench/limits.py: a GPU's dense bf16 datasheet figure; on a CPU threads x clock x 32 fp32
+FLOP/cycle; --peak-flops GFLOP/s replaces it) and of the measured matmul peaks (the practical limit on a shared
+machine).
 
     python bench/step.py                          # CPU, 1 thread, the demo settings
     python bench/step.py --beta 0.001 --steps 5   # with a reference model
@@ -67,6 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (seed_step: the trainer's own step code)
+from bench.limits import Limit, assumed_flops, describe, matmul_peak, share  # noqa: E402
 from e2h_min.errors import UserError  # noqa: E402
 from e2h_min.run.config import schedule_params  # noqa: E402
 from e2h_min.run.presets import parse_config  # noqa: E402
@@ -130,22 +135,6 @@ def load_old_sampler(commit: str):
             del sys.modules[name]
             return None, f"importing it failed ({type(exc).__name__}: {str(exc)[:120]})"
     return module, None
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` [size, size] @ [size, size] matmuls (2 size^3 FLOPs), after a warm-up."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
 
 
 def model_shape(model) -> dict:
@@ -317,6 +306,9 @@ def main() -> None:
     parser.add_argument("--old-commit", default="7c0f032",
                         help="commit of the pre-issue-3 sampler for the third column ('' to skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak-flops", type=float, default=None, metavar="GFLOP/s",
+                        help="the assumed peak (default: a GPU's dense bf16 datasheet figure; on CPU threads x clock "
+                             "x 32 fp32 FLOP/cycle)")
     args = parser.parse_args()
     if args.steps < 1 or args.threads < 1:
         raise SystemExit("error: --steps and --threads must be >= 1")
@@ -376,10 +368,10 @@ def main() -> None:
     peaks = {"fp32": matmul_peak(device, torch.float32, 2048 if device.type == "cpu" else 8192)}
     if device.type == "cuda":
         peaks["bf16"] = matmul_peak(device, torch.bfloat16, 8192)
-    report(results, peaks, args.steps)
+    report(results, peaks, args.steps, assumed_flops(device, args.peak_flops))
 
 
-def report(results: dict, peaks: dict, steps: int) -> None:
+def report(results: dict, peaks: dict, steps: int, assumed: Limit | None = None) -> None:
     """Median seconds per phase and column, model FLOPs, achieved FLOP/s and MFU, speed-ups (last line hf/lean)."""
     names = list(results)
 
@@ -418,6 +410,12 @@ def report(results: dict, peaks: dict, steps: int) -> None:
     for n in names[:-1]:
         print(f"step speed-up {n} -> {now}: {step[n] / step[now]:.2f}x (median step {step[n]:.3f} s -> "
               f"{step[now]:.3f} s)")
+    limits = [assumed] + [Limit(v, f"measured {k} matmul", "") for k, v in peaks.items()]
+    print("update (reference + update phases) FLOP/s as a share of the limits; " + describe(assumed, "--peak-flops"))
+    for n in names:
+        flops = statistics.median(r["flops"]["reference"] + r["flops"]["update"] for r in results[n])
+        seconds = statistics.median(r["seconds"]["reference"] + r["seconds"]["update"] for r in results[n])
+        print(f"  {n:16s} {flops / seconds / 1e9:8.2f} GFLOP/s = {share(flops / seconds, limits)}")
     base = "before" if "before" in step else "hf"
     print(f"step_speedup {step[base] / step[now]:.2f}")
 

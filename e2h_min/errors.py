@@ -50,12 +50,36 @@ def check_context(max_new_tokens: int, context: int | None, flag: str = "--max-n
                         f"(max_position_embeddings); use less, leaving room for the prompt")
 
 
+def check_path_name(path, flag: str) -> None:
+    """A path the run will write under or record must be UTF-8 (safetensors, JSON and the model card need text) and
+    short enough for the filesystem, with room for the run's own names below it (checkpoints/.tmp_step_..._PID/
+    tokenizer_config.json); else a UserError, before anything is written.
+    Example: check_path_name("runs/\udcffx", "--out-dir") raises "... is not valid UTF-8 ..." """
+    from pathlib import Path
+
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag} {text.encode('utf-8', 'backslashreplace').decode()}: the path is not valid UTF-8; "
+                        f"rename it (or pass another path)") from None
+    longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
+    if longest > 255:
+        raise UserError(f"{flag}: a path component of {longest} bytes is longer than filesystems allow (255); "
+                        f"pass a shorter name")
+    full = len(os.fsencode(os.path.abspath(text)))
+    if full + 100 > 4096:
+        raise UserError(f"{flag}: the path is {full} bytes long; with the run's own names below it that passes the "
+                        f"4096-byte limit of a path: pass a shorter one")
+
+
 def check_output_dir(path, flag: str) -> None:
     """Create `path` (a directory the entry point will write into) now and write a scratch file there, or raise a
     UserError saying why not: an unwritable place should fail before the work, not after it."""
     import tempfile
     from pathlib import Path
 
+    check_path_name(path, flag)
     path = Path(path)
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():

@@ -251,6 +251,26 @@ MUTANTS = [
     m("checkpoint-keeps-oldest", "e2h_min/run/checkpoint.py",
       "for old in list_checkpoints(run_dir)[:-keep]:", "for old in list_checkpoints(run_dir)[keep:]:",
       "keep=N deletes the newest checkpoints instead of the oldest", ["tests/test_checkpoint.py"]),
+    # ------------------------------------------------------------------ issue 25: five bug classes no test noticed
+    m("grader-blocksworld-stack-onto-covered", "e2h_min/tasks/blocksworld_strips.py",
+      "legal = positions[block] == HAND and is_clear(positions, target)", "legal = positions[block] == HAND",
+      "Blocksworld plan checker allows a stack onto a block that is not clear", ["tests/test_blocksworld.py"]),
+    m("grader-math-undefined-equal", "e2h_min/tasks/math_grader.py",
+      "return True in verdicts", "return False not in verdicts",
+      "MATH grader counts two expressions undefined at every test point (1/0, 2/0) as equal",
+      ["tests/test_math_tasks.py"]),
+    m("update-fsdp-filler-gradient", "e2h_min/engine/batching.py",
+      "(completion_logprobs(self.policy, batch, self.temperature)[0].sum() * 0.0).backward()",
+      "completion_logprobs(self.policy, batch, self.temperature)[0].sum().backward()",
+      "an FSDP filler micro-batch contributes gradient", INVARIANTS),
+    m("ppo-gae-gamma-lambda-swapped", "e2h_min/rl/ppo.py",
+      "gae_advantages(token_rewards, old_values, valid, cfg.gamma, cfg.lam)",
+      "gae_advantages(token_rewards, old_values, valid, cfg.lam, cfg.gamma)",
+      "PPO's GAE called with gamma and lambda swapped", INVARIANTS),
+    m("curriculum-sec-sampling-temperature", "e2h_min/run/config.py",
+      "return {\"temperature\": cfg.sec_temperature, \"ema\": cfg.sec_ema}",
+      "return {\"temperature\": cfg.temperature, \"ema\": cfg.sec_ema}",
+      "the sec schedule's softmax takes the sampling temperature instead of --sec-temperature", LOOP),
 ]
 
 

@@ -90,18 +90,23 @@ def train_byte_level_bpe(split_pattern: str, vocab_size: int, first_special_id: 
     return tokenizer
 
 
-def write_model(directory: Path, config, generation: dict, seed: int) -> None:
+def write_model(directory: Path, config, generation: dict, seed: int, dtype: torch.dtype = torch.float32,
+                device: str = "cpu") -> None:
+    """Random weights in `dtype`, initialised on `device` (a GPU builds a 1.5B shape in seconds)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(directory, safe_serialization=True)
     GenerationConfig(**generation).save_pretrained(directory)
 
 
 def build_qwen_shape(directory: Path | str, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                     kv_heads: int = 2, intermediate_size: int = 128, seed: int = 0) -> Path:
-    """A Qwen2.5-Instruct stand-in at `directory` (vocabulary 151,936; len(tokenizer) 151,665)."""
+                     kv_heads: int = 2, intermediate_size: int = 128, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu") -> Path:
+    """A Qwen2.5-Instruct stand-in at `directory` (vocabulary 151,936; len(tokenizer) 151,665); weights in `dtype`,
+    initialised on `device`."""
     from transformers import PreTrainedTokenizerFast, Qwen2Config
 
     directory = Path(directory)
@@ -120,7 +125,7 @@ def build_qwen_shape(directory: Path | str, hidden_size: int = 64, layers: int =
                          bos_token_id=151643, eos_token_id=151645, use_sliding_window=False, sliding_window=None)
     write_model(directory, config, {"bos_token_id": 151643, "eos_token_id": QWEN_EOS_IDS, "pad_token_id": 151643,
                                     "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
-                                    "repetition_penalty": 1.05}, seed)
+                                    "repetition_penalty": 1.05}, seed, dtype, device)
     return directory
 
 

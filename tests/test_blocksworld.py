@@ -17,7 +17,7 @@ from e2h_min.tasks.base import SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION
 from e2h_min.tasks.blocksworld import (
     MAX_PLAN_ACTIONS, PLAN_LENGTHS, BlocksworldTask, blocksworld_reward, describe_state, parse_action, parse_plan,
 )
-from e2h_min.tasks.blocksworld_strips import Action, make_state
+from e2h_min.tasks.blocksworld_strips import Action, apply_action, make_state
 
 # ---------------------------------------------------------------- independent STRIPS reference
 
@@ -214,6 +214,28 @@ def test_parse_plan_limits():
     assert parse_plan(ok + "\npick up red", BLOCKS) is None
 
 
+def test_every_action_in_every_state_matches_the_strips_reference():
+    """The simulator's preconditions and effects against the STRIPS reference, for every grounded action in every
+    state of a 3-block world reachable from one tower (all 22 states): a rule that lets a block be stacked onto a
+    covered one, or picked from under another, is a reward a policy could earn with an illegal plan."""
+    blocks = ["a", "b", "c"]
+    actions = ground_actions(blocks)
+    start = {"a": "b", "b": "c", "c": "table"}
+    states, frontier = {facts_of(start): start}, [start]
+    while frontier:
+        positions = frontier.pop()
+        for name, _, _, _ in actions:
+            after = apply_action(make_state(positions), Action(name[0], name[1], name[2] if len(name) > 2 else None))
+            expected = reference_run(facts_of(positions), [name], actions)
+            assert (after is None) == (expected is None), (positions, name)
+            if after is not None:
+                assert facts_of(dict(after)) == expected, (positions, name)
+                if expected not in states:
+                    states[expected] = dict(after)
+                    frontier.append(dict(after))
+    assert len(states) == 22  # 13 hand-empty arrangements of 3 blocks + 3 blocks in hand x 3 arrangements of 2
+
+
 # ---------------------------------------------------------------- reward, hand-worked
 # Red on blue on the table, green on the table; goal: red on the table (optimal: unstack, put down).
 
@@ -234,6 +256,8 @@ def reward(plan_text: str, mode: str = "exact", completion: str | None = None) -
     ("unstack the blue block from on top of the red block", 0.0),  # illegal: blue is not on red
     ("move red to the table", 0.0),  # unparseable
     ("unstack red from blue\nstack red on green", 1.0),  # legal, wrong final state
+    ("pick up green\nstack green on blue", 0.0),  # illegal: red is on blue (a stack onto a covered block)
+    ("unstack red from blue\nstack red on green\npick up blue\nstack blue on green", 0.0),  # green holds red
     ("unstack red from blue", 1.0),  # legal, stops holding red
 ])
 def test_reward_hand_worked(plan, expected):

@@ -191,6 +191,29 @@ def test_padding_and_other_rows_do_not_leak_into_a_sample_s_gradient():
     assert torch.allclose(padded, alone * tokens / (tokens + len(long)), atol=1e-7, rtol=1e-5)
 
 
+def test_fsdp_filler_micro_batches_run_the_model_and_add_exactly_zero_gradient(monkeypatch):
+    """Under FSDP every rank runs as many micro-batches as the busiest one (each forward all-gathers the shards),
+    with one-token fillers where it has no samples left. A fake world on CPU: this rank packs 3 micro-batches and
+    the busiest rank 3 more; the fillers must run (3 more forwards) and leave the gradient bit for bit as it was."""
+    import e2h_min.engine.batching as update_batches
+
+    cfg = make_cfg(loss_type="grpo", share_prompt_forward=False)  # the layout FSDP uses: whole rows
+    prompts, completions = batch_with_eos()
+    advantages = torch.tensor([1.0, -0.5, 0.3, -0.3, 2.0, -1.5, -0.7, 0.7])
+
+    def update(sharded: bool) -> tuple[torch.Tensor, int]:
+        monkeypatch.setattr(update_batches, "is_sharded", lambda model: sharded)
+        monkeypatch.setattr(update_batches, "all_reduce_max", lambda value, info: value + 3)  # the busiest rank
+        policy, forwards = random_model(), []
+        policy.model.register_forward_hook(lambda *args: forwards.append(1))  # the trunk: once per forward
+        delta, _, _ = run_policy_update(policy, None, prompts, completions, advantages, cfg)
+        return delta, len(forwards)
+
+    (alone, forwards_alone), (with_fillers, forwards_with_fillers) = update(False), update(True)
+    assert forwards_with_fillers == forwards_alone + 3 and forwards_alone == 3
+    assert alone.abs().sum() > 0 and torch.equal(with_fillers, alone)
+
+
 def test_a_non_finite_gradient_skips_the_step_and_leaves_the_weights_unchanged():
     prompts, completions = batch_with_eos()
     advantages = torch.tensor([1.0, -0.5, float("nan"), 0.3, 2.0, -1.5, -0.7, 0.7])
@@ -237,10 +260,11 @@ def test_kl_in_the_loss_moves_the_policy_toward_the_reference():
         assert large < small < start, (estimator, start, small, large)
 
 
-def reference_ppo_policy_gradient(policy, reference, prompts, completions, rewards, cfg):
-    """PPO with per-token KL in the reward and a critic that outputs 0 (so V = 0, delta_t = r_t):
-    r_t = -beta * (log pi_old - log pi_ref)_t, plus the verifier reward on the last token;
-    A_t = sum_l (gamma lam)^l r_{t+l}; A whitened over all real tokens of the step; loss -rho A at rho = 1."""
+def reference_ppo_policy_gradient(policy, reference, prompts, completions, rewards, cfg, value=0.0):
+    """PPO with per-token KL in the reward and a critic that outputs `value` at every real token (V = 0 past the
+    last): r_t = -beta * (log pi_old - log pi_ref)_t, plus the verifier reward on the last token;
+    delta_t = r_t + gamma V_{t+1} - V_t; A_t = sum_l (gamma lam)^l delta_{t+l}; A whitened over all real tokens
+    of the step; loss -rho A at rho = 1."""
     old, token_adv = [], []
     for p, c, r in zip(prompts, completions, rewards):
         with torch.no_grad():
@@ -248,7 +272,9 @@ def reference_ppo_policy_gradient(policy, reference, prompts, completions, rewar
             ref = plain_logprobs(reference, p, c, cfg.temperature)
         token_rewards = [-cfg.beta * float(logp[t] - ref[t]) for t in range(len(c))]
         token_rewards[-1] += float(r)
-        token_adv.append([sum((cfg.gamma * cfg.lam) ** (u - t) * token_rewards[u] for u in range(t, len(c)))
+        values = [value] * len(c) + [0.0]
+        deltas = [token_rewards[t] + cfg.gamma * values[t + 1] - values[t] for t in range(len(c))]
+        token_adv.append([sum((cfg.gamma * cfg.lam) ** (u - t) * deltas[u] for u in range(t, len(c)))
                           for t in range(len(c))])
     flat = torch.tensor([a for adv in token_adv for a in adv], dtype=torch.float64)
     mean, var = flat.mean(), flat.var(unbiased=False)
@@ -260,21 +286,23 @@ def reference_ppo_policy_gradient(policy, reference, prompts, completions, rewar
     return aggregate(per_token, cfg.loss_type, cfg.max_new_tokens)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_ppo_update_with_per_token_kl_in_the_reward_equals_the_plain_reference(beta):
+@pytest.mark.parametrize("beta, value", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.7)])
+def test_ppo_update_with_per_token_kl_in_the_reward_equals_the_plain_reference(beta, value):
     """The PPO path: the KL enters each token's reward with a minus sign, GAE sums it backwards, whitening is over
-    the step's real tokens. beta 0.5 makes the KL term dominate the advantages' ordering."""
+    the step's real tokens. beta 0.5 makes the KL term dominate the advantages' ordering. value 0.7 (a critic
+    that says 0.7 everywhere) makes delta_t depend on gamma alone and the trace on gamma * lambda, so gamma and
+    lambda swapped (0.9 and 0.8 here) changes the gradient."""
     cfg = make_cfg(advantage="ppo", kl_in_reward=True, beta=beta, gamma=0.9, lam=0.8, loss_type="dapo")
     prompts, completions = batch_with_eos()
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     reference = frozen_copy(random_model(seed=5))
     policy = random_model()
-    value_head = ValueHead(policy.config.hidden_size)  # zero-initialised: V = 0, and no value gradient reaches the
-    delta, _, _ = run_policy_update(policy, reference, prompts, completions, rewards, cfg,  # policy's trunk
-                                    value_head=value_head)
+    value_head = ValueHead(policy.config.hidden_size)  # weight 0: V = its bias, and no value gradient reaches the
+    torch.nn.init.constant_(value_head.score.bias, value)  # policy's trunk
+    delta, _, _ = run_policy_update(policy, reference, prompts, completions, rewards, cfg, value_head=value_head)
     plain = random_model()
     expected = gradient(plain, reference_ppo_policy_gradient(plain, reference.model, prompts, completions, rewards,
-                                                             cfg))
+                                                             cfg, value))
     assert torch.allclose(delta, expected, atol=2e-6, rtol=1e-4), (delta - expected).abs().max()
 
 

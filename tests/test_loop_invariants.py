@@ -10,6 +10,7 @@ texts and everything downstream are real). Expected values are computed here fro
 import copy
 import functools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -192,6 +193,20 @@ def test_sec_schedule_is_fed_the_mean_absolute_advantage_of_each_level(tmp_path,
         assert signal.keys() == expected.keys()
         assert list(signal.values()) == pytest.approx([expected[k] for k in signal], rel=1e-6)
         assert max(expected.values()) > 0.1  # the case is not degenerate: some level has informative groups
+
+
+def test_sec_schedule_draws_by_its_own_temperature_not_the_sampling_one(tmp_path, monkeypatch):
+    """--sec-temperature 0.2 and --temperature 0.7 (the sampler's): with ema 1 the values after step 1 are that
+    step's signals, and step 2's p_t is their softmax at 0.2 (a softmax at 0.7 would be far flatter)."""
+    g = np.random.default_rng(3)
+    script = [g.choice([0.0, 0.5, 1.0], size=16).tolist() for _ in range(2)]
+    recorder = Recorder(monkeypatch, rewards=script)
+    rows, _ = run(tmp_path, "--prompts-per-step", "4", "--num-generations", "4", "--schedule", "sec",
+                  "--total-steps", "2", "--sec-temperature", "0.2", "--sec-ema", "1.0", "--temperature", "0.7")
+    values = [recorder.sec_signals[0].get(k, 0.0) for k in range(4)]
+    assert max(values) - min(values) > 0.1  # unequal values: the temperature shows in p_t
+    weights = [math.exp(v / 0.2) for v in values]
+    assert rows[1]["level_probs"] == pytest.approx([w / sum(weights) for w in weights], abs=2e-6)
 
 
 # ----------------------------------------------------------------------------- KL in the reward (GRPO path)

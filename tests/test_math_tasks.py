@@ -121,6 +121,13 @@ MATH_PAIRS = [
     ("x^.5", r"\sqrt{x}", True),
     (r"\sqrt[3]{-8}", "-2", True),
     ("", "0", False),
+    # undefined at every test point: equal to nothing, not even to each other (else 1/0 would earn any gold)
+    ("1/0", "2/0", False),
+    (r"\frac{1}{0}", r"\frac{2}{0}", False),
+    ("0/0", "1/0", False),
+    ("1/(x-x)", "2/(x-x)", False),
+    (r"\frac{1}{x-x}", "3", False),
+    (r"\frac{x}{0}", r"\frac{2x}{0}", False),
 ]
 
 

@@ -109,7 +109,9 @@ def test_resume_compares_the_fields_a_run_recorded_and_skips_those_it_predates()
 def test_a_paper_model_prints_its_preset_and_on_cpu_the_no_gpu_note_before_loading(tmp_path, capsys):
     from e2h_min.engine.models import pick_device
 
-    model = config_dir(tmp_path, Qwen2Config(**QWEN25_05B))  # config only: loading its tokenizer then fails
+    model = config_dir(tmp_path, Qwen2Config(**QWEN25_05B))  # config and tokenizer only: loading weights fails
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the prompts' lengths are checked with it first
+        shutil.copy(TINY_MODEL_DIR / name, tmp_path / name)
     with pytest.raises(SystemExit):
         train.main(["--model", model, "--out-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from e2h_min.analysis import report
+from tests.optional import needs
 
 LEVELS = ["L0", "L1", "L2", "L3", "OOD"]
 
 
-def write_run(path, schedule="gaussian", seed=0, steps=30, final_acc=(0.9, 0.7, 0.5, 0.3, 0.1), beta=0.0):
+def write_run(path, schedule="gaussian", seed=0, steps=30, final_acc=(0.9, 0.7, 0.5, 0.3, 0.1), beta=0.0,
+              pass16=None):
     """A run directory shaped like train.py's output: config.json, metrics.jsonl, eval.jsonl."""
     path.mkdir(parents=True)
     config = {"model": "tiny", "task": "countdown", "schedule": schedule, "seed": seed, "total_steps": steps,
@@ -37,6 +39,8 @@ def write_run(path, schedule="gaussian", seed=0, steps=30, final_acc=(0.9, 0.7, 
             for name, acc in zip(LEVELS, final_acc):
                 row.update({f"{name}/accuracy": acc * scale, f"{name}/reward": 0.1 + 0.9 * acc * scale,
                             f"{name}/format_rate": 1.0})
+            for name, value in zip(["L1", "L2", "L3"], pass16 or []):  # train.py --eval-pass-k on three levels
+                row.update({f"{name}/pass@16": value * scale, f"{name}/pass@1": value * scale / 4})
             handle.write(json.dumps(row) + "\n")
     return path
 
@@ -109,8 +113,8 @@ def test_a_torn_last_line_is_dropped(tmp_path):
     assert len(report.load_run(run).metrics) == 30
 
 
+@needs("matplotlib")
 def test_main_writes_pngs_for_one_run_and_for_several(tmp_path):
-    pytest.importorskip("matplotlib", reason="plots need matplotlib (optional dependency)")
     one = write_run(tmp_path / "g0", beta=0.01)
     report.main([str(one), "--smooth", "3"])
     for name in ("accuracy.png", "training.png", "curriculum.png", "table.md"):
@@ -137,13 +141,14 @@ def test_bad_input_gives_one_line_and_exit_code_2(make_args, fragment, tmp_path,
     assert exc.value.code == 2 and fragment in err and err.count("\n") == 1
 
 
-def test_without_matplotlib_it_says_how_to_install(tmp_path, capsys, monkeypatch):
+def test_without_matplotlib_it_writes_the_table_and_says_the_plots_need_it(tmp_path, capsys, monkeypatch):
+    """The README's install (requirements.txt alone) has no matplotlib: the report is the table, exit 0."""
     monkeypatch.setattr(report, "matplotlib_available", lambda: False)
-    with pytest.raises(SystemExit) as exc:
-        report.main([str(write_run(tmp_path / "r"))])
+    result = report.main([str(write_run(tmp_path / "r"))])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "pip install matplotlib" in err and err.count("\n") == 1
-    assert not (tmp_path / "r" / "report").exists()
+    assert "plots need matplotlib" in err and "requirements-optional.txt" in err and err.count("\n") == 1
+    assert result["files"] == [str(tmp_path / "r" / "report" / "table.md")]
+    assert (tmp_path / "r" / "report" / "table.md").read_text() == result["table"]
 
 
 def test_interval_table_gives_bootstrap_intervals_and_paired_differences(tmp_path):
@@ -170,3 +175,34 @@ def test_interval_table_refuses_arms_that_differ_in_another_setting(tmp_path):
     (runs[2] / "config.json").write_text(json.dumps({**config, "total_steps": 99}))
     table = report.interval_table([report.load_run(r) for r in runs])
     assert "differ in total_steps" in table and "[" not in table
+
+
+def test_pass_at_k_tables_and_curves_per_schedule(tmp_path):
+    pass16 = {"balanced": [(0.8, 0.5, 0.2), (0.6, 0.3, 0.1)], "sec": [(0.9, 0.6, 0.4), (0.7, 0.4, 0.2)]}
+    runs = [report.load_run(write_run(tmp_path / f"{s}{seed}", schedule=s, seed=seed, pass16=p))
+            for s, per_seed in pass16.items() for seed, p in enumerate(per_seed)]
+    assert report.pass_at_k_metrics([row for r in runs for row in r.evals]) == ["pass@1", "pass@16"]
+    table = report.interval_table(runs, metric="pass@16")
+    assert "Final pass@16 (temperature 1)" in table and "| schedule | seeds | step | L1 | L2 | L3 |" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| schedule")}
+    assert rows["(step 0)"][2] == "37.5"  # step 0 halves the final values: L1 (80 + 60 + 90 + 70) / 4 / 2
+    assert rows["sec"][0] == "2" and rows["sec"][2] == "+10.0 [+10.0, +10.0]"  # L2: +10 on both seeds
+    # curves: per arm, mean and band over the seeds at every evaluated step, as a naive loop computes them
+    curves = report.arm_curves(runs, "L3/pass@16")
+    for arm, members in (("balanced", runs[:2]), ("sec", runs[2:])):
+        steps, mean, low, high = curves[arm]
+        naive = [[row["L3/pass@16"] for row in r.evals] for r in members]
+        assert steps.tolist() == [0, 15, 30]
+        assert mean.tolist() == pytest.approx([sum(c) / 2 for c in zip(*naive)])
+        assert low.tolist() == [min(c) for c in zip(*naive)] and high.tolist() == [max(c) for c in zip(*naive)]
+    out = report.main([str(r.path) for r in runs] + ["--out", str(tmp_path / "rep")])
+    assert str(tmp_path / "rep" / "pass_at_k.png") in out["files"] and "Final pass@1 " in out["table"]
+
+
+def test_training_plot_leaves_out_what_no_run_logged(tmp_path):
+    no_kl = report.load_run(write_run(tmp_path / "a", beta=0.0))
+    with_kl = report.load_run(write_run(tmp_path / "b", beta=0.01))
+    assert [p[0] for p in report.training_panels([no_kl])] == ["reward_mean", "completion_length_mean", "entropy"]
+    assert "kl" in [p[0] for p in report.training_panels([no_kl, with_kl])]
+    assert all(unit for _, _, unit in report.TRAINING_PANELS)  # every panel's y axis is labelled

@@ -389,6 +389,7 @@ def test_report_names_malformed_log_lines(tmp_path, capsys):
     one_line_exit_2(capsys, lambda: report.main([str(run), "--no-plots"]), "metrics.jsonl:3: not valid JSON")
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "rew')  # torn last line: dropped
     report.main([str(run), "--no-plots", "--out", str(tmp_path / "out")])
+    assert "skipped 1 torn line(s)" in capsys.readouterr().err  # dropped with a count
     one_line_exit_2(capsys, lambda: report.main([str(run), "--no-plots", "--out", str(run / "config.json")]),
                     "is a file")
 
@@ -438,3 +439,320 @@ def test_full_disk_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(bookkeeping, "append_jsonl", real_append)
     train.main(QUICK + ["--resume", str(tmp_path)])
     assert strip(read_jsonl(tmp_path / "metrics.jsonl")) == strip(read_jsonl(uninterrupted / "metrics.jsonl"))
+
+
+# ----------------------------------------------------------------------------- issue 25: nothing lost
+def copy_run(source: Path, target: Path, without_final: bool = False) -> Path:
+    import shutil
+    shutil.copytree(source, target)
+    if without_final:  # as if killed before final/: a resume has work left (only final/ to write)
+        shutil.rmtree(target / "final")
+    return target
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` (the lock file included) with its bytes, and every folder."""
+    return {p: (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}
+
+
+@requires_tiny
+@pytest.mark.parametrize("argv", [
+    lambda run: ["--model", str(run / "final")],  # the issue's headline: the model to train is inside the run
+    lambda run: ["--model", str(run / "final"), "--lora-r", "0"],
+    lambda run: ["--task", "gsm8k", "--data", str(run / "d.jsonl")],  # the data lives in the run folder
+])
+def test_overwrite_never_deletes_what_the_run_reads(tmp_path, uninterrupted, capsys, argv):
+    run = copy_run(uninterrupted, tmp_path / "run")
+    write_rows(run / "d.jsonl", [dict(r, level=i % 4) for i, r in enumerate(GSM8K_ROWS * 4)])
+    before = snapshot(run)
+    one_line_exit_2(capsys, lambda: train.main(argv(run) + ["--out-dir", str(run), "--overwrite", "--total-steps", "1",
+                                                            "--max-new-tokens", "64"]),  # prompts fit the context
+                    "which deleting")
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"checkpoints/checkpoint-500/model.safetensors": "x"}, "checkpoints/checkpoint-500"),  # another trainer's
+    ({"model.safetensors": "x"}, "model.safetensors"),
+    ({"adapter_config.json": "{}"}, "inside the model folder"),
+    ({"notes.txt": "mine"}, "notes.txt"),
+])
+def test_overwrite_refuses_a_run_folder_holding_anything_else(tmp_path, capsys, extra, fragment):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"schedule": "cosine", "total_steps": 3}))
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    for name, text in extra.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    before = snapshot(run)
+    one_line_exit_2(capsys, lambda: train.main(["--out-dir", str(run), "--overwrite", "--total-steps", "1"]), fragment)
+    assert snapshot(run) == before  # nothing deleted, no .lock added
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    """Another tool's checkpoints/, eval/ and report/, no train.py config.json: not known to be a run."""
+    folder = tmp_path / "other"
+    for name in ("checkpoints/checkpoint-500/w.bin", "eval/r.json", "report/t.md"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("theirs")
+    before = snapshot(folder)
+    one_line_exit_2(capsys, lambda: train.main(["--out-dir", str(folder), "--overwrite", "--total-steps", "1"]),
+                    "has no train.py config.json")
+    assert snapshot(folder) == before
+
+
+@requires_tiny
+def test_a_run_folder_holds_only_its_own_files(tmp_path, uninterrupted):
+    """OWN_FILES is what train.py and the tools that write into a run folder (eval.py, the report, the trackers)
+    write there; a finished run with all of them is foreign-free, and anything else is named."""
+    from e2h_min.run.runlog import OWN_FILES, foreign_files
+    run = copy_run(uninterrupted, tmp_path / "run")
+    assert {p.name for p in run.iterdir()} <= OWN_FILES and foreign_files(run) == []
+    for name in ("eval/final/report.json", "report/summary.md", "tensorboard/events", "wandb_run_id",
+                 "checkpoints/damaged_step_000001/x", "checkpoints/.tmp_step_000004_123/x"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    assert foreign_files(run) == []
+    (run / "checkpoints" / "best").mkdir()
+    (run / "weights.bin").write_text("x")
+    assert foreign_files(run) == ["checkpoints/best", "weights.bin"]
+
+
+@pytest.mark.parametrize("inside", ["final", "final/sub"])
+@pytest.mark.parametrize("marker", ["adapter_config.json", "model"])
+def test_out_dir_inside_a_model_or_adapter_is_refused(tmp_path, capsys, inside, marker):
+    final = tmp_path / "lora_run" / "final"
+    final.mkdir(parents=True)
+    if marker == "model":
+        (final / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+        (final / "model.safetensors").write_text("x")
+    else:
+        (final / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny"}))
+    before = snapshot(tmp_path)
+    one_line_exit_2(capsys, lambda: train.main(["--out-dir", str(tmp_path / "lora_run" / inside),
+                                                "--total-steps", "1"]), "")
+    assert snapshot(tmp_path) == before
+
+
+def rewrite_weights_in_place(path: Path) -> None:
+    """Every weight nudged, the file rewritten with the same header: the same size, other (finite) bytes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    size = path.stat().st_size
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in tensors.items()}, str(path), metadata)
+    assert path.stat().st_size == size
+
+
+def test_checksum_catches_same_size_bytes_and_nan_weights(tmp_path):
+    import hashlib
+    model, tok, opt, sched = make_state()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    first, latest = list_checkpoints(tmp_path)
+    rewrite_weights_in_place(latest / "model.safetensors")
+    assert verify_checkpoint(latest) == ("model.safetensors does not match its sha256 in manifest.json (its bytes "
+                                         "changed after the save)")
+    # NaN weights with a manifest that agrees (written so): damaged all the same
+    from safetensors.torch import load_file as load, save_file
+    weights = load(first / "model.safetensors")
+    next(iter(weights.values()))[0] = float("nan")
+    save_file(weights, str(first / "model.safetensors"), {"format": "pt"})
+    manifest = json.loads((first / "manifest.json").read_text())
+    raw = (first / "model.safetensors").read_bytes()
+    manifest["model.safetensors"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (first / "manifest.json").write_text(json.dumps(manifest))
+    assert "holds NaN/inf" in verify_checkpoint(first)
+
+
+def test_a_checkpoint_of_the_earlier_manifest_format_still_loads_with_a_note(tmp_path):
+    model, tok, opt, sched = make_state()
+    path = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert all(set(v) == {"bytes", "sha256"} for v in manifest.values())
+    (path / "manifest.json").write_text(json.dumps({k: v["bytes"] for k, v in manifest.items()}))  # sizes only
+    logged = []
+    assert resume_checkpoint(tmp_path, logged.append) == path
+    assert len(logged) == 1 and "predates checksums" in logged[0]
+    (path / "rng.pt").write_bytes((path / "rng.pt").read_bytes()[:10])
+    assert "rng.pt is 10 bytes" in verify_checkpoint(path)
+
+
+@requires_tiny
+def test_checkpoint_changed_in_place_is_set_aside_and_the_run_ends_equal(tmp_path, monkeypatch, uninterrupted,
+                                                                         capsys):
+    broken = tmp_path / "broken"
+    run_killed_after_checkpoint(broken, 2, monkeypatch)
+    rewrite_weights_in_place(broken / "checkpoints" / "step_000002" / "model.safetensors")
+    train.main(QUICK + ["--resume", str(broken)])
+    out = capsys.readouterr().out
+    assert "step_000002 is damaged (model.safetensors does not match its sha256" in out
+    assert "step_000001" in out.split("resumed from")[1].splitlines()[0]
+    assert (broken / "checkpoints" / "damaged_step_000002").is_dir()
+    a, b = final_weights(uninterrupted), final_weights(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for log in ("metrics.jsonl", "eval.jsonl", "completions.jsonl"):
+        assert strip(read_jsonl(broken / log)) == strip(read_jsonl(uninterrupted / log)), log
+
+
+@requires_tiny
+@pytest.mark.parametrize("log", ["eval.jsonl", "completions.jsonl"])
+def test_a_damaged_log_refuses_the_resume_before_any_log_is_rewritten(tmp_path, uninterrupted, capsys, log):
+    run = copy_run(uninterrupted, tmp_path / "run", without_final=True)
+    with open(run / "metrics.jsonl", "a") as handle:  # a torn last line: truncation would rewrite this file
+        handle.write('{"step": 4, "lo')
+    lines = (run / log).read_text().splitlines(keepends=True)
+    (run / log).write_text("".join(lines[:1] + ["garbage{\n"] + lines[1:]))
+    before = snapshot(run)
+    one_line_exit_2(capsys, lambda: train.main(["--resume", str(run)]), f"{log}:2: not valid JSON")
+    assert snapshot(run) == before
+
+
+def test_full_disk_during_a_checkpoint_names_the_folder_and_the_checkpoint_kept(tmp_path, monkeypatch):
+    import errno
+
+    from e2h_min import checkpoint
+    from e2h_min.errors import UserError
+    model, tok, opt, sched = make_state()
+    first = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    real_save = torch.save
+
+    def save_until_full(obj, path, *a, **kw):
+        if Path(path).name == "optimizer.pt":
+            Path(path).write_bytes(b"PK\x03\x04 part")  # what fitted
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_full)
+    with pytest.raises(UserError) as exc:
+        save_checkpoint(tmp_path, 2, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    assert str(exc.value) == (f"no space left on the device while saving checkpoint step_000002 in "
+                              f"{tmp_path / 'checkpoints'}; step_000001 is kept intact: free some space, then "
+                              f"--resume {tmp_path}")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000001"]  # the partial one removed
+    assert verify_checkpoint(first) is None
+    monkeypatch.setattr(checkpoint.torch, "save", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # not a full disk: the error itself, not a disk-full line
+        save_checkpoint(tmp_path, 2, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+
+
+def test_optimizer_state_of_another_model_is_one_line_naming_the_checkpoint(tmp_path):
+    from e2h_min.run.checkpoint import load_training_state
+    from e2h_min.errors import UserError
+    model, tok, opt, sched = make_state()
+    path = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    other = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    with pytest.raises(UserError, match=f"checkpoint {path}: its optimizer state does not fit its weights"):
+        load_training_state(path, other, torch.optim.lr_scheduler.LambdaLR(other, lambda s: 1.0), None)
+
+
+def test_task_data_changed_under_the_run_is_one_line_naming_the_checkpoint(tmp_path):
+    from e2h_min.errors import UserError
+    from e2h_min.rl.curriculum import LevelSampler
+    from e2h_min.run.runlog import check_sampler_state
+    from tests.test_curriculum import FileTask
+    state = LevelSampler(FileTask([5, 3]), "balanced", 10, seed=1).state_dict()
+    check_sampler_state(LevelSampler(FileTask([5, 3]), "balanced", 10, seed=1), state, tmp_path)
+    with pytest.raises(UserError, match=r"checkpoint .* does not fit this run's task data .*rows=\[5, 3\]"):
+        check_sampler_state(LevelSampler(FileTask([5, 4]), "balanced", 10, seed=1), state, tmp_path)
+
+
+def test_wandb_without_credentials_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR",
+                 "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    monkeypatch.setattr(train, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    one_line_exit_2(capsys, lambda: train.main(["--report-to", "wandb", "--out-dir", str(tmp_path / "run")]),
+                    "set WANDB_MODE=offline")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    from e2h_min.run.tracking import wandb_can_log
+    assert wandb_can_log()
+
+
+@requires_tiny
+def test_eval_on_an_adapter_with_no_base_is_one_line(tmp_path, uninterrupted, capsys):
+    import eval as evaluate
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for file in (uninterrupted / "final").glob("*"):
+        if file.name.startswith(("tokenizer", "chat_template")):
+            (adapter / file.name).write_bytes(file.read_bytes())
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": None, "peft_type": "LORA"}))
+    one_line_exit_2(capsys, lambda: evaluate.main(["--model", str(adapter), "--n", "1", "--quiet"]),
+                    "adapter_config.json: base_model_name_or_path is null")
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("a" * 300, "a path component of 300 bytes"),
+    ("/".join(["b" * 99] * 50), "the path is"),
+    (os.fsdecode(b"run-\xff"), "not valid UTF-8"),
+])
+def test_paths_the_filesystem_or_a_checkpoint_cannot_take_are_refused_when_claimed(tmp_path, capsys, name, fragment):
+    one_line_exit_2(capsys, lambda: train.main(["--out-dir", str(tmp_path / name), "--total-steps", "1"]), fragment)
+    assert list(tmp_path.iterdir()) == []
+    data = write_rows(tmp_path / os.fsdecode(b"d\xff.jsonl"), GSM8K_ROWS)
+    one_line_exit_2(capsys, lambda: train.main(["--task", "gsm8k", "--data", data, "--out-dir", str(tmp_path / "r")]),
+                    "--data")
+
+
+@requires_tiny
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda f: f.write_text(f.read_text().replace('"lr": 0.0001', '"lr": 0.5')), "disagree (lr 0.5 vs 0.0001)"),
+    (lambda f: f.write_text("{not json"), "config.json is unreadable"),
+    (lambda f: f.unlink(), "config.json is missing"),
+    (lambda f: (f.unlink(), f.mkdir()), "config.json is unreadable (Is a directory)"),
+])
+def test_resume_with_a_damaged_config_json_names_it(tmp_path, uninterrupted, capsys, damage, fragment):
+    run = copy_run(uninterrupted, tmp_path / "run", without_final=True)
+    damage(run / "config.json")
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--resume", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and fragment in err and str(run / "config.json") in err
+    assert "drop those flags" not in err
+    assert snapshot(run) == before
+
+
+@requires_tiny
+def test_resume_with_a_checkpoint_of_another_run_names_its_trainer_state(tmp_path, uninterrupted, capsys):
+    import shutil
+    other = tmp_path / "other"
+    train.main(QUICK + ["--out-dir", str(other), "--seed", "5", "--total-steps", "1"])
+    run = copy_run(uninterrupted, tmp_path / "run", without_final=True)
+    shutil.rmtree(run / "checkpoints")
+    shutil.copytree(other / "checkpoints", run / "checkpoints")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--resume", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "drop those flags" not in err, err
+    assert str(run / "checkpoints" / "step_000001" / "trainer_state.json") in err and "seed 0 vs 5" in err
+
+
+@requires_tiny
+def test_eval_blames_the_run_config_not_a_flag_for_a_bad_chat_date(tmp_path, uninterrupted, capsys):
+    import eval as evaluate
+    run = copy_run(uninterrupted, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "chat_date": "2025-13-40"}))
+    one_line_exit_2(capsys, lambda: evaluate.main(["--model", str(run), "--n", "1", "--quiet"]),
+                    f"{run / 'config.json'}: chat_date must be a date YYYY-MM-DD, got '2025-13-40'")
+
+
+def test_resume_on_a_plain_folder_leaves_no_lock(tmp_path, capsys):
+    import tempfile
+    (tmp_path / "notes.txt").write_text("mine")
+    system_tmp = Path(tempfile.gettempdir())
+    had_lock = (system_tmp / ".lock").exists()
+    for folder in (tmp_path, system_tmp):
+        one_line_exit_2(capsys, lambda: train.main(["--resume", str(folder)]), "not a run directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (system_tmp / ".lock").exists() == had_lock

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,15 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
+def long_context_tiny(path: Path, context: int) -> Path:
+    """A copy of the tiny model whose config declares a longer context (RoPE positions are computed, not looked
+    up, so the weights run unchanged at any length; only the declared limit differs)."""
+    shutil.copytree(TINY_MODEL_DIR, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": context}))
+    return path
+
+
 @requires_tiny
 @pytest.mark.parametrize("task_name, data", [
     ("blocksworld", None),
@@ -42,7 +52,10 @@ def restore_threads():
 ])
 def test_train_runs_one_step_on_every_task(task_name, data, tmp_path, restore_threads):
     data_args = ["--data", str(FIXTURES / data)] if data else []
-    result = train.main(["--task", task_name, *data_args, *TINY_ARGS, "--out-dir", str(tmp_path)])
+    if task_name == "blocksworld":  # its ~1,100-token prompts need more than the tiny model's 512-token context
+        data_args += ["--model", str(long_context_tiny(tmp_path / "tiny-2048", 2048))]
+    result = train.main(["--task", task_name, *data_args, *TINY_ARGS, "--out-dir", str(tmp_path / "run")])
+    tmp_path = tmp_path / "run"
 
     task = make_task(task_name, data=str(FIXTURES / data) if data else None)
     (row,) = read_jsonl(tmp_path / "metrics.jsonl")

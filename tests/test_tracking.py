@@ -21,6 +21,7 @@ from e2h_min.run import tracking
 from e2h_min.errors import UserError
 from e2h_min.run.model_card import reproducing_command
 from e2h_min.engine.models import TINY_MODEL_DIR
+from tests.optional import needs
 
 requires_tiny = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").exists(),
                                    reason="embedded tiny model not built (python scripts/build_tiny_model.py)")
@@ -182,6 +183,7 @@ def assert_logged_every_step(logged: dict, expected: dict, rel_tol: float, abs_t
 
 
 @requires_tiny
+@needs("tensorboard", "wandb")  # the tracked run logs to both
 def test_tensorboard_event_file_holds_every_metric_at_every_step(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -198,6 +200,7 @@ def test_tensorboard_event_file_holds_every_metric_at_every_step(tracked_run):
 
 
 @requires_tiny
+@needs("tensorboard", "wandb")
 def test_wandb_offline_run_holds_every_metric_at_every_step_and_the_config(tracked_run):
     run_dir = tracked_run / "run"
     run_id = (run_dir / tracking.WANDB_ID_FILE).read_text().strip()
@@ -225,6 +228,7 @@ def test_wandb_offline_run_holds_every_metric_at_every_step_and_the_config(track
 
 
 @requires_tiny
+@needs("tensorboard", "wandb")
 def test_model_card_loads_and_names_the_base_model_and_the_final_results(tracked_run):
     from huggingface_hub import ModelCard
 
@@ -284,6 +288,7 @@ def test_wandb_run_is_named_after_the_run_folder_and_resumed_by_the_id_stored_th
     assert all(c.get("finished") for c in calls)
 
 
+@needs("tensorboard")
 def test_tensorboard_after_resume_shows_the_redone_steps_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

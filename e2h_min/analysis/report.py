@@ -9,20 +9,26 @@ eval.jsonl (one line per greedy evaluation). Writes into --out:
 - accuracy.png   one panel per level (OOD included): greedy eval accuracy (solid, markers) and the accuracy of
                  the training samples drawn at that level (dashed, moving average), one colour per run;
 - training.png   mean reward (training samples, and greedy eval as dots), completion length, KL to the reference
-                 and entropy over steps, raw (faint) and moving average;
+                 and entropy over steps, raw (faint) and moving average (the legend says which); a quantity no
+                 run logged (KL with --beta 0) gets no panel;
+- pass_at_k.png  with train.py --eval-pass-k: greedy accuracy and each pass@k per level against the step, one
+                 line per schedule (mean over seeds) with a band from the lowest to the highest seed;
 - curriculum.png one panel per run: the schedule's p_t as a stacked area, the share of prompts actually drawn per
                  level (dashed, moving average) on top, and drawn vs expected counts in the legend;
 - table.md       final greedy accuracy per level (%), rows = runs labelled schedule + seed, plus mean ± std (sample
-                 std, ddof=1) over runs that differ only in their seed; then the eval.py results found in
-                 RUN/eval/*/ (greedy accuracy and pass@k per level).
-matplotlib is optional: without it only --no-plots works, and the command says how to install it.
+                 std, ddof=1) over runs that differ only in their seed; per schedule the mean with its 95%
+                 bootstrap interval and the paired difference from --baseline, for greedy accuracy and each
+                 logged pass@k; then the eval.py results found in RUN/eval/*/ (greedy accuracy and pass@k).
+matplotlib is optional (requirements-optional.txt): without it the table is written and one line says that the
+plots need matplotlib.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +52,23 @@ class Run:
     metrics: list[dict]  # metrics.jsonl, one dict per optimizer step
     evals: list[dict]  # eval.jsonl, one dict per evaluation
     label: str = ""
+    torn: dict[str, int] = field(default_factory=dict)  # log file -> torn last lines dropped (said after the report)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading runs
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Parsed lines of a JSONL log; a torn last line (a run killed mid-write) is dropped, any other bad line, or a
-    row whose figures are not numbers, is a UserError naming it."""
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """(parsed lines of a JSONL log, torn last lines dropped: a run killed mid-write). Any other bad line, a file
+    none of whose lines is a step's row, or a row whose figures are not numbers, is a UserError naming it."""
     try:
-        rows, _ = read_log(path)
+        rows, torn = read_log(path)
     except ValueError as exc:
         raise UserError(f"{exc}; is this a train.py run directory?") from None
+    if torn and not rows:
+        raise UserError(f'{path}: none of its {torn} line(s) is a JSON object with an integer "step"; is this a '
+                        f"train.py run directory?")
     for row in rows:
         for key, value in row.items():
             values = value if key in ("level_probs", "level_counts") and isinstance(value, list) else [value]
@@ -68,7 +78,7 @@ def read_jsonl(path: Path) -> list[dict]:
     widths = {len(row["level_counts"]) for row in rows if isinstance(row.get("level_counts"), list)}
     if len(widths) > 1:
         raise UserError(f"{path}: level_counts lists of different lengths {sorted(widths)}; lines from two runs?")
-    return rows
+    return rows, torn
 
 
 def load_run(path: str | Path) -> Run:
@@ -79,14 +89,16 @@ def load_run(path: str | Path) -> Run:
     for name in ("config.json", "metrics.jsonl"):
         if not (path / name).is_file():
             raise UserError(f"{path}: no {name}; pass a run directory written by train.py")
-    evals = read_jsonl(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else []
+    evals, torn_evals = read_jsonl(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else ([], 0)
     try:
         config = parse_json((path / "config.json").read_bytes())
     except ValueError as exc:
         raise UserError(f"{path / 'config.json'}: {exc}; is this a train.py run directory?") from None
     if not isinstance(config, dict):
         raise UserError(f"{path / 'config.json'}: not a JSON object; is this a train.py run directory?")
-    run = Run(path, config, read_jsonl(path / "metrics.jsonl"), evals)
+    metrics, torn_metrics = read_jsonl(path / "metrics.jsonl")
+    torn = {str(path / name): n for name, n in (("metrics.jsonl", torn_metrics), ("eval.jsonl", torn_evals)) if n}
+    run = Run(path, config, metrics, evals, torn=torn)
     if not run.metrics and not run.evals:
         raise UserError(f"{path}: metrics.jsonl and eval.jsonl are empty; the run has not logged a step yet")
     return run
@@ -158,12 +170,21 @@ def drawn_shares(metrics: list[dict]) -> np.ndarray:
     return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
 
 
-def final_accuracy(run: Run) -> tuple[int | None, dict[str, float]]:
-    """(step, {level name: accuracy}) of the run's last evaluation line; (None, {}) without one."""
+def final_accuracy(run: Run, metric: str = "accuracy") -> tuple[int | None, dict[str, float]]:
+    """(step, {level name: value}) of `metric` (accuracy, pass@16, ...) in the run's last evaluation line, for the
+    levels that line has it for; (None, {}) without an evaluation."""
     if not run.evals:
         return None, {}
     last = run.evals[-1]
-    return last["step"], {name: last[f"{name}/accuracy"] for name in eval_level_names([last])}
+    return last["step"], {name: last[f"{name}/{metric}"] for name in eval_level_names([last])
+                          if last.get(f"{name}/{metric}") is not None}
+
+
+def pass_at_k_metrics(evals: list[dict]) -> list[str]:
+    """The pass@k fields of eval.jsonl rows (train.py --eval-pass-k), by k. Example: L1/pass@16, L1/pass@4 ->
+    ["pass@4", "pass@16"]."""
+    found = {key.split("/", 1)[1] for row in evals for key in row if "/pass@" in key}
+    return sorted(found, key=lambda metric: int(metric.split("@")[1]))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -218,10 +239,12 @@ def _points(value: float, signed: bool = False) -> str:
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
 
 
-def interval_table(runs: list[Run], baseline: str = "balanced", confidence: float = 0.95) -> str:
-    """Markdown: per schedule, the final greedy accuracy per level as mean [95% bootstrap interval] over seeds and
-    the share of groups with no GRPO signal (all G rewards equal; mean over steps and seeds), then each schedule's
-    paired difference from `baseline` (same seed) with its interval (e2h_min.analysis.stats).
+def interval_table(runs: list[Run], baseline: str = "balanced", confidence: float = 0.95,
+                   metric: str = "accuracy") -> str:
+    """Markdown: per schedule, the final greedy accuracy (or another eval.jsonl metric: pass@16, ...) per level as
+    mean [95% bootstrap interval] over seeds and the share of groups with no GRPO signal (all G rewards equal;
+    mean over steps and seeds), then each schedule's paired difference from `baseline` (same seed) with its
+    interval (e2h_min.analysis.stats).
 
     Only runs that share every setting but the schedule, its parameters and the seed are compared (else the line
     names the setting that differs); each arm's runs must end at the same step. Empty string for < 2 seeds in
@@ -241,7 +264,7 @@ def interval_table(runs: list[Run], baseline: str = "balanced", confidence: floa
     arm_steps: dict[str, set] = {}
     no_signal: dict[str, list[float]] = {}  # per run: mean share of groups whose samples all got one reward
     for run in evaluated:
-        step, acc = final_accuracy(run)
+        step, acc = final_accuracy(run, metric)
         arms.setdefault(arm_label(run.config), {})[run.config.get("seed", 0)] = acc
         arm_steps.setdefault(arm_label(run.config), set()).add(step)
         shares = [row["frac_reward_zero_std"] for row in run.metrics if row.get("frac_reward_zero_std") is not None]
@@ -249,15 +272,17 @@ def interval_table(runs: list[Run], baseline: str = "balanced", confidence: floa
             no_signal.setdefault(arm_label(run.config), []).append(float(np.mean(shares)))
     if max(len(seeds) for seeds in arms.values()) < 2:
         return ""
-    levels = eval_level_names([row for run in evaluated for row in run.evals])
+    levels = [name for name in eval_level_names([row for run in evaluated for row in run.evals])
+              if any(name in acc for by_seed in arms.values() for acc in by_seed.values())]
     pct = f"{100 * confidence:g}%"
     start = [run.evals[0] for run in evaluated if run.evals[0]["step"] == 0]
-    lines = [f"\nFinal greedy accuracy (%): mean over seeds [{pct} bootstrap interval]", "",
+    what = "greedy accuracy" if metric == "accuracy" else f"{metric} (temperature 1)"
+    lines = [f"\nFinal {what} (%): mean over seeds [{pct} bootstrap interval]", "",
              "| schedule | seeds | step | " + " | ".join(levels) + " | zero-std groups |",
              "|---|---:|---:|" + "---:|" * (len(levels) + 1)]
-    if start:
+    if start and all(f"{name}/{metric}" in row for row in start for name in levels):
         lines.append(f"| (step 0) | {len(start)} runs | 0 | " + " | ".join(
-            _points(float(np.mean([row[f"{name}/accuracy"] for row in start]))) for name in levels) + " | |")
+            _points(float(np.mean([row[f"{name}/{metric}"] for row in start]))) for name in levels) + " | |")
     for arm, by_seed in arms.items():
         steps = arm_steps[arm]
         cells = []
@@ -295,20 +320,55 @@ def find_eval_reports(run_dir: Path) -> list[tuple[str, dict]]:
     """eval.py's report.json files written next to a run: (what was evaluated, report), in folder order.
 
     RUN/eval/<final | step_N | ...>/report.json (eval.py's default), and the older RUN/eval/report.json and
-    RUN/eval-step_N/report.json layouts. Unreadable files are skipped (a report being written right now).
+    RUN/eval-step_N/report.json layouts. A file that cannot be read or is not shaped like eval.py's report is
+    skipped with one line on stderr naming it and why.
     """
     found = []
     paths = sorted(run_dir.glob("eval/*/report.json")) + sorted(run_dir.glob("eval/report.json")) \
         + sorted(run_dir.glob("eval-*/report.json"))
     for path in paths:
         try:
-            report = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            report = parse_json(path.read_bytes())
+            damage = report_damage(report)
+        except (OSError, ValueError) as exc:
+            damage = str(exc)
+        if damage:
+            print(f"note: skipped {path}: {damage} (not eval.py's report; run eval.py again to rewrite it)",
+                  file=sys.stderr)
             continue
-        if isinstance(report, dict) and isinstance(report.get("greedy"), dict):
-            name = path.parent.name if path.parent.name != "eval" else "final"
-            found.append((name.removeprefix("eval-"), report))
+        name = path.parent.name if path.parent.name != "eval" else "final"
+        found.append((name.removeprefix("eval-"), report))
     return found
+
+
+def report_damage(report) -> str | None:
+    """What makes `report` unlike eval.py's report.json (the fields eval_results_table reads), or None.
+    Example: report_damage({"greedy": {"L0": {"accuracy": "x"}}}) == "greedy.L0.accuracy is not a number"."""
+    def number(value) -> bool:
+        return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not isinstance(report, dict):
+        return f"a JSON {type(report).__name__}, not an object"
+    if not isinstance(report.get("greedy"), dict):
+        return "no greedy results"
+    for name, row in report["greedy"].items():
+        if not isinstance(row, dict) or not number(row.get("accuracy")):
+            return f"greedy.{name}.accuracy is not a number"
+    for key in ("step", "n"):
+        if not number(report.get(key)):
+            return f"{key} is not a number"
+    passk = report.get("pass_at_k")
+    if passk is None:
+        return None
+    if not isinstance(passk, dict) or not isinstance(passk.get("by_level") or {}, dict):
+        return "pass_at_k is not an object with by_level"
+    for name, row in (passk.get("by_level") or {}).items():
+        if not isinstance(row, dict):
+            return f"pass_at_k.by_level.{name} is not an object"
+        for key, value in row.items():
+            if key.startswith("pass@") and (not key[5:].isdigit() or not number(value)):
+                return f"pass_at_k.by_level.{name}.{key[:20]} is not pass@<k>: <number>"
+    return None
 
 
 def eval_results_table(entries: list[tuple[str, str, dict]]) -> str:
@@ -393,24 +453,38 @@ def plot_accuracy(runs: list[Run], path: Path, window: int) -> None:
     plt.close(fig)
 
 
+TRAINING_PANELS = [("reward_mean", "mean reward", "reward"), ("completion_length_mean", "completion length", "tokens"),
+                   ("kl", "KL(policy || reference)", "KL per token (nats)"), ("entropy", "entropy per token", "nats")]
+
+
+def logged(run: Run, key: str) -> bool:
+    """Whether the run logged `key` at some step (KL under beta = 0 never: no reference; older runs logged 0)."""
+    return (bool(run.metrics) and not (key == "kl" and run.config.get("beta") == 0)
+            and bool(np.isfinite(series(run.metrics, key)[1]).any()))
+
+
+def training_panels(runs: list[Run]) -> list[tuple[str, str, str]]:
+    """The (key, title, unit) panels of training.png that some run has data for: an empty panel is left out."""
+    return [panel for panel in TRAINING_PANELS if any(logged(run, panel[0]) for run in runs)]
+
+
 def plot_training(runs: list[Run], path: Path, window: int) -> None:
     """Reward, completion length, KL and entropy over steps: raw (faint) and moving average, one colour per run.
 
     The reward panel also shows each greedy evaluation's reward averaged over its levels (dots).
     """
     plt = _pyplot()
-    panels = [("reward_mean", "mean reward"), ("completion_length_mean", "completion length"),
-              ("kl", "KL(policy || reference)"), ("entropy", "entropy per token")]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for ax, (key, title) in zip(axes.flat, panels):
-        drawn = False
+    panels = training_panels(runs)
+    cols = min(2, len(panels))
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(5 * cols, 3.25 * math.ceil(
+        len(panels) / cols)), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (key, title, unit) in zip(axes.flat, panels):
         for run, color in zip(runs, _run_colors(len(runs))):
-            if key == "kl" and run.config.get("beta") == 0:  # no reference (runs from before this was unlogged: 0)
+            if not logged(run, key):
                 continue
-            steps, values = series(run.metrics, key) if run.metrics else (np.array([]), np.array([]))
-            if not np.isfinite(values).any():
-                continue
-            drawn = True
+            steps, values = series(run.metrics, key)
             ax.plot(steps, values, color=color, alpha=0.2, lw=0.8)
             ax.plot(steps, moving_average(values, window), color=color, lw=1.5, label=run.label)
             if key == "reward_mean" and run.evals:  # greedy held-out reward, averaged over the evaluated levels
@@ -418,20 +492,61 @@ def plot_training(runs: list[Run], path: Path, window: int) -> None:
                 eval_steps = [row["step"] for row in run.evals]
                 eval_reward = [np.mean([row[f"{n}/reward"] for n in names]) for row in run.evals]
                 ax.plot(eval_steps, eval_reward, "o:", color=color, ms=3, lw=1)
-        if not drawn:
-            note = "not computed (beta = 0: no reference model)" if key == "kl" else "not logged"
-            ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, color="gray")
-        ax.set(title=title, xlabel="optimizer step")
+        ax.set(title=title, xlabel="optimizer step", ylabel=unit)
         ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if any(run.evals for run in runs):
-        from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D
 
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="gray", alpha=0.3, lw=0.8), Line2D([], [], color="gray", lw=1.5)]
+    labels += ["raw (every step)", f"smoothed (moving average over {window} steps)"]
+    if any(run.evals for run in runs) and panels[0][0] == "reward_mean":
         handles.append(Line2D([], [], color="gray", marker="o", ms=3, ls=":"))
         labels.append("greedy eval reward (mean over levels)")
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def arm_curves(runs: list[Run], key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per arm (runs that differ only in their seed): (steps, mean, min, max over the seeds) of eval.jsonl's
+    `key`, at the steps every seed evaluated. Example: seeds with L3/pass@16 [.2, .1] and [.4, .3] at steps 0, 200
+    -> steps [0, 200], mean [.3, .2], min [.2, .1], max [.4, .3]."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(replicate_key(run.config), []).append(run)
+    curves = {}
+    for members in groups.values():
+        by_step = [{row["step"]: row[key] for row in run.evals if row.get(key) is not None} for run in members]
+        steps = sorted(set.intersection(*(set(values) for values in by_step)))
+        if steps:
+            values = np.array([[seed[step] for step in steps] for seed in by_step])  # [seeds, steps]
+            curves[arm_label(members[0].config)] = (np.array(steps), values.mean(0), values.min(0), values.max(0))
+    return curves
+
+
+def plot_pass_at_k(runs: list[Run], path: Path, metrics: list[str]) -> None:
+    """Rows: greedy accuracy, then each pass@k; columns: the levels pass@k was logged for. One line per schedule
+    (mean over its seeds) with a band from the lowest to the highest seed."""
+    plt = _pyplot()
+    levels = [name for name in eval_level_names([row for run in runs for row in run.evals])
+              if any(f"{name}/{metrics[-1]}" in row for run in runs for row in run.evals)]
+    rows = ["accuracy"] + metrics
+    fig, axes = plt.subplots(len(rows), len(levels), figsize=(3.3 * len(levels), 2.8 * len(rows)), squeeze=False)
+    for i, metric in enumerate(rows):
+        for j, name in enumerate(levels):
+            ax = axes[i][j]
+            curves = arm_curves(runs, f"{name}/{metric}")
+            for (arm, (steps, mean, low, high)), color in zip(curves.items(), _run_colors(len(curves))):
+                ax.plot(steps, 100 * mean, "o-", color=color, ms=3, label=arm)
+                ax.fill_between(steps, 100 * low, 100 * high, color=color, alpha=0.15, lw=0)
+            what = "greedy accuracy" if metric == "accuracy" else metric
+            ax.set(title=f"{name} {what}", xlabel="optimizer step", ylabel=f"{what} (%)", ylim=(-2, 102))
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
+               title="mean over seeds; band: lowest to highest seed", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -485,23 +600,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="output directory (default RUN_DIR/report for one run, ./report for several)")
     parser.add_argument("--smooth", type=int, default=0,
                         help="moving-average window in steps (0 = steps/25, at least 5)")
-    parser.add_argument("--no-plots", action="store_true", help="write only the table (no matplotlib needed)")
+    parser.add_argument("--no-plots", action="store_true", help="write only the table (what happens without "
+                                                                "matplotlib)")
     parser.add_argument("--baseline", default="balanced",
                         help="the schedule every other one is compared with, seed by seed (default: balanced)")
     args = parser.parse_args(argv)
-    if not args.no_plots and not matplotlib_available():
-        raise UserError("plots need matplotlib: pip install matplotlib (or pass --no-plots for the table only)")
+    plots = not args.no_plots and matplotlib_available()
     if not 0 <= args.smooth <= MAX_STEPS:
         raise UserError(f"--smooth must be in [0, {MAX_STEPS:,}], got {args.smooth}")
     runs = [load_run(path) for path in args.runs]
     label_runs(runs)
     out = Path(args.out) if args.out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
     check_output_dir(out, "--out")
-    table = accuracy_table(runs) + interval_table(runs, args.baseline) + eval_results_table(
-        [(run.label, what, report) for run in runs for what, report in find_eval_reports(run.path)])
+    pass_k = pass_at_k_metrics([row for run in runs for row in run.evals])
+    table = (accuracy_table(runs) + interval_table(runs, args.baseline)
+             + "".join(interval_table(runs, args.baseline, metric=metric) for metric in pass_k)
+             + eval_results_table([(run.label, what, report) for run in runs for what, report
+                                   in find_eval_reports(run.path)]))
     (out / "table.md").write_text(table)
     written = [out / "table.md"]
-    if not args.no_plots:
+    if plots:
         longest = max(len(r.metrics) for r in runs)
         # a step draws only a few prompts, so per-step shares are noisy: smooth over at least 5 steps
         window = args.smooth or min(max(longest, 1), max(5, round(longest / 25)))
@@ -511,8 +629,18 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             plot(runs, out / name, window)
             written.append(out / name)
+        if pass_k:
+            plot_pass_at_k(runs, out / "pass_at_k.png", pass_k)
+            written.append(out / "pass_at_k.png")
     print(table, end="")
     print("wrote " + ", ".join(str(p) for p in written))
+    for run in runs:
+        for log, n in run.torn.items():
+            print(f"note: {log}: skipped {n} torn line(s) at the end (a run killed while writing them)",
+                  file=sys.stderr)
+    if not plots and not args.no_plots:
+        print("note: the plots need matplotlib (pip install -r requirements-optional.txt); wrote the table only",
+              file=sys.stderr)
     return {"table": table, "files": [str(p) for p in written]}
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
+import socket
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +287,24 @@ def lora_reference(peft_model) -> Reference:
     return Reference(peft_model, peft_model.disable_adapter)
 
 
+@functools.lru_cache(maxsize=None)
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached right now (one TCP connect, 5 s at most), or None if it can.
+    None too behind a proxy (the connect would test the wrong route) and in offline mode (nothing is fetched).
+    Without it, an offline machine waits ~50 s on the hub client's retries before the same answer."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                                                     "all_proxy")):
+        return None
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as exc:
+        return f"{url.hostname} cannot be reached ({exc.strerror or type(exc).__name__})"
+    return None
+
+
 def _from_pretrained(auto_cls, path: str, name: str, **kwargs):
     is_local = os.path.isdir(path)
     if path != name:
@@ -291,6 +312,9 @@ def _from_pretrained(auto_cls, path: str, name: str, **kwargs):
     if not is_local and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise UserError(f"cannot load model {name!r}: no such local directory and not a hub id of the form "
                         f"'org/name'; pass --model /path/to/model or a hub id such as Qwen/Qwen2.5-1.5B-Instruct")
+    offline = None if is_local else hub_unreachable()
+    if offline:  # the local cache alone, as HF_HUB_OFFLINE=1 would: no wait on the hub's retries
+        kwargs = dict(kwargs, local_files_only=True)
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)  # its retry chatter would bury our one-line error
@@ -303,9 +327,21 @@ def _from_pretrained(auto_cls, path: str, name: str, **kwargs):
             raise UserError(f"cannot load model {name!r} from the local directory {path}: "
                             f"{str(exc).splitlines()[0][:160]}; its files are missing or damaged (restore them, "
                             f"or pass another --model)") from None
+        if offline:
+            raise UserError(f"cannot load model {name!r}: it is not in the local Hugging Face cache and the Hub "
+                            f"is offline ({offline}). Download it where you have network (hf download {path} "
+                            f"--local-dir DIR) and pass --model DIR; on an offline machine set HF_HUB_OFFLINE=1 "
+                            f"to use the local cache only") from None
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"cannot load model {name!r}: HF_HUB_OFFLINE is set and the local Hugging Face cache "
+                            f"does not hold it. Download it where you have network (hf download {path} "
+                            f"--local-dir DIR) and pass --model DIR") from None
         where = "the Hugging Face Hub (offline or unknown id?)"
         raise UserError(f"cannot load model {name!r} from {where}: {str(exc).splitlines()[0][:160]}. "
                         f"Download it where you have network (hf download {path} --local-dir DIR) and pass "
-                        f"--model DIR") from None
+                        f"--model DIR (on an offline machine set HF_HUB_OFFLINE=1: the answer comes at once)"
+                        ) from None
     finally:
         hub_logger.setLevel(level)

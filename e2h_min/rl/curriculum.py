@@ -337,6 +337,14 @@ class LevelSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`; refuses a state whose seed, levels or row counts differ from this sampler's."""
+        self.check_state(state)
+        self.rng.bit_generator.state = copy.deepcopy(state["rng"])
+        self.epoch, self.cursor = list(state["epoch"]), list(state["cursor"])
+        self.counts, self.sec_values = list(state["counts"]), [float(v) for v in state["sec_values"]]
+        self._orders.clear()
+
+    def check_state(self, state: dict) -> None:
+        """ValueError unless `state` (a state_dict()) fits this sampler: same version, seed, levels and rows."""
         if state.get("version") != self.STATE_VERSION:
             raise ValueError(f"sampler state version {state.get('version')!r} != {self.STATE_VERSION}; "
                              f"resume with the code version that wrote the checkpoint")
@@ -344,10 +352,6 @@ class LevelSampler:
             if state[key] != mine:
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this run has {mine!r}; "
                                  f"resume with the same task data and seed")
-        self.rng.bit_generator.state = copy.deepcopy(state["rng"])
-        self.epoch, self.cursor = list(state["epoch"]), list(state["cursor"])
-        self.counts, self.sec_values = list(state["counts"]), [float(v) for v in state["sec_values"]]
-        self._orders.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,14 +7,20 @@ atomic on POSIX filesystems) and the parent directory fsynced. Readers only ever
 half-written temporary directory is invisible and is swept away by the next save.
 Non-weight state loads with torch.load(weights_only=True): no pickle code runs on load.
 
-Damage after the fact (a truncated file, a torn trailing write, a disk that filled up under another tool) is
-caught on resume: every checkpoint records each file's size in manifest.json, and `verify_checkpoint` checks
-the sizes and parses every file before a run resumes from it; `resume_checkpoint` falls back to the newest
-intact one and sets the damaged newer ones aside (renamed damaged_step_*, never deleted).
+Damage after the fact (a truncated file, a torn trailing write, bytes changed in place, a disk that filled up under
+another tool) is caught on resume: every checkpoint records each file's size and sha256 in manifest.json (hashed
+right after the file is written, while it is still in the page cache), and `verify_checkpoint` checks them, parses
+every file and checks the weights are finite before a run resumes from it; `resume_checkpoint` falls back to the
+newest intact one and sets the damaged newer ones aside (renamed damaged_step_*, never deleted). Checkpoints of
+earlier versions (a manifest of sizes only, or none) are verified by sizes and parsing, with a note.
+A disk that fills up during a save is one line naming the folder and the checkpoint kept (the half-written one
+is removed; the previous one is untouched).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -25,14 +31,59 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from e2h_min.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
-MANIFEST = "manifest.json"  # {relative path: size in bytes} of every other file of the checkpoint
+# {relative path: {"bytes": size, "sha256": hex digest}} of every other file of the checkpoint (earlier versions
+# wrote {relative path: size})
+MANIFEST = "manifest.json"
+HASH_CHUNK = 16 << 20
+
+
+def file_sha256(path: Path, sync: bool = False) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a file, read in 16 MiB chunks; sync: fsync it too."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(handle.fileno())
+    return digest.hexdigest(), size
+
+
+def _hash_and_sync(path: Path) -> dict:
+    """The manifest of every file under `path`, each hashed and fsynced: one read of bytes just written (still in
+    the page cache), in place of hashing inside every writer (save_pretrained, safetensors and torch.save each
+    write their own files)."""
+    manifest = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest, size = file_sha256(file, sync=True)
+        manifest[str(file.relative_to(path))] = {"bytes": size, "sha256": digest}
+    return manifest
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for lack of space: ENOSPC/EDQUOT anywhere in the exception chain, the words a
+    writer that wraps the error uses (safetensors: "os error 28"), or (torch.save's zip writer says only "unexpected
+    pos") under 1 MiB left on the device."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(seen) for words in ("No space left", "os error 28", "Disk quota exceeded")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 1 << 20
 
 
 def _fsync_tree(path: Path) -> None:
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+    with open(path / MANIFEST, "rb") as handle:  # every other file was synced as it was hashed
+        os.fsync(handle.fileno())
     _fsync_dir(path)
 
 
@@ -81,16 +132,25 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
     for stale in root.glob(".tmp_*"):  # leftovers of a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    for name, module in (extra_modules or {}).items():
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save(rng_state(generator), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-    sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps(sizes, indent=1))
-    _fsync_tree(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, module in (extra_modules or {}).items():
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(rng_state(generator), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(_hash_and_sync(tmp), indent=1))
+        _fsync_tree(tmp)
+    except Exception as exc:
+        full = _disk_full(exc, root)
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written checkpoint, so its space is free again
+        if not full:
+            raise
+        kept = latest_checkpoint(run_dir)
+        then = f"{kept.name} is kept intact: free some space, then --resume {run_dir}" if kept else \
+            f"there is no earlier checkpoint: free some space and start again (--out-dir {run_dir} --overwrite)"
+        raise UserError(f"no space left on the device while saving checkpoint {final.name} in {root}; {then}") from None
     if final.exists():  # re-saving the same step (e.g. end of run right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -120,7 +180,13 @@ def load_training_state(path: Path, optimizer, scheduler, generator: torch.Gener
     The policy weights are loaded separately, through from_pretrained on the checkpoint directory.
     """
     states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(states["optimizer"])
+    try:
+        optimizer.load_state_dict(states["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as exc:  # the weights' shapes are not the optimizer state's
+        raise UserError(f"--resume: checkpoint {path}: its optimizer state does not fit its weights "
+                        f"({str(exc).splitlines()[0][:100]}); its config.json and weights come from another model? "
+                        f"Move it aside (e.g. to {path.with_name('damaged_' + path.name).name}) to resume from the "
+                        f"one before, or start a new run") from None
     scheduler.load_state_dict(states["scheduler"])
     set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True), generator)
     return json.loads((path / "trainer_state.json").read_text())
@@ -130,8 +196,9 @@ def verify_checkpoint(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from, or None when it is intact.
 
     Checks: trainer_state.json parses and names this step; every file of manifest.json is there with its recorded
-    size (older checkpoints without a manifest skip this); every .json parses; every .safetensors file loads
-    tensor by tensor; optimizer.pt and rng.pt load. This reads the whole checkpoint once.
+    size and sha256 (a manifest of sizes only, from earlier versions: sizes; none: neither); every .json parses;
+    every .safetensors file loads tensor by tensor and its floating-point tensors are finite (NaN/inf weights are
+    damage); optimizer.pt and rng.pt load. This reads the whole checkpoint about twice (hash, then load).
     Example: a model.safetensors cut short -> "model.safetensors is 1000 bytes, expected 7340232"
     """
     from safetensors import safe_open
@@ -144,22 +211,35 @@ def verify_checkpoint(path: Path) -> str | None:
         if not isinstance(state, dict) or state.get("step") != int(path.name.split("_")[-1]):
             return "trainer_state.json does not name this checkpoint's step"
         if (path / MANIFEST).is_file():
-            sizes = parse_json((path / MANIFEST).read_bytes())
-            for name, size in sizes.items():
+            for name, recorded in parse_json((path / MANIFEST).read_bytes()).items():
+                size, digest = (recorded["bytes"], recorded["sha256"]) if isinstance(recorded, dict) else (recorded, None)
                 actual = (path / name).stat().st_size if (path / name).is_file() else None
                 if actual != size:
                     return f"{name} is missing" if actual is None else f"{name} is {actual} bytes, expected {size}"
+                if digest is not None and file_sha256(path / name)[0] != digest:
+                    return f"{name} does not match its sha256 in {MANIFEST} (its bytes changed after the save)"
         for file in sorted(path.rglob("*.json")):
             parse_json(file.read_bytes())
         for file in sorted(path.rglob("*.safetensors")):
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
-                    handle.get_tensor(key)
+                    tensor = handle.get_tensor(key)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        return f"{file.name}: {key} holds NaN/inf"
         for name in ("optimizer.pt", "rng.pt"):
             torch.load(path / name, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (any failure to read means: do not resume from here)
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'}"
     return None
+
+
+def has_checksums(path: Path) -> bool:
+    """Whether the checkpoint's manifest records a sha256 for its files (this version's format)."""
+    try:
+        recorded = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and all(isinstance(v, dict) and "sha256" in v for v in recorded.values())
 
 
 def resume_checkpoint(run_dir: Path, log=print, set_aside: bool = True) -> Path | None:
@@ -172,6 +252,9 @@ def resume_checkpoint(run_dir: Path, log=print, set_aside: bool = True) -> Path 
     for path in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(path)
         if problem is None:
+            if not has_checksums(path):
+                log(f"note: checkpoint {path} predates checksums ({MANIFEST} without sha256): verified by its "
+                    f"files' sizes and by loading them")
             return path
         if not set_aside:
             continue

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from e2h_min.rl.losses import kl_estimator_for
 from e2h_min.errors import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_STEPS, MAX_THREADS,
-                            OneLineErrorParser, UserError, is_iso_date)
+                            OneLineErrorParser, UserError, check_path_name, is_iso_date)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -347,6 +347,8 @@ def check_combinations(cfg: Config) -> None:
     need(not (cfg.use_bias_correction_kl and cfg.kl_in_reward), "--use-bias-correction-kl weights the KL in the "
          "loss; with --kl-in-reward it has no effect: drop one of the two")
     need(cfg.data is None or cfg.task in ("gsm8k", "math", "aqua"), f"--data is not used by task {cfg.task!r}")
+    if cfg.data is not None:  # the model card and config.json record it
+        check_path_name(cfg.data, "--data")
     need(not cfg.eval_samples or cfg.eval_pass_k, f"--eval-samples {cfg.eval_samples} needs --eval-pass-k (which k "
                                                   f"to report, e.g. --eval-pass-k 1 4 16)")
     samples = cfg.eval_samples or max(cfg.eval_pass_k, default=0)

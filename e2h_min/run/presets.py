@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from e2h_min.engine.models import ModelFacts, describe_model
+from e2h_min.errors import UserError
 from e2h_min.rl.losses import kl_estimator_for
 from e2h_min.run.config import Config, build_parser, flag_name, validate
 
@@ -121,18 +122,27 @@ def resolve_config(argv: list[str] | None = None) -> tuple[Config, Preset, dict[
 
 
 def _resumed_run_settings(run_dir: str | None) -> dict[str, Any] | None:
-    """The settings a train.py run recorded in RUN/config.json (None if run_dir is None or holds no such file),
-    without the bookkeeping of how it was started (resume, out_dir, overwrite)."""
+    """The settings a train.py run recorded in RUN/config.json (None if run_dir is None or holds no run), without
+    the bookkeeping of how it was started (resume, out_dir, overwrite). A run (it has checkpoints/) whose
+    config.json is missing, unreadable or not a run's is a UserError naming the file: its settings are unknown."""
     if run_dir is None:
         return None
+    file = Path(run_dir) / "config.json"
     try:
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(saved, dict) or "schedule" not in saved or "total_steps" not in saved:
-        return None
-    fields = {f.name for f in dataclasses.fields(Config)} - {"resume", "out_dir", "overwrite"}
-    return {k: v for k, v in saved.items() if k in fields}
+        saved = json.loads(file.read_text())
+        problem = None if isinstance(saved, dict) and "schedule" in saved and "total_steps" in saved else \
+            "not a train.py config (no schedule and total_steps)"
+    except FileNotFoundError:
+        problem = "missing"
+    except (OSError, ValueError) as exc:
+        problem = f"unreadable ({getattr(exc, 'strerror', None) or str(exc).splitlines()[0][:80]})"
+    if problem is None:
+        fields = {f.name for f in dataclasses.fields(Config)} - {"resume", "out_dir", "overwrite"}
+        return {k: v for k, v in saved.items() if k in fields}
+    if (Path(run_dir) / "checkpoints").is_dir():
+        raise UserError(f"--resume {run_dir}: {file} is {problem}, so the run's settings are unknown; restore it "
+                        f"(each checkpoint's trainer_state.json holds a copy under \"config\") or start a new run")
+    return None  # not a run: claim_run_dir says so
 
 
 def describe_preset(preset: Preset, applied: dict[str, Any]) -> str:

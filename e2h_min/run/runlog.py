@@ -5,6 +5,11 @@ writes (a second run on it stops with the holder's PID). The kernel releases the
 however it exits (kill -9 included), so a stale lock never blocks a resume. Nothing of an earlier run is deleted
 unless --overwrite says so: a default run directory that holds a run gives way to a fresh name (RUN-2, RUN-3...),
 an explicit --out-dir that holds one is refused unless --resume or --overwrite.
+
+What --overwrite deletes. Only a train.py run's own files (OWN_FILES: what train.py, eval.py, the report and the
+trackers write into a run directory, and checkpoints/ holding only step_* checkpoints), and only in a folder that
+holds nothing else and that this run does not read from (its --model, --data or --resume, or a folder inside or
+above them). Anything else there refuses the run with nothing touched: a deleted model cannot be trained again.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
 
-from e2h_min.errors import UserError, check_output_dir
+from e2h_min.errors import UserError, check_output_dir, check_path_name
+from e2h_min.run.checkpoint import CHECKPOINT_DIR
 from e2h_min.run.config import Config
 from e2h_min.jsonl import read_log, write_log
 from e2h_min.rl.samples import StepSamples
@@ -29,6 +36,11 @@ RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "completions.jsonl", 
 # What else belongs to a run (written by eval.py, the report and the trackers): --overwrite deletes these too, so
 # the new run's report never shows the old run's results.
 RUN_EXTRAS = ("eval", "report", "tensorboard", "wandb", "wandb_run_id")
+# Every name a run directory may hold; checkpoints/ may hold only what checkpoint.py writes (step_N, the damaged_step_N
+# it set aside, the .tmp_step_N_PID of a save that was killed).
+OWN_FILES = frozenset(RUN_FILES + RUN_EXTRAS + (LOCK_FILE,))
+CHECKPOINT_NAMES = re.compile(r"(damaged_)?step_\d+(\.\d+)?|\.tmp_step_\d+_\d+")
+LOGS = ("metrics.jsonl", "eval.jsonl", "completions.jsonl")  # a resumed run keeps the lines up to its checkpoint
 
 # Fields that may differ when resuming: they change bookkeeping or speed, not what the run computes.
 RESUME_SAFE_FIELDS = {"resume", "out_dir", "eval_every", "eval_problems", "eval_max_new_tokens", "save_every",
@@ -37,15 +49,38 @@ RESUME_SAFE_FIELDS = {"resume", "out_dir", "eval_every", "eval_problems", "eval_
                       "max_nonfinite_steps", "save_merged", "overwrite", "save_dtype", "log_every", "report_to"}
 
 
-def check_resume_config(saved: dict, cfg: Config) -> None:
+def check_resume_config(saved: dict, cfg: Config, checkpoint: Path | None = None,
+                        from_config_json: dict | None = None) -> None:
     """Refuse to resume with a changed config unless every changed field is bookkeeping (RESUME_SAFE_FIELDS).
-    A field the saved run predates (absent from its config) is not compared: it cannot be given its old value."""
+    A field the saved run predates (absent from its config) is not compared: it cannot be given its old value.
+
+    `saved` is the checkpoint's trainer_state.json config; from_config_json the fields cfg took from RUN/config.json
+    rather than from a flag. A flag that changes the run is answered "drop those flags"; a field that came from
+    config.json and differs from the checkpoint names both files (config.json edited, or a checkpoint of another run).
+    """
     current, saved = (json.loads(json.dumps(c)) for c in (dataclasses.asdict(cfg), saved))  # tuples as lists
     changed = [k for k in current if k not in RESUME_SAFE_FIELDS and k in saved and saved[k] != current[k]]
-    if changed:
-        what = "; ".join(f"--{k.replace('_', '-')} was {saved[k]!r}, now {current[k]!r}" for k in changed)
+    by_file = [k for k in changed if k in (from_config_json or {})]
+    by_flag = [k for k in changed if k not in by_file]
+    if by_flag:
+        what = "; ".join(f"--{k.replace('_', '-')} was {saved[k]!r}, now {current[k]!r}" for k in by_flag)
         raise UserError(f"--resume: the run's settings changed ({what}); drop those flags (the run's own "
                         f"settings apply) or start a new run")
+    if by_file:
+        state = Path(checkpoint or "the checkpoint") / "trainer_state.json"
+        what = "; ".join(f"{k} {current[k]!r} vs {saved[k]!r}" for k in by_file)
+        raise UserError(f"--resume: {cfg.resume}/config.json and {state} disagree ({what}): config.json was edited "
+                        f"or the checkpoint comes from another run; restore the file that is wrong, or start a new run")
+
+
+def check_sampler_state(sampler, state: dict, checkpoint: Path) -> None:
+    """The checkpoint's curriculum sampler state fits this run's sampler (the same task data and seed), else a
+    UserError naming the checkpoint."""
+    try:
+        sampler.check_state(state)
+    except ValueError as exc:
+        raise UserError(f"--resume: checkpoint {checkpoint} does not fit this run's task data (changed under the "
+                        f"run?): {exc}") from None
 
 
 def append_jsonl(path: Path, row: dict) -> None:
@@ -53,21 +88,29 @@ def append_jsonl(path: Path, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
-def truncate_jsonl(path: Path, step: int, log=print) -> None:
-    """Keep only lines of steps <= `step` (work after the checkpoint is redone by the resumed run).
+def check_logs(run_dir: Path) -> dict[Path, tuple[list[dict], int]]:
+    """Every log of the run read, {path: (rows, torn trailing lines)}; damage other than torn trailing lines (a run
+    killed mid-write) is a UserError naming the file and line. Nothing is written."""
+    read = {}
+    for path in (Path(run_dir) / name for name in LOGS):
+        if path.exists():
+            try:
+                read[path] = read_log(path)
+            except ValueError as exc:
+                raise UserError(f"--resume: {exc}; repair or remove that line") from None
+    return read
 
-    Torn trailing lines (a run killed mid-write) are dropped with a warning; other damage is a UserError.
-    The file is replaced atomically, so a crash here loses nothing.
+
+def truncate_logs(run_dir: Path, step: int, log=print) -> None:
+    """Keep only lines of steps <= `step` in every log (work after the checkpoint is redone by the resumed run).
+
+    All logs are checked before any is rewritten (a bad line in eval.jsonl leaves metrics.jsonl as it was); torn
+    trailing lines are dropped with a warning. Each file is replaced atomically, so a crash here loses nothing.
     """
-    if not path.exists():
-        return
-    try:
-        rows, torn = read_log(path)
-    except ValueError as exc:
-        raise UserError(f"--resume: {exc}; repair or remove that line") from None
-    if torn:
-        log(f"warning: {path}: dropped {torn} torn line(s) at the end (the run was killed while writing them)")
-    write_log(path, [row for row in rows if row["step"] <= step])
+    for path, (rows, torn) in check_logs(run_dir).items():
+        if torn:
+            log(f"warning: {path}: dropped {torn} torn line(s) at the end (the run was killed while writing them)")
+        write_log(path, [row for row in rows if row["step"] <= step])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,6 +131,62 @@ def is_run_config(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "schedule" in config and "total_steps" in config
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """What `run_dir` holds that is not a train.py run's own (see OWN_FILES), as relative paths; [] for a run's
+    folder and nothing else. A config.json that is not a run's (a model's) is foreign.
+    Example: a run folder with model.safetensors and checkpoints/checkpoint-500 beside the run's files
+             -> ["checkpoints/checkpoint-500", "model.safetensors"]"""
+    run_dir = Path(run_dir)
+    found = [p.name for p in run_dir.iterdir() if p.name not in OWN_FILES]
+    if (run_dir / "config.json").exists() and not is_run_config(run_dir):
+        found.append("config.json")
+    if (run_dir / CHECKPOINT_DIR).is_dir():
+        found += [f"{CHECKPOINT_DIR}/{p.name}" for p in (run_dir / CHECKPOINT_DIR).iterdir()
+                  if not (p.is_dir() and CHECKPOINT_NAMES.fullmatch(p.name))]
+    return sorted(found)
+
+
+def model_folder_around(path: Path) -> Path | None:
+    """The model or adapter folder that `path` is (or is inside), else None: a folder with adapter_config.json, or
+    with a config.json that is not a run's beside weights. Writing a run there would break loading it."""
+    path = Path(path).resolve()
+    for folder in [path, *path.parents]:
+        if (folder / "adapter_config.json").is_file():
+            return folder
+        weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+        if weights and (folder / "config.json").is_file() and not is_run_config(folder):
+            return folder
+    return None
+
+
+def sources_read(cfg: Config) -> list[tuple[str, Path]]:
+    """(flag, local path) of what the run reads: its --model when it is a local folder, --data, --resume."""
+    from e2h_min.engine.models import resolve_model_name
+
+    found = [("--model", Path(resolve_model_name(cfg.model))), ("--data", Path(cfg.data or "")),
+             ("--resume", Path(cfg.resume or ""))]
+    return [(flag, path) for flag, path in found if str(path) != "." and path.exists()]
+
+
+def check_overwrite(run_dir: Path, cfg: Config) -> None:
+    """UserError unless --overwrite may delete run_dir's files: run_dir is a train.py run, holds nothing else, and
+    is not (inside or above) a folder this run reads from. Only looks; nothing is written."""
+    where = f"--out-dir {run_dir} --overwrite"
+    for flag, source in sources_read(cfg):
+        a, b = run_dir.resolve(), source.resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise UserError(f"{where}: this run reads {flag} {source}, which deleting {run_dir} would destroy; "
+                            f"nothing was deleted: pass another --out-dir")
+    if not is_run_config(run_dir):
+        raise UserError(f"{where}: {run_dir} has no train.py config.json, so it is not known to hold a run; nothing "
+                        f"was deleted: empty it yourself or pass another --out-dir")
+    foreign = foreign_files(run_dir)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UserError(f"{where}: {run_dir} holds {', '.join(foreign[:3])}{more}, which train.py did not write; "
+                        f"nothing was deleted: move that out or pass another --out-dir")
 
 
 def holds_other_files(path: Path) -> bool:
@@ -148,6 +247,13 @@ def _lock(run_dir: Path, flag: str) -> tuple[RunLock, int | None]:
         raise UserError(f"{flag} {run_dir}: cannot write there ({exc.strerror}); pass a writable directory") from None
 
 
+def check_outside_models(run_dir: Path, flag: str) -> None:
+    model = model_folder_around(run_dir)
+    if model is not None:
+        raise UserError(f"{flag} {run_dir} is inside the model folder {model}; a run written there would break "
+                        f"loading it: pass an --out-dir outside it")
+
+
 def default_run_dir(cfg: Config) -> Path:
     return Path(f"runs/{cfg.task}-{cfg.schedule}-s{cfg.seed}")
 
@@ -191,9 +297,10 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
     --overwrite (which then deletes the earlier run's files, and only those). No flag: the default
     runs/<task>-<schedule>-s<seed>, or the first of <default>-2, -3, ... that holds no run (said on the console).
     """
+    check_path_name(cfg.resume or cfg.out_dir or default_run_dir(cfg), "--resume" if cfg.resume else "--out-dir")
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        if not run_dir.is_dir() or holds_other_files(run_dir):
+        if not run_dir.is_dir() or not holds_run(run_dir) or holds_other_files(run_dir):  # before the lock
             raise UserError(f"--resume {run_dir}: not a run directory written by train.py; pass one (its "
                             f"config.json names a schedule and total_steps)")
         lock, holder = _lock(run_dir, "--resume")
@@ -205,6 +312,9 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
         if holds_other_files(run_dir):  # before the lock: nothing is written into a model directory
             raise UserError(f"--out-dir {run_dir} holds a config.json that is not a train.py run's (a model "
                             f"directory?); nothing was changed there: pass another --out-dir")
+        check_outside_models(run_dir, "--out-dir")
+        if cfg.overwrite and holds_run(run_dir):
+            check_overwrite(run_dir, cfg)
         check_output_dir(run_dir, "--out-dir")
         lock, holder = _lock(run_dir, "--out-dir")
         if holder is not None:
@@ -227,6 +337,7 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
         run_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
         if holds_run(run_dir) or holds_other_files(run_dir):
             continue
+        check_outside_models(run_dir, "run directory")
         check_output_dir(run_dir, "run directory")
         lock, holder = _lock(run_dir, "run directory")
         if holder is not None:

@@ -21,7 +21,8 @@ from e2h_min.analysis.evaluation import held_out_problems
 from e2h_min.engine.distributed import Compute, gather_lists, init_distributed, seed_step
 from e2h_min.engine.fsdp import FullOptimizerState, is_sharded, shard_policy
 from e2h_min.engine.models import (Models, ValueHead, apply_lora, checkpoint_file_bytes, frozen_copy, frozen_dtype,
-                                   load_lora_checkpoint, load_model, load_tokenizer, lora_reference, pick_device,
+                                   context_length, load_lora_checkpoint, load_model, load_tokenizer, lora_reference,
+                                   pick_device,
                                    resolve_model_name)
 from e2h_min.engine.sampler import StopChecker
 from e2h_min.errors import UserError
@@ -32,7 +33,8 @@ from e2h_min.run.checkpoint import load_training_state, resume_checkpoint
 from e2h_min.run.config import Config, combination_warnings, schedule_params
 from e2h_min.run.memory import format_memory, loading_peak, resident_bytes, training_memory, with_process
 from e2h_min.run.presets import describe_preset
-from e2h_min.run.runlog import check_resume_config, finished_run, truncate_jsonl
+from e2h_min.run.prompt_fit import fit_prompts
+from e2h_min.run.runlog import check_logs, check_resume_config, check_sampler_state, finished_run, truncate_logs
 from e2h_min.run.tracking import Trackers, parse_report_to
 from e2h_min.tasks import make_task
 from e2h_min.tasks.base import Task
@@ -63,9 +65,13 @@ def lr_multiplier(step: int, cfg: Config) -> float:
 
 
 def load_task(cfg: Config) -> tuple:
-    """The task and its curriculum sampler; UserError if the schedule's parameters do not fit the task's levels,
-    or if at some step of the run the schedule would draw only from levels with no training rows."""
+    """The task, its prompts fitted to the model's context (prompt_fit.py), and its curriculum sampler; UserError
+    if the prompts do not fit, if the schedule's parameters do not fit the task's levels, or if at some step of the
+    run the schedule would draw only from levels with no training rows."""
     task = make_task(cfg.task, seed=cfg.seed, data=cfg.data)
+    fit_prompts(task, load_tokenizer(cfg.model), context_length(cfg.model), cfg.max_new_tokens,
+                cfg.eval_max_new_tokens or cfg.max_new_tokens, cfg.chat_date or today(),
+                tqdm.write if int(os.environ.get("RANK", "0")) == 0 else no_log)
     try:
         sampler = LevelSampler(task, cfg.schedule, cfg.total_steps, seed=cfg.seed, **schedule_params(cfg))
         sampler.check_every_step_drawable()
@@ -106,13 +112,16 @@ def build_models(cfg: Config, device, resume_from: Path | None):
     return policy, reference, value_head
 
 
-def resume_point(cfg: Config, run_dir: Path) -> tuple[Config, Path | None, bool]:
+def resume_point(cfg: Config, run_dir: Path, sampler: LevelSampler, preset: tuple | None = None
+                 ) -> tuple[Config, Path | None, bool]:
     """(cfg, the checkpoint to resume from or None for a new run, whether that run already finished).
 
     --resume takes the newest checkpoint that verifies (damaged newer ones are set aside, with a warning), pins
-    the run's prompt date (resumed prompts tokenize as before) and refuses a config that changed the run."""
+    the run's prompt date (resumed prompts tokenize as before) and refuses a config that changed the run or task
+    data that changed under it (before any model loads)."""
     if not cfg.resume:
         return cfg, None, False
+    check_logs(run_dir)  # a damaged log refuses the resume before anything is set aside or rewritten
     resume_from = resume_checkpoint(run_dir, tqdm.write, set_aside=int(os.environ.get("RANK", "0")) == 0)
     if resume_from is None:
         raise UserError(f"--resume {run_dir}: no intact checkpoint found there (expected "
@@ -120,7 +129,8 @@ def resume_point(cfg: Config, run_dir: Path) -> tuple[Config, Path | None, bool]
     saved = json.loads((resume_from / "trainer_state.json").read_text())
     if cfg.chat_date is None:  # the run's pinned prompt date: resumed prompts tokenize as before
         cfg = dataclasses.replace(cfg, chat_date=saved["config"].get("chat_date"))
-    check_resume_config(saved["config"], cfg)
+    check_resume_config(saved["config"], cfg, resume_from, from_config_json=preset[1] if preset else {})
+    check_sampler_state(sampler, saved["sampler"], resume_from)
     return cfg, resume_from, saved["step"] >= cfg.total_steps and finished_run(run_dir, cfg.total_steps)
 
 
@@ -244,8 +254,7 @@ def open_run_dir(cfg: Config, run_dir: Path, resume_from: Path | None, policy, o
         sampler.load_state_dict(state["sampler"])
         start_step = state["step"]
         if main_rank:
-            for name in ("metrics.jsonl", "eval.jsonl", "completions.jsonl"):  # drop lines after the checkpoint
-                truncate_jsonl(run_dir / name, start_step, log)
+            truncate_logs(run_dir, start_step, log)  # drop lines after the checkpoint
         log(f"resumed from {resume_from} at step {start_step}")
     if main_rank:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))

@@ -59,6 +59,33 @@ def require_trackers(names: list[str]) -> None:
         packages = " ".join(TRACKER_MODULES[n][1] for n in missing)
         raise UserError(f"--report-to {','.join(missing)} needs {packages}, which is not installed: "
                         f"pip install {packages} (or run without --report-to {','.join(missing)})")
+    if "wandb" in names and not wandb_can_log():
+        raise UserError("--report-to wandb: no W&B API key (WANDB_API_KEY is unset and `wandb login` stored none "
+                        "in ~/.netrc); run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline to log locally")
+
+
+def wandb_can_log() -> bool:
+    """Whether wandb.init will find what it needs without a prompt: an offline/disabled mode, an API key or identity
+    token in the environment, or a key stored by `wandb login` (~/.netrc, or the settings file). Checked before the
+    model loads; wandb itself would stop only at wandb.init, after it."""
+    import netrc
+    from urllib.parse import urlparse
+
+    env = os.environ
+    if env.get("WANDB_MODE") in ("offline", "disabled", "dryrun") or env.get("WANDB_DISABLED", "").lower() in (
+            "1", "true") or env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc(env.get("NETRC") or None).authenticators(host):
+            return True
+    except (OSError, netrc.NetrcParseError):
+        pass
+    settings = Path(env.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb") / "settings"
+    try:
+        return "api_key" in settings.read_text()
+    except OSError:
+        return False
 
 
 def tracker_scalars(row: dict, level_names: list[str], prefix: str = "") -> dict[str, float]:

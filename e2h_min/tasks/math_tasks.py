@@ -176,9 +176,11 @@ def _check_length(value: str, column: str) -> None:
 
 def _small_int(value, column: str, low: int, high: int) -> int:
     """An int in low..high from an int, an integral float or a digit string. Example: ("2", "level", 0, 3) -> 2."""
+    if isinstance(value, bool):  # JSON true/false is a Python int: never read as level 1/0
+        raise _BadRow(f"column {column!r} must be an integer {low}..{high}, got the boolean {str(value).lower()}")
     if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,3}\s*", value):
         value = int(value)
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if isinstance(value, numbers.Integral):
         number = int(value)
     elif isinstance(value, numbers.Real) and float(value).is_integer():
         number = int(value)
@@ -428,6 +430,12 @@ class _FileTask(Task):
 
     def num_problems(self, level: int, split: str = "train") -> int:
         return len(self._level_rows(level, split))
+
+    def drop_problems(self, level: int, split: str, indices: list[int]) -> None:
+        """Remove those problems of (split, level), e.g. prompts too long for the model (prompt_fit.py); the rows
+        left keep their file order, so `problem(level, i)` indexes them."""
+        rows, dropped = self._level_rows(level, split), set(indices)
+        rows[:] = [row for i, row in enumerate(rows) if i not in dropped]
 
     def problem(self, level: int, index: int, split: str = "train") -> Problem:
         rows = self._level_rows(level, split)

@@ -1,0 +1,76 @@
+"""bench/limits.py: the bytes and FLOPs the benchmarks divide by, against hand computations."""
+
+import pytest
+import torch
+
+from bench.limits import (Limit, assumed_bandwidth, assumed_flops, cpu_peak_flops, decode_read_bytes,
+                          decode_weight_bytes, gpu_peaks, kv_bytes_per_token, share)
+
+
+def test_kv_bytes_per_token_qwen25_15b():
+    assert kv_bytes_per_token(layers=28, kv_heads=2, head_dim=128, dtype_bytes=2) == 28 * 2 * 128 * 2 * 2 == 28672
+
+
+def test_decode_read_bytes_one_row():
+    # p = 3, n = 4: decode steps feed tokens 1..3, attending to 4, 5, 6 positions
+    out = decode_read_bytes(100, 10, [3], [4])
+    assert out == {"steps": 3, "weights": 300.0, "kv": 150.0, "total": 450.0}
+
+
+def test_decode_read_bytes_rows_of_different_lengths():
+    # rows step together for max n - 1 = 4 steps; a row that ended early reads no more KV
+    # row 0: p 2, n 5 -> 3 + 4 + 5 + 6 = 18 positions; row 1: p 4, n 2 -> 5; row 2: n 1 -> nothing decoded
+    out = decode_read_bytes(7, 3, [2, 4, 9], [5, 2, 1])
+    assert out["steps"] == 4
+    assert out["weights"] == 28
+    assert out["kv"] == 3 * (18 + 5)
+    assert out["total"] == 28 + 69
+
+
+def test_decode_read_bytes_matches_a_loop():
+    prompts, lengths = [5, 17, 1, 30], [9, 1, 12, 4]
+    kv = sum(p + j for p, n in zip(prompts, lengths) for j in range(1, n))
+    assert decode_read_bytes(0, 1, prompts, lengths)["kv"] == kv
+
+
+def _tiny(tied: bool):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    return Qwen2ForCausalLM(config)
+
+
+def test_decode_weight_bytes_tied_and_untied():
+    tied, untied = _tiny(True), _tiny(False)
+    all_tied = sum(p.numel() for p in tied.parameters()) * 4
+    assert decode_weight_bytes(tied) == all_tied  # the shared [50, 8] tensor once
+    # untied: the LM head [50, 8] is read every step, the input embedding [50, 8] is not
+    assert decode_weight_bytes(untied) == sum(p.numel() for p in untied.parameters()) * 4 - 50 * 8 * 4
+    assert decode_weight_bytes(untied) == all_tied
+
+
+def test_cpu_peak_flops():
+    assert cpu_peak_flops(1, 2.6e9) == pytest.approx(83.2e9)
+    assert cpu_peak_flops(2, 3e9, flops_per_cycle=64) == pytest.approx(384e9)
+
+
+def test_gpu_peak_table_matches_specific_names_first():
+    assert gpu_peaks("NVIDIA H200")[1] == 4.8e12
+    assert gpu_peaks("NVIDIA H100 PCIe")[1] == 2.0e12
+    assert gpu_peaks("NVIDIA H100 80GB HBM3")[1] == 3.35e12
+    assert gpu_peaks("NVIDIA A100-SXM4-40GB")[1] == 1.555e12
+    assert gpu_peaks("Some Other GPU") is None
+
+
+def test_overrides_and_cpu_defaults():
+    cpu = torch.device("cpu")
+    assert assumed_bandwidth(cpu) is None  # no published figure for a CPU's share of memory channels
+    assert assumed_bandwidth(cpu, 12.5) == Limit(12.5e9, "assumed", "--peak-bandwidth")
+    assert assumed_flops(cpu, 100.0) == Limit(100e9, "assumed", "--peak-flops")
+
+
+def test_share_formats_every_known_limit():
+    text = share(50e9, [Limit(100e9, "assumed", "x"), None, Limit(200e9, "measured copy", "y")])
+    assert text == "50.0% of assumed 100.0 G/s; 25.0% of measured copy 200.0 G/s"
+    assert "no limit known" in share(1.0, [None])
