@@ -339,9 +339,10 @@ def default_out_dir(model: str, loaded_from: str, task_name: str) -> Path:
     return Path("eval") / (re.sub(r"[^A-Za-z0-9._-]+", "-", name) + f"-{task_name}")
 
 
-def check_settings(args, settings: dict) -> int | None:
+def check_settings(args, settings: dict, loaded_from: str) -> int | None:
     """Reject bad flags and settings (UserError, one line) before any model loads; pins the chat date (today if
-    none was given or recorded). Returns the completions per problem for pass@k (None without --pass-k)."""
+    none was given or recorded; a bad recorded one names the file it came from, under loaded_from). Returns the
+    completions per problem for pass@k (None without --pass-k)."""
     if settings["task"] not in TASKS:
         raise UserError(f"unknown --task {settings['task']!r}; choose one of {', '.join(sorted(TASKS))}")
     for flag, value, low, high in (("--n", settings["n"], 1, MAX_EVAL_PROBLEMS),
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     loaded_from, run_config, step = find_model(args.model)
     settings = resolve_settings(args, run_config)
-    samples = check_settings(args, settings)
+    samples = check_settings(args, settings, loaded_from)
     task = make_task(settings["task"], seed=settings["seed"], data=settings["data"])
     levels = select_levels(task, args.levels)
     out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, task.name)

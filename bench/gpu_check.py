@@ -374,7 +374,7 @@ class DecodeSections:
                                full_warmup=options.get("compile_step", False))[0]
 
     def release(self) -> None:
-        from e2h_min import decoders
+        from e2h_min.engine import decoders
 
         self.case = None
         decoders._STATIC_BUFFERS.clear()  # the static decoders' persistent buffers and the compiled step's graphs

@@ -11,7 +11,8 @@ import pytest
 
 import eval as evaluate_cli
 import train
-from e2h_min import models, report
+from e2h_min.analysis import report
+from e2h_min.engine import models
 from e2h_min.errors import UserError
 from e2h_min.engine.models import TINY_MODEL_DIR, load_tokenizer
 from e2h_min.run.prompt_fit import fit_prompts, prompt_lengths
@@ -97,7 +98,7 @@ def test_the_test_split_is_fitted_to_the_evaluation_budget_and_the_train_split_t
 def test_blocksworld_on_the_tiny_model_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the prompt check")
-    monkeypatch.setattr(train, "load_model", no_model)
+    monkeypatch.setattr("e2h_min.run.setup.load_model", no_model)
     err = fails_with_one_line(capsys, train.main, ["--task", "blocksworld", *TINY_RUN, "--out-dir",
                                                    str(tmp_path / "run")])
     assert "task blocksworld: its prompts take up to 1," in err and "context is 512 tokens" in err

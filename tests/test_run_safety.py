@@ -614,7 +614,7 @@ def test_a_damaged_log_refuses_the_resume_before_any_log_is_rewritten(tmp_path, 
 def test_full_disk_during_a_checkpoint_names_the_folder_and_the_checkpoint_kept(tmp_path, monkeypatch):
     import errno
 
-    from e2h_min import checkpoint
+    from e2h_min.run import checkpoint
     from e2h_min.errors import UserError
     model, tok, opt, sched = make_state()
     first = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
@@ -666,7 +666,7 @@ def test_wandb_without_credentials_is_refused_before_the_model_loads(tmp_path, m
                  "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
-    monkeypatch.setattr(train, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("e2h_min.run.setup.load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
     one_line_exit_2(capsys, lambda: train.main(["--report-to", "wandb", "--out-dir", str(tmp_path / "run")]),
                     "set WANDB_MODE=offline")
     assert not (tmp_path / "run").exists()
