@@ -47,8 +47,10 @@ TESTBED_SETTINGS = ["--total-steps", "400", "--eval-every", "100", "--eval-probl
 # --long: the paper's step budget (1,600), evaluated every 200 steps with pass@k tracked over training; the flags
 # given after TESTBED_SETTINGS win (argparse keeps the last). Three schedules: the baseline, E2H-G and sec. pass@k
 # on L1-L3 only (L0 is at ~100% and OOD at 0% pass@16 before RL): 9,600 completions per evaluation.
+# The long sweep spans sessions: its prompts' date is pinned (the day it started), so that runs started on other days
+# are comparable (the report compares only runs whose settings differ in schedule and seed).
 LONG_SETTINGS = ["--total-steps", "1600", "--eval-every", "200", "--save-every", "100", "--eval-pass-k", "1", "4",
-                 "16", "--eval-samples", "16", "--eval-pass-k-levels", "L1,L2,L3"]
+                 "16", "--eval-samples", "16", "--eval-pass-k-levels", "L1,L2,L3", "--chat-date", "2026-12-02"]
 LONG_SCHEDULES = ["balanced", "gaussian", "sec"]
 
 
