@@ -21,4 +21,4 @@ def stall(path):
 
 ckpt._fsync_tree = stall
 model, tokenizer, optimizer, scheduler = make_state(seed=2)
-ckpt.save_checkpoint(run_dir, 2, model, tokenizer, optimizer, scheduler, {"sampler": {}}, torch.Generator())
+ckpt.save_checkpoint(run_dir, 2, model, tokenizer, optimizer.state_dict(), scheduler, {"sampler": {}}, torch.Generator())

@@ -34,7 +34,7 @@ def test_save_load_round_trip_and_keep_last(tmp_path):
     model, tok, opt, sched = make_state()
     gen = torch.Generator().manual_seed(7)
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model, tok, opt, sched, {"sampler": {"cursor": step}}, gen, keep=2)
+        save_checkpoint(tmp_path, step, model, tok, opt.state_dict(), sched, {"sampler": {"cursor": step}}, gen, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
     path = latest_checkpoint(tmp_path)
     _, _, opt2, sched2 = make_state(seed=1)
@@ -50,7 +50,7 @@ def test_save_load_round_trip_and_keep_last(tmp_path):
 
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     model, tok, opt, sched = make_state()
-    save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    save_checkpoint(tmp_path, 1, model, tok, opt.state_dict(), sched, {"sampler": {}}, torch.Generator())
     marker = tmp_path / "marker"
     child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "checkpoint_writer.py"), str(tmp_path),
                               str(marker)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -68,6 +68,6 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert load_training_state(latest, opt2, sched2, torch.Generator())["step"] == 1
     AutoModelForCausalLM.from_pretrained(latest)
     # the next save sweeps the debris away
-    save_checkpoint(tmp_path, 2, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    save_checkpoint(tmp_path, 2, model, tok, opt.state_dict(), sched, {"sampler": {}}, torch.Generator())
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
     assert latest_checkpoint(tmp_path).name == "step_000002"

@@ -114,7 +114,7 @@ def test_damaged_latest_checkpoint_is_skipped_and_the_run_ends_with_the_same_wei
 def test_verify_checkpoint_names_each_kind_of_damage(tmp_path, name, damage):
     model, tok, opt, sched = make_state()
     for step in (1, 2):
-        save_checkpoint(tmp_path, step, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+        save_checkpoint(tmp_path, step, model, tok, opt.state_dict(), sched, {"sampler": {}}, torch.Generator())
     first, latest = list_checkpoints(tmp_path)
     assert verify_checkpoint(latest) is None
     (latest / name).write_bytes(damage((latest / name).read_bytes()))
@@ -127,7 +127,7 @@ def test_verify_checkpoint_names_each_kind_of_damage(tmp_path, name, damage):
 def test_damaged_file_of_equal_size_is_caught_by_loading(tmp_path):
     """A checkpoint without manifest (older versions) is still verified by parsing every file."""
     model, tok, opt, sched = make_state()
-    path = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    path = save_checkpoint(tmp_path, 1, model, tok, opt.state_dict(), sched, {"sampler": {}}, torch.Generator())
     (path / "manifest.json").unlink()
     raw = bytearray((path / "rng.pt").read_bytes())
     raw[-30:] = b"\0" * 30  # the zip's central directory
@@ -551,7 +551,7 @@ def test_checksum_catches_same_size_bytes_and_nan_weights(tmp_path):
     import hashlib
     model, tok, opt, sched = make_state()
     for step in (1, 2):
-        save_checkpoint(tmp_path, step, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+        save_checkpoint(tmp_path, step, model, tok, opt.state_dict(), sched, {"sampler": {}}, torch.Generator())
     first, latest = list_checkpoints(tmp_path)
     rewrite_weights_in_place(latest / "model.safetensors")
     assert verify_checkpoint(latest) == ("model.safetensors does not match its sha256 in manifest.json (its bytes "
@@ -570,7 +570,7 @@ def test_checksum_catches_same_size_bytes_and_nan_weights(tmp_path):
 
 def test_a_checkpoint_of_the_earlier_manifest_format_still_loads_with_a_note(tmp_path):
     model, tok, opt, sched = make_state()
-    path = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    path = save_checkpoint(tmp_path, 1, model, tok, opt.state_dict(), sched, {"sampler": {}}, torch.Generator())
     manifest = json.loads((path / "manifest.json").read_text())
     assert all(set(v) == {"bytes", "sha256"} for v in manifest.values())
     (path / "manifest.json").write_text(json.dumps({k: v["bytes"] for k, v in manifest.items()}))  # sizes only
@@ -617,7 +617,7 @@ def test_full_disk_during_a_checkpoint_names_the_folder_and_the_checkpoint_kept(
     from e2h_min.run import checkpoint
     from e2h_min.errors import UserError
     model, tok, opt, sched = make_state()
-    first = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    first = save_checkpoint(tmp_path, 1, model, tok, opt.state_dict(), sched, {"sampler": {}}, torch.Generator())
     real_save = torch.save
 
     def save_until_full(obj, path, *a, **kw):
@@ -628,7 +628,7 @@ def test_full_disk_during_a_checkpoint_names_the_folder_and_the_checkpoint_kept(
 
     monkeypatch.setattr(checkpoint.torch, "save", save_until_full)
     with pytest.raises(UserError) as exc:
-        save_checkpoint(tmp_path, 2, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+        save_checkpoint(tmp_path, 2, model, tok, opt.state_dict(), sched, {"sampler": {}}, torch.Generator())
     assert str(exc.value) == (f"no space left on the device while saving checkpoint step_000002 in "
                               f"{tmp_path / 'checkpoints'}; step_000001 is kept intact: free some space, then "
                               f"--resume {tmp_path}")
@@ -636,14 +636,14 @@ def test_full_disk_during_a_checkpoint_names_the_folder_and_the_checkpoint_kept(
     assert verify_checkpoint(first) is None
     monkeypatch.setattr(checkpoint.torch, "save", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # not a full disk: the error itself, not a disk-full line
-        save_checkpoint(tmp_path, 2, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+        save_checkpoint(tmp_path, 2, model, tok, opt.state_dict(), sched, {"sampler": {}}, torch.Generator())
 
 
 def test_optimizer_state_of_another_model_is_one_line_naming_the_checkpoint(tmp_path):
     from e2h_min.run.checkpoint import load_training_state
     from e2h_min.errors import UserError
     model, tok, opt, sched = make_state()
-    path = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"sampler": {}}, torch.Generator())
+    path = save_checkpoint(tmp_path, 1, model, tok, opt.state_dict(), sched, {"sampler": {}}, torch.Generator())
     other = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
     with pytest.raises(UserError, match=f"checkpoint {path}: its optimizer state does not fit its weights"):
         load_training_state(path, other, torch.optim.lr_scheduler.LambdaLR(other, lambda s: 1.0), None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -88,13 +87,13 @@ class RunBook:
 
     def checkpoint(self, step: int) -> None:
         """Save run_dir/checkpoints/step_N (rank 0 writes; under FSDP every rank first gathers the AdamW state)."""
-        policy, saved_optimizer = self.models.policy, self.optimizer
-        if is_sharded(policy):  # gathering the AdamW state is a collective: every rank gathers, rank 0 writes
-            full_state = FullOptimizerState(policy, self.optimizer).state_dict()
-            saved_optimizer = SimpleNamespace(state_dict=lambda: full_state)
+        policy = self.models.policy
+        # under FSDP gathering the AdamW state is a collective: every rank gathers, rank 0 writes
+        optimizer_state = (FullOptimizerState(policy, self.optimizer) if is_sharded(policy) else self.optimizer
+                           ).state_dict()
         if self.compute.dist.is_main:
             value_head = self.models.value_head
-            save_checkpoint(self.run_dir, step, self.models.sampling_model, self.chat.tokenizer, saved_optimizer,
+            save_checkpoint(self.run_dir, step, self.models.sampling_model, self.chat.tokenizer, optimizer_state,
                             self.scheduler, {"config": dataclasses.asdict(self.cfg),
                                              "sampler": self.sampler.state_dict()}, self.generator,
                             keep=self.cfg.keep_checkpoints,

@@ -119,11 +119,12 @@ def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
         generator.set_state(state["sampling"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict,
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state: dict, scheduler, trainer_state: dict,
                     generator: torch.Generator | None, keep: int = 2, extra_modules: dict | None = None) -> Path:
     """Write checkpoints/step_{step:06d} atomically; keep the newest `keep` checkpoints. Returns its path.
 
-    `step` is the number of optimizer steps completed; trainer_state must be JSON-serialisable (config, sampler);
+    `step` is the number of optimizer steps completed; optimizer_state is the optimizer's state_dict() (under
+    FSDP the gathered full state, engine/fsdp.py); trainer_state must be JSON-serialisable (config, sampler);
     extra_modules (name -> nn.Module, e.g. the PPO value head) are saved as NAME.safetensors.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
@@ -137,7 +138,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
         tokenizer.save_pretrained(tmp)
         for name, module in (extra_modules or {}).items():
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(rng_state(generator), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
         (tmp / MANIFEST).write_text(json.dumps(_hash_and_sync(tmp), indent=1))
