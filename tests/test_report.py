@@ -196,8 +196,16 @@ def test_pass_at_k_tables_and_curves_per_schedule(tmp_path):
         assert steps.tolist() == [0, 15, 30]
         assert mean.tolist() == pytest.approx([sum(c) / 2 for c in zip(*naive)])
         assert low.tolist() == [min(c) for c in zip(*naive)] and high.tolist() == [max(c) for c in zip(*naive)]
-    out = report.main([str(r.path) for r in runs] + ["--out", str(tmp_path / "rep")])
-    assert str(tmp_path / "rep" / "pass_at_k.png") in out["files"] and "Final pass@1 " in out["table"]
+    out = report.main([str(r.path) for r in runs] + ["--out", str(tmp_path / "rep"), "--no-plots"])
+    assert "Final pass@1 " in out["table"] and "Final pass@16 " in out["table"]
+
+
+@needs("matplotlib")
+def test_pass_at_k_curves_are_plotted(tmp_path):
+    runs = [write_run(tmp_path / f"{s}0", schedule=s, pass16=(0.8, 0.5, 0.2)) for s in ("balanced", "sec")]
+    out = report.main([str(r) for r in runs] + ["--out", str(tmp_path / "rep")])
+    png = tmp_path / "rep" / "pass_at_k.png"
+    assert str(png) in out["files"] and png.stat().st_size > 0
 
 
 def test_training_plot_leaves_out_what_no_run_logged(tmp_path):
