@@ -32,7 +32,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -45,7 +44,7 @@ from e2h_min.analysis.evaluation import evaluate, held_out_problems
 from e2h_min.rl.scoring import chat_date_variables, encode_prompts, eos_token_ids, score_rollout, today
 from e2h_min.engine.models import (MODEL_ALIASES, context_length, load_model, load_tokenizer, peft_building, pick_device,
                             resolve_model_name)
-from e2h_min.analysis.passk import mean_pass_at_k
+from e2h_min.analysis.passk import pass_at_k_by_level
 from e2h_min.run.prompt_fit import fit_prompts
 from e2h_min.engine.sampler import StopChecker, generate
 from e2h_min.tasks import TASKS, make_task
@@ -250,11 +249,7 @@ def sample_pass_at_k(model, tokenizer, task, problems, ks: list[int], samples: i
             records += [sample_record(task, problem, texts[i], rewards[i], lengths[i], mode="sample",
                                       sample=i - p * samples) for i in rows]
     names = task.level_names()
-    summary = {}
-    for level, cs in counts.items():
-        summary[names[level]] = {f"pass@{k}": mean_pass_at_k(cs, samples, k) for k in ks}
-        summary[names[level]]["sample_accuracy"] = float(np.mean(cs) / samples)
-    return summary, records
+    return pass_at_k_by_level({names[level]: cs for level, cs in counts.items()}, samples, ks), records
 
 
 def sample_record(task, problem, completion: str, reward: float, length: int, mode: str, **extra) -> dict:

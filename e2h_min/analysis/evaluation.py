@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from e2h_min.engine.distributed import DistInfo, gather_lists
-from e2h_min.analysis.passk import mean_pass_at_k
+from e2h_min.analysis.passk import pass_at_k_by_level
 from e2h_min.engine.sampler import StopChecker, generate
 from e2h_min.rl.scoring import chat_date_variables, encode_prompts, eos_token_ids, score_rollout
 
@@ -116,8 +116,6 @@ def sampled_pass_at_k(model, tokenizer, task, problems, ks: list[int], samples: 
         counts += [(problem.level, int(c)) for problem, c in zip(chunk, correct)]
     model.train(was_training)
     by_level = defaultdict(list)
-    for level, c in gather_lists(counts, dist_info):
-        by_level[level].append(c)
-    names = task.level_names()
-    return {names[level]: {**{f"pass@{k}": mean_pass_at_k(cs, samples, k) for k in ks},
-                           "sample_accuracy": float(np.mean(cs)) / samples} for level, cs in sorted(by_level.items())}
+    for level, c in sorted(gather_lists(counts, dist_info), key=lambda pair: pair[0]):  # stable: problem order
+        by_level[task.level_names()[level]].append(c)
+    return pass_at_k_by_level(by_level, samples, ks)

@@ -43,3 +43,11 @@ def mean_pass_at_k(correct_counts: list[int], n: int, k: int) -> float:
     if not correct_counts:
         raise ValueError("mean_pass_at_k needs at least one problem")
     return sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts)
+
+
+def pass_at_k_by_level(counts: dict[str, list[int]], n: int, ks: list[int]) -> dict[str, dict[str, float]]:
+    """Per level: pass@k for each k (mean_pass_at_k) and the share of correct samples, from each problem's count of
+    correct samples out of n. Example: ({"L0": [0, 4]}, n=4, ks=[1, 2])
+    -> {"L0": {"pass@1": 0.5, "pass@2": 0.5, "sample_accuracy": 0.5}}."""
+    return {name: {**{f"pass@{k}": mean_pass_at_k(cs, n, k) for k in ks}, "sample_accuracy": sum(cs) / len(cs) / n}
+            for name, cs in counts.items()}
