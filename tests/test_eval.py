@@ -219,3 +219,17 @@ def test_a_lora_run_is_evaluated_as_base_plus_adapter(tmp_path):
     assert (run_dir / "final" / "adapter_config.json").is_file()
     report = evaluate_cli.main(["--model", str(run_dir), "--threads", "1", "--quiet", "--out", str(tmp_path / "e")])
     assert report["greedy"] == result["last_eval"]
+
+
+def test_pass_at_k_by_level_against_brute_force_over_subsets():
+    import itertools
+
+    from e2h_min.analysis.passk import pass_at_k_by_level
+
+    samples = {"L0": [[1, 0, 0, 1], [0, 0, 0, 0]], "L1": [[1, 1, 1, 0]]}  # per problem: each sample correct or not
+    got = pass_at_k_by_level({name: [sum(s) for s in rows] for name, rows in samples.items()}, 4, [1, 2, 3])
+    for name, rows in samples.items():
+        for k in (1, 2, 3):
+            subsets = [[any(c) for c in itertools.combinations(row, k)] for row in rows]
+            assert got[name][f"pass@{k}"] == pytest.approx(sum(sum(s) / len(s) for s in subsets) / len(rows))
+        assert got[name]["sample_accuracy"] == pytest.approx(sum(map(sum, rows)) / (4 * len(rows)))
