@@ -178,6 +178,34 @@ def decode_read_bytes(weight_bytes: int, kv_per_token: int, prompt_lengths: list
     return {"steps": steps, "weights": float(weights), "kv": float(kv), "total": float(weights + kv)}
 
 
+def matmul_flops_per_token(model) -> int:
+    """FLOPs of one token's pass through the weight matrices: 2 x every weight matrix's entries (a multiply and an
+    add each), the input embedding excepted unless it is tied to the LM head (a lookup, not a matmul).
+    Attention over the cache is not counted (on the models benchmarked here it is a few % of this)."""
+    total = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if embedding is not head:
+        total -= embedding.numel()
+    return 2 * total
+
+
+def tokens_fed(n_prompts: int, group: int, prompt_width: int, lengths: list[int], shared_prompts: bool) -> int:
+    """Tokens one generation call feeds through the model: the matmul work, in units of matmul_flops_per_token.
+
+    lengths: each of the n_prompts x group rows' completion length n_i. The prefill of the left-padded prompts
+    (prompt_width each) yields every row's first token; after that:
+      shared_prompts (ours): each prompt prefilled once, and only rows still running are fed, one step per token
+                             they generate:  n_prompts x width + sum_i (n_i - 1)
+      otherwise (model.generate with num_return_sequences): every row's copy of its prompt is prefilled, and
+                             every row keeps running until the longest ends:  rows x width + rows x (max_i n_i - 1)
+    Example: 2 prompts x 2 samples, width 5, lengths [3, 1, 2, 2] -> shared 10 + 4 = 14; not shared 20 + 8 = 28.
+    """
+    rows = n_prompts * group
+    if shared_prompts:
+        return n_prompts * prompt_width + sum(max(0, n - 1) for n in lengths)
+    return rows * prompt_width + rows * max(0, max(lengths, default=0) - 1)
+
+
 def share(rate: float, limits: list[Limit | None]) -> str:
     """rate as a share of each known limit, e.g. '12.3% of assumed 4,800.0 G/s; 13.5% of measured copy 4,370.2 G/s'
     (limits in the rate's unit, bytes/s or FLOP/s, printed in units of 1e9 per second)."""

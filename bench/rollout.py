@@ -39,8 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.limits import (assumed_bandwidth, copy_bandwidth, decode_read_bytes, decode_weight_bytes,  # noqa: E402
-                          describe, model_kv_bytes_per_token, share)
+from bench.limits import (Limit, assumed_bandwidth, assumed_flops, copy_bandwidth, decode_read_bytes,  # noqa: E402
+                          decode_weight_bytes, describe, matmul_flops_per_token, matmul_peak,
+                          model_kv_bytes_per_token, share, tokens_fed)
 from e2h_min.engine.sampler import StopChecker, generate, left_pad  # noqa: E402
 
 TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "e2h_min" / "assets" / "tiny-countdown"
@@ -176,7 +177,30 @@ def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: 
     print(f"  speed-up (tokens/s ours / model.generate): {speedup:.2f}x")
     for name, rate in bandwidths.items():
         print(f"  {name:15s} decode reads {rate / 1e9:8.2f} GB/s = {share(rate, limits)}")
+    work_report(case, group, results)
     return speedup
+
+
+def work_report(case: dict, group: int, results: dict) -> None:
+    """The matmul work each side's calls must do (limits.tokens_fed x limits.matmul_flops_per_token) and the share
+    of the machine's matmul FLOP/s each reaches. When both sides are bound by the same matmul kernels (a small
+    model on a CPU), the ratio of the work is the speed-up to expect; the rest is each side's overhead."""
+    model, prompts = case["model"], case["prompts"]
+    device = next(model.parameters()).device
+    width, per_token = max(map(len, prompts)), matmul_flops_per_token(model)
+    work = {name: [per_token * tokens_fed(len(prompts), group, width, n, shared_prompts=name == "ours")
+                   for _, n in runs] for name, runs in results.items()}
+    dtype = next(model.parameters()).dtype
+    limits = [assumed_flops(device, None), Limit(matmul_peak(device, dtype, 1024 if device.type == "cpu" else 8192),
+                                                 "measured matmul", "")]
+    ratio = statistics.median(w_theirs / w_ours for w_ours, w_theirs in zip(work["ours"], work["model.generate"]))
+    print(f"  matmul work per call (2 x weight entries per token fed): ours "
+          f"{statistics.median(work['ours']) / 1e9:.2f} GFLOP (each prompt once, then only running rows), "
+          f"model.generate {statistics.median(work['model.generate']) / 1e9:.2f} GFLOP (every row's prompt, every "
+          f"row until the longest ends): {ratio:.2f}x the work")
+    for name, runs in results.items():
+        rate = statistics.median(w / t for w, (t, _) in zip(work[name], runs))
+        print(f"  {name:15s} matmul FLOP/s {rate / 1e9:8.2f} G/s = {share(rate, limits)}")
 
 
 def decode_bytes(case: dict, group: int, lengths: list[int]) -> float:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from bench.limits import (Limit, assumed_bandwidth, assumed_flops, cpu_peak_flops, decode_read_bytes,
-                          decode_weight_bytes, gpu_peaks, kv_bytes_per_token, share)
+                          decode_weight_bytes, gpu_peaks, kv_bytes_per_token, matmul_flops_per_token, share,
+                          tokens_fed)
 
 
 def test_kv_bytes_per_token_qwen25_15b():
@@ -48,6 +49,29 @@ def test_decode_weight_bytes_tied_and_untied():
     # untied: the LM head [50, 8] is read every step, the input embedding [50, 8] is not
     assert decode_weight_bytes(untied) == sum(p.numel() for p in untied.parameters()) * 4 - 50 * 8 * 4
     assert decode_weight_bytes(untied) == all_tied
+
+
+def test_tokens_fed_worked_example_and_a_loop():
+    assert tokens_fed(2, 2, 5, [3, 1, 2, 2], shared_prompts=True) == 10 + (2 + 0 + 1 + 1)
+    assert tokens_fed(2, 2, 5, [3, 1, 2, 2], shared_prompts=False) == 20 + 4 * 2
+    # the same counts, stepping a batch the way each side does
+    lengths, width, prompts, group = [4, 7, 1, 3, 3, 6], 9, 3, 2
+    ours = prompts * width + sum(sum(1 for n in lengths if n > step) for step in range(1, max(lengths)))
+    theirs = prompts * group * width + sum(len(lengths) for _ in range(1, max(lengths)))
+    assert tokens_fed(prompts, group, width, lengths, True) == ours
+    assert tokens_fed(prompts, group, width, lengths, False) == theirs
+
+
+def test_matmul_flops_per_token_counts_each_matrix_once():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    per_layer = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8 + 3 * 8 * 16  # q, k, v, o (head_dim 4, one KV head), MLP
+    tied = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
+    untied = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=False))
+    assert matmul_flops_per_token(tied) == 2 * (2 * per_layer + 50 * 8)
+    assert matmul_flops_per_token(untied) == matmul_flops_per_token(tied)  # the untied embedding is a lookup
 
 
 def test_cpu_peak_flops():

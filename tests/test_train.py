@@ -58,6 +58,16 @@ def test_chunked_completion_logprobs_match_full_forward():
     assert entropy[0, 0].item() == pytest.approx(-(first.exp() * first).sum().item(), abs=1e-4)
 
 
+def test_without_entropy_the_logprobs_are_the_same_and_no_entropy_is_computed():
+    model = random_model()
+    batch = pack_sequences(*sample_batch(), pad_id=0)
+    with torch.no_grad():
+        logp, entropy = completion_logprobs(model, batch, temperature=0.7, chunk_rows=3)
+        bare, none = completion_logprobs(model, batch, temperature=0.7, chunk_rows=3, with_entropy=False)
+    assert none is None and entropy is not None
+    assert torch.equal(bare, logp)
+
+
 @pytest.mark.parametrize("checkpoint_bytes", [0, 2 ** 62])  # every chunk checkpointed / none (the default here)
 def test_chunking_and_checkpointing_do_not_change_gradients(monkeypatch, checkpoint_bytes):
     import e2h_min.engine.logprobs

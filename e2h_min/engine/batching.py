@@ -159,7 +159,8 @@ class UpdateBatches:
                 if self._reference_kv is None:
                     self._reference_kv = self.prompt_kv(self.reference.model)
                 self._reference_logprobs[b], _ = completion_logprobs(self.reference.model, batch, self.temperature,
-                                                                     prompt_kv=self._reference_kv)
+                                                                     prompt_kv=self._reference_kv,
+                                                                     with_entropy=False)
         return self._reference_logprobs[b]
 
     def cached_reference_logprobs(self, b: int) -> torch.Tensor | None:

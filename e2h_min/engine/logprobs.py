@@ -59,14 +59,17 @@ CHECKPOINT_LOGITS_BYTES = 32 * 2 ** 20  # checkpoint a chunk whose fp32 logits w
 
 
 def _chunk_logprobs_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [n, H], targets [n] -> (log p(target) at temperature [n], entropy of that distribution [n]).
+                            targets: torch.Tensor, temperature: float, with_entropy: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """hidden [n, H], targets [n] -> (log p(target) at temperature [n], entropy of that distribution [n] or None).
 
     log p(target) = logit_target - logsumexp(logits), written as -cross_entropy: one fused kernel whose backward
     is softmax - onehot, instead of a logsumexp backward plus a gather backward that scatters into [n, V] zeros.
     """
     logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature  # [n, V]
     logp = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    if not with_entropy:  # the reference's entropy is never used: 3 more passes over [n, V] saved
+        return logp, None
     with torch.no_grad():  # a diagnostic only: -sum_v p_v log p_v
         log_probs = torch.log_softmax(logits.detach(), dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -74,7 +77,7 @@ def _chunk_logprobs_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: to
 
 
 def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, chunk_rows: int = 1024,
-                        return_hidden: bool = False, prompt_kv: "PromptKV | None" = None):
+                        return_hidden: bool = False, prompt_kv: "PromptKV | None" = None, with_entropy: bool = True):
     """log pi(o_t | q, o_<t) / T-scaled, and the true entropy of pi at each completion position.
 
     On an FSDP2-sharded model (e2h_min/engine/fsdp.py) this runs as the model's registered forward method, so the
@@ -82,13 +85,13 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: floa
     """
     sharded = getattr(model, "e2h_completion_logprobs", None)
     if sharded is not None:
-        return sharded(batch, temperature, chunk_rows, return_hidden, prompt_kv)
-    return local_completion_logprobs(model, batch, temperature, chunk_rows, return_hidden, prompt_kv)
+        return sharded(batch, temperature, chunk_rows, return_hidden, prompt_kv, with_entropy)
+    return local_completion_logprobs(model, batch, temperature, chunk_rows, return_hidden, prompt_kv, with_entropy)
 
 
 def local_completion_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
                               chunk_rows: int = 1024, return_hidden: bool = False,
-                              prompt_kv: "PromptKV | None" = None):
+                              prompt_kv: "PromptKV | None" = None, with_entropy: bool = True):
     """log pi(o_t | q, o_<t) / T-scaled, and the true entropy of pi at each completion position.
 
     batch: from `pack_sequences`, or from `pack_suffixes` together with `prompt_kv` (SharedPrompts.keys_values),
@@ -120,7 +123,7 @@ def local_completion_logprobs(model, batch: dict[str, torch.Tensor], temperature
     logps, entropies = [], []
     for start in range(0, flat_hidden.shape[0], chunk_rows):
         args = (flat_hidden[start:start + chunk_rows], head.weight, head.bias,
-                flat_targets[start:start + chunk_rows], temperature)
+                flat_targets[start:start + chunk_rows], temperature, with_entropy)
         if torch.is_grad_enabled() and len(args[0]) * head.weight.shape[0] * 4 >= CHECKPOINT_LOGITS_BYTES:
             logp, ent = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False)
         else:
@@ -129,7 +132,7 @@ def local_completion_logprobs(model, batch: dict[str, torch.Tensor], temperature
         entropies.append(ent)
     mask = batch["completion_mask"]
     logp = torch.cat(logps).view_as(mask) * mask
-    entropy = torch.cat(entropies).view_as(mask) * mask
+    entropy = torch.cat(entropies).view_as(mask) * mask if with_entropy else None
     return (logp, entropy, picked) if return_hidden else (logp, entropy)
 
 

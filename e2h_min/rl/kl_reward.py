@@ -25,7 +25,7 @@ def reference_sequence_kl(reference, samples: StepSamples, cfg, device, autocast
         with autocast(), reference.context():
             if shared is not None and kv is None:
                 kv = shared.keys_values(reference.model)
-            ref, _ = completion_logprobs(reference.model, batch, cfg.temperature, prompt_kv=kv)
+            ref, _ = completion_logprobs(reference.model, batch, cfg.temperature, prompt_kv=kv, with_entropy=False)
         logp = torch.zeros_like(ref)
         for j, i in enumerate(rows):
             logp[j, :len(samples.sampler_logprobs[i])] = torch.tensor(samples.sampler_logprobs[i], device=device)
