@@ -74,23 +74,25 @@ def our_worker(settings: str, out: Path) -> None:
     """train.main on the tiny model; each step waits for the parent at its rollout and reports after its logging."""
     sys.path.insert(0, str(ROOT))
     import train
+    from e2h_min.run.bookkeeping import RunBook
 
-    original_roll_out, original_log_step = train.roll_out, train.log_step
+    original_roll_out, original_log_step = train.roll_out, RunBook.log_step
     state = {"start": 0.0, "hash": ""}
 
-    def roll_out(run, step, draw):
+    def roll_out(collect, draw, *args):
         if not wait_for_go():
             raise Finished
         state["hash"] = prompts_hash([(p.level, p.index) for p in draw])
         state["start"] = time.perf_counter()
-        return original_roll_out(run, step, draw)
+        return original_roll_out(collect, draw, *args)
 
-    def log_step(run, row, samples, log_every):
-        original_log_step(run, row, samples, log_every)
+    def log_step(book, *args):
+        row = original_log_step(book, *args)
         say("step", seconds=time.perf_counter() - state["start"], prompts=state["hash"],
             mean_length=row["completion_length_mean"], peak_rss_mib=peak_rss_mib())
+        return row
 
-    train.roll_out, train.log_step = roll_out, log_step
+    train.roll_out, RunBook.log_step = roll_out, log_step
     say("ready")
     try:
         train.main(OUR_FLAGS + SETTINGS[settings] + ["--out-dir", str(out / "ours")])
