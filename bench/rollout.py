@@ -23,6 +23,7 @@ The last line is `speedup X.XX`: the smaller of the cases' speed-ups.
 
   python bench/rollout.py                            # both cases, CPU or the GPU if there is one
   python bench/rollout.py --case b --repeats 5 --device cuda   # bf16 on CUDA, fp32 on CPU
+  python bench/rollout.py --case a --threads 1 --old-commit d8aa5dc   # also the sampler of that commit
   python bench/rollout.py --case b --b-size 1.5B --b-prompts 16 --b-max-new-tokens 256 --device cuda
 """
 
@@ -108,9 +109,14 @@ def _as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def run_ours(case: dict, group: int, max_new_tokens: int, seed: int, stop_checker) -> list[int]:
+def run_ours(case: dict, group: int, max_new_tokens: int, seed: int, stop_checker, sampler=None) -> list[int]:
     device = next(case["model"].parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    if sampler is not None:  # an older commit's module: its own generate and StopChecker, no options
+        stops = sampler.StopChecker(case["tokenizer"], case["stop_strings"]) if case["stop_strings"] else None
+        return sampler.generate(case["model"], case["prompts"], group, max_new_tokens, eos_token_ids=case["eos"],
+                                pad_id=case["pad"], stop_checker=stops, temperature=1.0,
+                                generator=generator).lengths.tolist()
     rollout = generate(case["model"], case["prompts"], group, max_new_tokens, eos_token_ids=case["eos"],
                        pad_id=case["pad"], stop_checker=stop_checker, temperature=1.0, generator=generator,
                        **case.get("options", {}))
@@ -143,7 +149,8 @@ def time_call(fn, device) -> tuple[float, list[int]]:
     return time.perf_counter() - start, tokens
 
 
-def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: int, limits: list) -> float:
+def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: int, limits: list,
+               old_sampler=None) -> float:
     device = next(case["model"].parameters()).device
     stop_checker = StopChecker(case["tokenizer"], case["stop_strings"], device) if case["stop_strings"] else None
     ours = lambda r: run_ours(case, group, max_new_tokens, seed + r, stop_checker)  # noqa: E731
@@ -157,9 +164,15 @@ def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: 
         run_ours(warm, group, min(4, max_new_tokens), seed, stop_checker)
     run_theirs(warm, group, min(4, max_new_tokens), seed)
     results = {"ours": [], "model.generate": []}
+    if old_sampler is not None:
+        old = lambda r: run_ours(case, group, max_new_tokens, seed + r, None, old_sampler)  # noqa: E731
+        old(0)  # its warm-up
+        results["old commit"] = []
     for r in range(repeats):
         results["ours"].append(time_call(lambda: ours(r), device))
         results["model.generate"].append(time_call(lambda: theirs(r), device))
+        if old_sampler is not None:
+            results["old commit"].append(time_call(lambda: old(r), device))
     n_rows = len(case["prompts"]) * group
     print(f"\n== case {case['name']}: {len(case['prompts'])} prompts x G={group}, max_new_tokens {max_new_tokens}, "
           f"prompt tokens {min(map(len, case['prompts']))}-{max(map(len, case['prompts']))}, device {device}")
@@ -175,6 +188,9 @@ def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: 
               + ", ".join(f"{t:.2f}s/{sum(n)}" for t, n in runs) + ")")
     speedup = rates["ours"] / rates["model.generate"]
     print(f"  speed-up (tokens/s ours / model.generate): {speedup:.2f}x")
+    if "old commit" in rates:
+        print(f"  the old commit's sampler: {rates['old commit'] / rates['model.generate']:.2f}x model.generate; "
+              f"ours / old commit {rates['ours'] / rates['old commit']:.2f}x")
     for name, rate in bandwidths.items():
         print(f"  {name:15s} decode reads {rate / 1e9:8.2f} GB/s = {share(rate, limits)}")
     work_report(case, group, results)
@@ -188,7 +204,7 @@ def work_report(case: dict, group: int, results: dict) -> None:
     model, prompts = case["model"], case["prompts"]
     device = next(model.parameters()).device
     width, per_token = max(map(len, prompts)), matmul_flops_per_token(model)
-    work = {name: [per_token * tokens_fed(len(prompts), group, width, n, shared_prompts=name == "ours")
+    work = {name: [per_token * tokens_fed(len(prompts), group, width, n, shared_prompts=name != "model.generate")
                    for _, n in runs] for name, runs in results.items()}
     dtype = next(model.parameters()).dtype
     limits = [assumed_flops(device, None), Limit(matmul_peak(device, dtype, 1024 if device.type == "cpu" else 8192),
@@ -237,6 +253,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--old-commit", default=None, metavar="REV",
+                        help="also time the sampler of this commit (e2h_min/rollout.py there, via git show), "
+                             "in the same alternation: did the sampler get faster or slower since")
     parser.add_argument("--compile-step", action="store_true",
                         help="ours: static-shape decode step under torch.compile / CUDA graphs (meant for CUDA)")
     parser.add_argument("--peak-bandwidth", type=float, default=None, metavar="GB/s",
@@ -267,16 +286,25 @@ def main() -> None:
     limits = [assumed_bandwidth(device, args.peak_bandwidth), copy_bandwidth(device)]
     print("memory-bandwidth limits (bytes/s): " + describe(limits[0], "--peak-bandwidth GB/s") + "; "
           + describe(limits[1], "") + ", the practical limit on a shared machine")
+    old_sampler = None
+    if args.old_commit:
+        from bench.step import load_old_sampler
+
+        old_sampler, why = load_old_sampler(args.old_commit)
+        if old_sampler is None:
+            raise SystemExit(f"--old-commit {args.old_commit}: {why}")
     speedups = {}
     if args.case in ("a", "both"):
         case = case_a(device, dtype, args.a_prompts, args.seed, args.a_model_dir)
         case["options"] = dict(compile_step=args.compile_step)
-        speedups["a"] = bench_case(case, args.a_group, args.a_max_new_tokens, args.repeats, args.seed, limits)
+        speedups["a"] = bench_case(case, args.a_group, args.a_max_new_tokens, args.repeats, args.seed, limits,
+                                   old_sampler)
         del case
     if args.case in ("b", "both"):
         case = case_b(device, dtype, args.b_prompts, args.seed, args.b_size)
         case["options"] = dict(compile_step=args.compile_step)
-        speedups["b"] = bench_case(case, args.b_group, args.b_max_new_tokens, args.repeats, args.seed, limits)
+        speedups["b"] = bench_case(case, args.b_group, args.b_max_new_tokens, args.repeats, args.seed, limits,
+                                   old_sampler)
         if args.bandwidth:
             decode_bandwidth_report(case, args.b_group, args.b_max_new_tokens, args.seed, repeats=2, limits=limits)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")

@@ -115,25 +115,31 @@ class PhaseTimer:
 
 
 def load_old_sampler(commit: str):
-    """e2h_min/rollout.py as of `commit` (today e2h_min/engine/sampler.py), imported as a module of its own; (None,
-    why) when unavailable."""
-    try:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:e2h_min/rollout.py"], check=True,
-                                capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        return None, f"git show {commit}:e2h_min/rollout.py failed ({str(exc).strip()[:120]})"
-    name = f"e2h_rollout_{commit}"
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{name}.py"
-        path.write_text(source)
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
+    """e2h_min/rollout.py as of `commit` (today e2h_min/engine/sampler.py), imported as a module of its own, with
+    the e2h_min/decoders.py of that commit where it had one (registered as `e2h_min.decoders`, the name it imports);
+    (None, why) when unavailable."""
+    sources = {}
+    for path in ("e2h_min/decoders.py", "e2h_min/rollout.py"):
         try:
-            spec.loader.exec_module(module)
-        except Exception as exc:  # an old file that no longer imports: the bench runs without that column
-            del sys.modules[name]
-            return None, f"importing it failed ({type(exc).__name__}: {str(exc)[:120]})"
+            sources[path] = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], check=True,
+                                           capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError) as exc:
+            if path.endswith("rollout.py"):
+                return None, f"git show {commit}:{path} failed ({str(exc).strip()[:120]})"
+    module = None
+    with tempfile.TemporaryDirectory() as folder:
+        for path, source in sources.items():
+            name = "e2h_min.decoders" if path.endswith("decoders.py") else f"e2h_rollout_{commit}"
+            file = Path(folder) / f"{Path(path).stem}.py"
+            file.write_text(source)
+            spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses look their module up there; rollout.py imports decoders
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:  # an old file that no longer imports: the bench runs without that column
+                del sys.modules[name]
+                return None, f"importing {path} failed ({type(exc).__name__}: {str(exc)[:120]})"
     return module, None
 
 

@@ -144,24 +144,6 @@ def lean_decoder_unsupported_reason(model) -> str | None:
     return None
 
 
-def fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The q, k, v projections stacked into one (weight [(heads + 2 kv) D, H], bias or None), or None when they
-    are not three plain nn.Linear with the same bias setting (a LoRA-wrapped projection runs on its own).
-
-    One matmul over the stacked rows computes each output element with the same dot product as the three
-    separate ones (checked bit for bit by the greedy = model.generate tests); on CPU with a small model each
-    separate call costs more in overhead than in arithmetic.
-    """
-    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-    if any(type(p) is not torch.nn.Linear for p in projections):
-        return None
-    biases = [p.bias for p in projections]
-    if any((b is None) != (biases[0] is None) for b in biases):
-        return None
-    weight = torch.cat([p.weight for p in projections])
-    return weight, None if biases[0] is None else torch.cat(biases)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """[x1, x2] -> [-x2, x1] on the last dimension (the RoPE pairing used by Qwen2 and Llama)."""
     half = x.shape[-1] // 2
@@ -190,7 +172,6 @@ class LeanDecoder:
         self.n_kv_heads = model.config.num_key_value_heads
         self.static_shapes = static_shapes or compile_step
         self.compile_step = compile_step
-        self.qkv = None  # per layer: q/k/v weights stacked (fused_qkv), built by each prefill from the live weights
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, attention: torch.Tensor, num_samples: int, max_new_tokens: int
@@ -220,7 +201,6 @@ class LeanDecoder:
             self.values[i].unflatten(0, (n_prompts, num_samples))[..., :width, :] = layer.values[:, None]
         del cache
 
-        self.qkv = [fused_qkv(layer.self_attn) for layer in self.layers] if not self.static_shapes else None
         cos, sin = self.base.rotary_emb(hidden[:1, :1], torch.arange(capacity, device=ids.device)[None])
         positions = attention.sum(-1).repeat_interleave(num_samples)  # [N]
         prompt_mask = attention.bool().repeat_interleave(num_samples, dim=0)  # [N, L]
@@ -317,22 +297,15 @@ class LeanDecoder:
         cos = self.cos_table[self.positions][:, None, None]  # [n, 1, 1, D]
         sin = self.sin_table[self.positions][:, None, None]
         hidden = self.base.embed_tokens(tokens[:, None])  # [n, 1, H]
-        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             normed = layer.input_layernorm(hidden)
-            if self.qkv is not None and self.qkv[i] is not None:  # one matmul, one RoPE for the q and k heads
-                qkv = F.linear(normed, *self.qkv[i]).view(n, heads + 2 * kv_heads, 1, head_dim)
-                qk = qkv[:, :heads + kv_heads]
-                qk = qk * cos + rotate_half(qk) * sin
-                query, key, value = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
-            else:
-                # One token: HF's view(n, 1, heads, D).transpose(1, 2) is this view, without the transpose.
-                query = attn.q_proj(normed).view(n, heads, 1, head_dim)  # [n, heads, 1, D]
-                key = attn.k_proj(normed).view(n, kv_heads, 1, head_dim)
-                value = attn.v_proj(normed).view(n, kv_heads, 1, head_dim)
-                query = query * cos + rotate_half(query) * sin
-                key = key * cos + rotate_half(key) * sin
+            # One token: HF's view(n, 1, heads, D).transpose(1, 2) is this view, without the transpose.
+            query = attn.q_proj(normed).view(n, self.n_heads, 1, self.head_dim)  # [n, heads, 1, D]
+            key = attn.k_proj(normed).view(n, self.n_kv_heads, 1, self.head_dim)
+            value = attn.v_proj(normed).view(n, self.n_kv_heads, 1, self.head_dim)
+            query = query * cos + rotate_half(query) * sin
+            key = key * cos + rotate_half(key) * sin
             keys, values = write_and_read(i, key, value)
             hidden = hidden + attn.o_proj(self._attend(query, keys, values, mask, attn.scaling))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
