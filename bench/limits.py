@@ -178,19 +178,22 @@ def decode_read_bytes(weight_bytes: int, kv_per_token: int, prompt_lengths: list
     return {"steps": steps, "weights": float(weights), "kv": float(kv), "total": float(weights + kv)}
 
 
-def matmul_flops_per_token(model) -> int:
-    """FLOPs of one token's pass through the weight matrices: 2 x every weight matrix's entries (a multiply and an
-    add each), the input embedding excepted unless it is tied to the LM head (a lookup, not a matmul).
-    Attention over the cache is not counted (on the models benchmarked here it is a few % of this)."""
-    total = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
-    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    if embedding is not head:
-        total -= embedding.numel()
-    return 2 * total
+def model_shape(model) -> dict:
+    """N_t (trunk Linear weights), N_h (LM-head weights), A (attention FLOPs per query-key pair, forward).
+
+    One token's pass through the weight matrices costs 2 (N_t + N_h) FLOPs: a multiply and an add per weight; an
+    untied input embedding is a lookup, not a matmul, and norms are not counted."""
+    trunk = model.get_decoder()
+    n_trunk = sum(m.weight.numel() for m in trunk.modules() if isinstance(m, torch.nn.Linear))
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"n_trunk": n_trunk, "n_head": model.get_output_embeddings().weight.numel(),
+            "attention": 4 * config.num_hidden_layers * config.num_attention_heads * head_dim}
 
 
 def tokens_fed(n_prompts: int, group: int, prompt_width: int, lengths: list[int], shared_prompts: bool) -> int:
-    """Tokens one generation call feeds through the model: the matmul work, in units of matmul_flops_per_token.
+    """Tokens one generation call feeds through the model: the matmul work, in units of 2 (N_t + N_h) FLOPs
+    (model_shape).
 
     lengths: each of the n_prompts x group rows' completion length n_i. The prefill of the left-padded prompts
     (prompt_width each) yields every row's first token; after that:

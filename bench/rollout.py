@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.limits import (Limit, assumed_bandwidth, assumed_flops, copy_bandwidth, decode_read_bytes,  # noqa: E402
-                          decode_weight_bytes, describe, matmul_flops_per_token, matmul_peak,
+                          decode_weight_bytes, describe, matmul_peak, model_shape,
                           model_kv_bytes_per_token, share, tokens_fed)
 from e2h_min.engine.sampler import StopChecker, generate, left_pad  # noqa: E402
 
@@ -112,10 +112,9 @@ def _as_list(x) -> list:
 def run_ours(case: dict, group: int, max_new_tokens: int, seed: int, stop_checker, sampler=None) -> list[int]:
     device = next(case["model"].parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    if sampler is not None:  # an older commit's module: its own generate and StopChecker, no options
-        stops = sampler.StopChecker(case["tokenizer"], case["stop_strings"]) if case["stop_strings"] else None
+    if sampler is not None:  # an older commit's module: its own generate (and stop_checker its own), no options
         return sampler.generate(case["model"], case["prompts"], group, max_new_tokens, eos_token_ids=case["eos"],
-                                pad_id=case["pad"], stop_checker=stops, temperature=1.0,
+                                pad_id=case["pad"], stop_checker=stop_checker, temperature=1.0,
                                 generator=generator).lengths.tolist()
     rollout = generate(case["model"], case["prompts"], group, max_new_tokens, eos_token_ids=case["eos"],
                        pad_id=case["pad"], stop_checker=stop_checker, temperature=1.0, generator=generator,
@@ -165,7 +164,8 @@ def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: 
     run_theirs(warm, group, min(4, max_new_tokens), seed)
     results = {"ours": [], "model.generate": []}
     if old_sampler is not None:
-        old = lambda r: run_ours(case, group, max_new_tokens, seed + r, None, old_sampler)  # noqa: E731
+        old_stops = old_sampler.StopChecker(case["tokenizer"], case["stop_strings"]) if case["stop_strings"] else None
+        old = lambda r: run_ours(case, group, max_new_tokens, seed + r, old_stops, old_sampler)  # noqa: E731
         old(0)  # its warm-up
         results["old commit"] = []
     for r in range(repeats):
@@ -198,12 +198,13 @@ def bench_case(case: dict, group: int, max_new_tokens: int, repeats: int, seed: 
 
 
 def work_report(case: dict, group: int, results: dict) -> None:
-    """The matmul work each side's calls must do (limits.tokens_fed x limits.matmul_flops_per_token) and the share
+    """The matmul work each side's calls must do (limits.tokens_fed x 2 (N_t + N_h), limits.model_shape) and the share
     of the machine's matmul FLOP/s each reaches. When both sides are bound by the same matmul kernels (a small
     model on a CPU), the ratio of the work is the speed-up to expect; the rest is each side's overhead."""
     model, prompts = case["model"], case["prompts"]
     device = next(model.parameters()).device
-    width, per_token = max(map(len, prompts)), matmul_flops_per_token(model)
+    shape = model_shape(model)
+    width, per_token = max(map(len, prompts)), 2 * (shape["n_trunk"] + shape["n_head"])
     work = {name: [per_token * tokens_fed(len(prompts), group, width, n, shared_prompts=name != "model.generate")
                    for _, n in runs] for name, runs in results.items()}
     dtype = next(model.parameters()).dtype

@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (seed_step: the trainer's own step code)
-from bench.limits import Limit, assumed_flops, describe, matmul_peak, share  # noqa: E402
+from bench.limits import Limit, assumed_flops, describe, matmul_peak, model_shape, share  # noqa: E402
 from e2h_min.errors import UserError  # noqa: E402
 from e2h_min.run.config import schedule_params  # noqa: E402
 from e2h_min.run.presets import parse_config  # noqa: E402
@@ -141,16 +141,6 @@ def load_old_sampler(commit: str):
                 del sys.modules[name]
                 return None, f"importing {path} failed ({type(exc).__name__}: {str(exc)[:120]})"
     return module, None
-
-
-def model_shape(model) -> dict:
-    """N_t (trunk Linear weights), N_h (LM-head weights), A (attention FLOPs per query-key pair, forward)."""
-    trunk = model.get_decoder()
-    n_trunk = sum(m.weight.numel() for m in trunk.modules() if isinstance(m, torch.nn.Linear))
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {"n_trunk": n_trunk, "n_head": model.get_output_embeddings().weight.numel(),
-            "attention": 4 * config.num_hidden_layers * config.num_attention_heads * head_dim}
 
 
 def step_flops(shape: dict, prompt_lengths: list[int], group: int, completion_lengths: list[int],

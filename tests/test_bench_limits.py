@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.limits import (Limit, assumed_bandwidth, assumed_flops, cpu_peak_flops, decode_read_bytes,
-                          decode_weight_bytes, gpu_peaks, kv_bytes_per_token, matmul_flops_per_token, share,
+                          decode_weight_bytes, gpu_peaks, kv_bytes_per_token, model_shape, share,
                           tokens_fed)
 
 
@@ -62,7 +62,7 @@ def test_tokens_fed_worked_example_and_a_loop():
     assert tokens_fed(prompts, group, width, lengths, False) == theirs
 
 
-def test_matmul_flops_per_token_counts_each_matrix_once():
+def test_model_shape_counts_each_matrix_once():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     shape = dict(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -70,8 +70,10 @@ def test_matmul_flops_per_token_counts_each_matrix_once():
     per_layer = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8 + 3 * 8 * 16  # q, k, v, o (head_dim 4, one KV head), MLP
     tied = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
     untied = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=False))
-    assert matmul_flops_per_token(tied) == 2 * (2 * per_layer + 50 * 8)
-    assert matmul_flops_per_token(untied) == matmul_flops_per_token(tied)  # the untied embedding is a lookup
+    per_token = {name: 2 * (m["n_trunk"] + m["n_head"]) for name, m in (("tied", model_shape(tied)),
+                                                                          ("untied", model_shape(untied)))}
+    assert per_token["tied"] == 2 * (2 * per_layer + 50 * 8)
+    assert per_token["untied"] == per_token["tied"]  # the untied embedding is a lookup
 
 
 def test_cpu_peak_flops():

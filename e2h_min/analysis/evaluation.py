@@ -115,7 +115,7 @@ def sampled_pass_at_k(model, tokenizer, task, problems, ks: list[int], samples: 
         correct = np.array([task.is_correct(r) for r in rewards]).reshape(len(chunk), samples).sum(axis=1)
         counts += [(problem.level, int(c)) for problem, c in zip(chunk, correct)]
     model.train(was_training)
-    by_level = defaultdict(list)
+    by_level, names = defaultdict(list), task.level_names()
     for level, c in sorted(gather_lists(counts, dist_info), key=lambda pair: pair[0]):  # stable: problem order
-        by_level[task.level_names()[level]].append(c)
+        by_level[names[level]].append(c)
     return pass_at_k_by_level(by_level, samples, ks)
