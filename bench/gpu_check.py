@@ -559,6 +559,31 @@ def build_model_dir(directory: Path, mode: Mode) -> Path:
     return directory
 
 
+def version_problem(requirements: Path = ROOT / "requirements.txt", names=("transformers", "peft")) -> str | None:
+    """Why the installed transformers / peft miss requirements.txt's ranges, or None if both are in them.
+
+    A GPU box often comes with its own transformers (the lent H200 had 5.17); the figures are only worth a loan on
+    the versions the tests pass on, so the check stops before any GPU work and says how to bring them.
+    """
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    for line in requirements.read_text().splitlines():
+        text = line.split("#")[0].strip()
+        requirement = Requirement(text) if text else None
+        if requirement is None or requirement.name not in names:
+            continue
+        try:
+            installed = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            installed = None
+        if installed is None or installed not in requirement.specifier:
+            return (f"{requirement.name} {installed or 'is not installed'}, requirements.txt needs "
+                    f"{requirement.specifier}")
+    return None
+
+
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.md and gpu_check.json")
@@ -576,6 +601,10 @@ def parse_args(argv: list[str] | None):
         parser.error(f"--skip {','.join(unknown)}: unknown section; choose from {', '.join(SECTIONS)}")
     if not args.smoke and not torch.cuda.is_available():
         parser.error("the full check needs a CUDA GPU and torch sees none; run --smoke for the CPU version")
+    problem = version_problem()
+    if problem:
+        parser.error(f"{problem}; install the tested versions, or on a machine without network carry their wheels "
+                     f"(docs/benchmarks.md, GPU check)")
     return args
 
 

@@ -72,3 +72,15 @@ def test_bad_skip_is_one_line_exit_2():
                           "decode-nothing"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2
     assert "unknown section" in run.stderr
+
+
+def test_versions_outside_requirements_are_named_before_any_gpu_work(tmp_path):
+    from bench.gpu_check import version_problem
+
+    assert version_problem() is None  # the README's install gives the tested versions
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("torch==2.13.0  # any\n\n# comment\ntransformers>=99  # a release that does not exist\n")
+    problem = version_problem(requirements)
+    assert problem.startswith("transformers ") and ">=99" in problem
+    requirements.write_text("peft>=0.21\ntransformers>=5\n")
+    assert version_problem(requirements) is None
