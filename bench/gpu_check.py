@@ -54,6 +54,7 @@ import io
 import json
 import math
 import resource
+import signal
 import statistics
 import sys
 import tempfile
@@ -125,6 +126,25 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class OverBudget(Exception):
+    """Raised inside a section still running when the check's --budget-s is up."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise OverBudget in the main thread after `seconds` (a hung section must not spend the rest of a GPU loan)."""
+    def stop(signum, frame):
+        raise OverBudget(f"stopped: --budget-s was up ({seconds:.0f} s were left when the section started)")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class Report:
     """The sections' results, written to gpu_check.json and gpu_check.md after every section."""
 
@@ -134,17 +154,19 @@ class Report:
         self.start = time.perf_counter()
 
     def run(self, name: str, fn, skip: dict[str, str]) -> dict:
-        """Run section `name` (fn() -> its figures) unless skipped; record ok / error / skipped and the seconds."""
+        """Run section `name` (fn() -> its figures) unless skipped; record ok / error / skipped and the seconds.
+        The check ends by --budget-s: a section not started by then is skipped, one still running is stopped."""
         start = time.perf_counter()
         elapsed = start - self.start
         row = {"status": "skipped"}
         if name in skip:
             row["note"] = skip[name]
-        elif elapsed > self.budget_s:
-            row["note"] = f"{elapsed:.0f} s elapsed, over --budget-s {self.budget_s:.0f}"
+        elif elapsed >= self.budget_s:
+            row["note"] = f"{elapsed:.0f} s elapsed, --budget-s {self.budget_s:.0f} is up"
         else:
             try:
-                row = {"status": "ok", **fn()}
+                with time_limit(self.budget_s - elapsed):
+                    row = {"status": "ok", **fn()}
             except (Exception, SystemExit) as exc:  # noqa: BLE001  (one failing section must not end the check)
                 traceback.print_exc()
                 row = {"status": "error", "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
@@ -370,8 +392,14 @@ class DecodeSections:
             finally:
                 case.model.destroy_cached_continuous_batching_manager()
         options = DECODERS[name]
-        return measure_decoder(case, lambda n: ours_tokens(case, n, options),
-                               full_warmup=options.get("compile_step", False))[0]
+        if not options.get("compile_step"):
+            return measure_decoder(case, lambda n: ours_tokens(case, n, options))[0]
+        from torch._dynamo.utils import counters
+
+        skips = counters["inductor"]["cudagraph_skips"]
+        row = measure_decoder(case, lambda n: ours_tokens(case, n, options), full_warmup=True)[0]
+        skips = counters["inductor"]["cudagraph_skips"] - skips  # inductor only logs why it ran without graphs
+        return {**row, "note": f"CUDA graphs skipped {skips}x, see the log" if skips else "CUDA graphs replayed"}
 
     def release(self) -> None:
         from e2h_min.engine import decoders
@@ -592,7 +620,8 @@ def parse_args(argv: list[str] | None):
                         help="folder for the model and the runs (default: a temporary folder, removed at the end)")
     parser.add_argument("--skip", default="", help=f"comma-separated sections to leave out: {', '.join(SECTIONS)}")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no section after this many seconds (default 450 full, 300 smoke)")
+                        help="end the check by this many seconds after its start: later sections are skipped, "
+                             "one still running is stopped (default 450 full, 300 smoke)")
     parser.add_argument("--peak-bandwidth", type=float, default=None, metavar="GB/s",
                         help="the assumed peak memory bandwidth (default: the GPU's datasheet figure)")
     args = parser.parse_args(argv)
@@ -611,7 +640,8 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     mode = SMOKE if args.smoke else FULL
-    device = torch.device(mode.device)
+    # with an index: torch.cuda.set_per_process_memory_fraction (oom-retry) rejects a bare "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if mode.device == "cuda" else torch.device("cpu")
     if mode is SMOKE:
         torch.set_num_threads(1)  # tiny matrices on a shared CPU: a second thread only waits
     skip = {s: "--skip" for s in args.skip.split(",") if s}

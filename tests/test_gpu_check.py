@@ -84,3 +84,25 @@ def test_versions_outside_requirements_are_named_before_any_gpu_work(tmp_path):
     assert problem.startswith("transformers ") and ">=99" in problem
     requirements.write_text("peft>=0.21\ntransformers>=5\n")
     assert version_problem(requirements) is None
+
+
+def test_a_section_still_running_when_the_budget_is_up_is_stopped_and_recorded(tmp_path):
+    import time
+
+    from bench.gpu_check import Report
+
+    meta = dict.fromkeys(["mode", "date", "command", "device_name", "torch", "transformers", "model", "decode",
+                          "bandwidth_limits"], "-")
+    report = Report(tmp_path, meta, budget_s=0.5)
+
+    def hangs():  # stands in for a hung generate_batch or compile; gives up by itself after a minute
+        end = time.perf_counter() + 60
+        while time.perf_counter() < end:
+            pass
+        return {"finished": True}
+
+    row = report.run("decode-generate", hangs, {})
+    assert row["status"] == "error" and row["error"].startswith("OverBudget: stopped: --budget-s was up")
+    later = report.run("decode-lean", lambda: {"finished": True}, {})
+    assert later["status"] == "skipped" and "is up" in later["note"]
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["decode-generate"]["status"] == "error"

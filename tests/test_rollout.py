@@ -89,6 +89,27 @@ def test_greedy_is_token_for_token_model_generate_with_left_padding(model, promp
     assert torch.equal(grouped.completion_ids, reference.repeat_interleave(3, dim=0))
 
 
+def test_compiled_static_step_gives_model_generate_tokens_and_replays_one_graph(model, prompts):
+    """compile_step (torch.compile of the static step; CUDA graphs on a GPU, a candidate CUDA default) on CPU:
+    the same greedy tokens, and a second call of the same shape compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from e2h_min.engine import decoders
+
+    reference = hf_greedy(model, prompts, 12)
+    try:
+        first = generate(model, prompts, 2, 12, eos_token_ids=[], pad_id=PAD, greedy=True, compile_step=True)
+        graphs = counters["stats"]["unique_graphs"]
+        again = generate(model, prompts, 2, 12, eos_token_ids=[], pad_id=PAD, greedy=True, compile_step=True)
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        decoders._STATIC_BUFFERS.clear()
+        decoders._COMPILED.clear()
+        torch._dynamo.reset()
+    for rollout in (first, again):
+        assert torch.equal(rollout.completion_ids, reference.repeat_interleave(2, dim=0))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_other_architectures_lean_llama_and_generic_fallback_match_model_generate(prompts, arch):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

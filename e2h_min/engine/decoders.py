@@ -9,7 +9,7 @@ Why a hand-written decode step (LeanDecoder): with a small model, one `model(...
 its time outside the matmuls: rebuilding the attention mask, recomputing RoPE cos/sin, growing the KV cache with
 torch.cat (quadratic copying over a rollout), output dataclasses. LeanDecoder calls the model's own submodules
 (norms, projections, MLP, lm_head) in the order the model's forward does, with
-- a KV cache preallocated once from the real batch and lengths ([layers, rows, kv_heads, L + M, head_dim]),
+- a KV cache preallocated once from the real batch and lengths (per layer [rows, kv_heads, L + M, head_dim]),
   written in place, each prompt's prefill copied into its G rows once;
 - RoPE cos/sin looked up from a table built once per call by the model's own rotary module;
 - the padding mask built once ([rows, 1, 1, L + M]) and only sliced per step, or no mask at all without padding;
@@ -154,7 +154,9 @@ class LeanDecoder:
     """Decode step written out for Qwen2/Llama-style models over a preallocated, in-place KV cache.
 
     State after prefill (N = P * G rows, C = L + M cache columns):
-      keys, values  [layers, N, kv_heads, C, head_dim]   rows [:n] are the running batch
+      keys, values  per layer [N, kv_heads, C, head_dim]   rows [:n] are the running batch (one tensor per layer,
+                    not one [layers, ...] block: torch.compile rewrites a whole block that it sees written through
+                    a per-layer view on every step, and a layer's own tensor it writes in place)
       mask          [N, 1, 1, C] bool (True = attend), or None when no prompt has padding
       positions     [n] RoPE position of the token about to be fed; column = the cache column it is written to
     Attention runs without dropout, as in eval mode (rollouts are generated with the model in eval mode).
@@ -189,12 +191,12 @@ class LeanDecoder:
         logits = self.model.lm_head(hidden[:, -1])  # [P, V]: only the last position, never [P, L, V]
 
         first_keys = cache.layers[0].keys
-        shape = (len(self.layers), n_rows, self.n_kv_heads, capacity, self.head_dim)
+        shape = (n_rows, self.n_kv_heads, capacity, self.head_dim)  # one layer's
         if self.static_shapes:
             self._bind_static_buffers(shape, first_keys.dtype, hidden.dtype, ids.device)
         else:  # unwritten columns are never read: attention slices them off
-            self.keys = torch.empty(shape, dtype=first_keys.dtype, device=ids.device)
-            self.values = torch.empty(shape, dtype=first_keys.dtype, device=ids.device)
+            self.keys = [torch.empty(shape, dtype=first_keys.dtype, device=ids.device) for _ in self.layers]
+            self.values = [torch.empty(shape, dtype=first_keys.dtype, device=ids.device) for _ in self.layers]
         for i, layer in enumerate(cache.layers[: len(self.layers)]):
             # [N, kv, C, D] seen as [P, G, kv, C, D]: each prompt's keys broadcast into its G sample rows
             self.keys[i].unflatten(0, (n_prompts, num_samples))[..., :width, :] = layer.keys[:, None]
@@ -229,17 +231,18 @@ class LeanDecoder:
         key = (id(self.model), shape, cache_dtype, rope_dtype, str(device))
         buffers = _STATIC_BUFFERS.pop(key, None)
         if buffers is None:
-            layers, n_rows, _, capacity, head_dim = shape
-            buffers = dict(keys=torch.zeros(shape, dtype=cache_dtype, device=device),
-                           values=torch.zeros(shape, dtype=cache_dtype, device=device),
+            n_rows, _, capacity, head_dim = shape
+            buffers = dict(keys=[torch.zeros(shape, dtype=cache_dtype, device=device) for _ in self.layers],
+                           values=[torch.zeros(shape, dtype=cache_dtype, device=device) for _ in self.layers],
                            mask=torch.zeros((n_rows, 1, 1, capacity), dtype=torch.bool, device=device),
                            positions=torch.zeros(n_rows, dtype=torch.long, device=device),
                            column_tensor=torch.zeros(1, dtype=torch.long, device=device),
                            cos_table=torch.zeros((capacity, head_dim), dtype=rope_dtype, device=device),
                            sin_table=torch.zeros((capacity, head_dim), dtype=rope_dtype, device=device))
             if self.compile_step:
-                for tensor in buffers.values():
-                    torch._dynamo.mark_static_address(tensor)
+                for value in buffers.values():
+                    for tensor in value if isinstance(value, list) else [value]:
+                        torch._dynamo.mark_static_address(tensor)
         _STATIC_BUFFERS[key] = buffers
         while len(_STATIC_BUFFERS) > 2:
             _STATIC_BUFFERS.pop(next(iter(_STATIC_BUFFERS)))
@@ -268,9 +271,9 @@ class LeanDecoder:
         seen = column + 1
 
         def write_and_read(i, key, value):  # key/value [n, kv, 1, D]
-            self.keys[i, :n, :, column] = key[:, :, 0]
-            self.values[i, :n, :, column] = value[:, :, 0]
-            return self.keys[i, :n, :, :seen], self.values[i, :n, :, :seen]
+            self.keys[i][:n, :, column] = key[:, :, 0]
+            self.values[i][:n, :, column] = value[:, :, 0]
+            return self.keys[i][:n, :, :seen], self.values[i][:n, :, :seen]
 
         mask = None if self.mask is None else self.mask[:n, :, :, :seen]
         return self._forward_one_token(tokens, write_and_read, mask)
@@ -281,8 +284,8 @@ class LeanDecoder:
         self.mask.index_fill_(3, column, True)
 
         def write_and_read(i, key, value):
-            self.keys[i].index_copy_(2, column, key.to(self.keys.dtype))
-            self.values[i].index_copy_(2, column, value.to(self.values.dtype))
+            self.keys[i].index_copy_(2, column, key.to(self.keys[i].dtype))
+            self.values[i].index_copy_(2, column, value.to(self.values[i].dtype))
             return self.keys[i], self.values[i]
 
         return self._forward_one_token(tokens, write_and_read, self.mask)
@@ -339,8 +342,9 @@ class LeanDecoder:
         moved = (keep != torch.arange(len(keep), device=keep.device)).nonzero().flatten()
         if len(moved):
             source, written = keep[moved], self.column
-            self.keys[:, moved, :, :written] = self.keys[:, source, :, :written]
-            self.values[:, moved, :, :written] = self.values[:, source, :, :written]
+            for keys, values in zip(self.keys, self.values):
+                keys[moved, :, :written] = keys[source, :, :written]
+                values[moved, :, :written] = values[source, :, :written]
             if self.mask is not None:
                 self.mask[moved] = self.mask[source]
         self.positions = self.positions[keep]
