@@ -21,9 +21,9 @@ the whole batch keeps running (no compaction), attention covers all cache column
 multiple of 64) with the not-yet-written ones masked, the step's column is a device tensor, and the buffers
 persist across calls, so one captured graph per (rows, capacity) replays for every step of every call.
 `compile_step=True` runs that step through torch.compile(mode="reduce-overhead") (CUDA graphs on a GPU).
-Status: off by default. The uncompiled static path is tested on CPU (greedy = model.generate). The compiled path
-was run on CPU only (same tokens; ~40 s to compile and then ~8x slower per call than the dynamic path there, so
-it is not a CPU option); it has not been run on a GPU by us.
+Status: off by default, and not yet run on a GPU (bench/gpu_check.py measures it there). Both static paths are
+tested on CPU (greedy = model.generate). On CPU the compiled step is no option: every row runs to the end and
+attention covers every cache column, so it is slower than the dynamic path (docs/benchmarks.md).
 """
 
 from __future__ import annotations
