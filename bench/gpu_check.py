@@ -201,6 +201,17 @@ def _status(row: dict) -> str:
     return f"{row.get('status', 'not run')}: {row.get('error') or row.get('note') or ''}".replace("|", "/")
 
 
+def fastest_equal_decoder(sections: dict) -> str:
+    """The line that picks the CUDA default: the fastest of our decoders whose greedy tokens equal model.generate's."""
+    equal = {name: sections[name]["tokens_per_s"] for name in DECODERS
+             if sections.get(name, {}).get("status") == "ok" and sections[name].get("greedy_equal")}
+    if not equal:
+        return "Fastest of ours with greedy tokens = model.generate: none (see the rows)."
+    best = max(equal, key=equal.get)
+    return (f"Fastest of ours with greedy tokens = model.generate: **{best.removeprefix('decode-')}** "
+            f"({equal[best]:,.0f} tokens/s; the options {DECODERS[best]}).")
+
+
 def markdown(data: dict) -> str:
     """The tables of docs/benchmarks.md ("GPU check"), filled in."""
     meta, sections = data["meta"], data["sections"]
@@ -225,6 +236,7 @@ def markdown(data: dict) -> str:
                      f"{_cell(row, 'gb_per_step', '.3f')} | {_cell(row, 'gb_per_s', ',.1f')} | "
                      f"{_cell(row, 'pct_assumed', '.1f')} | {_cell(row, 'pct_measured', '.1f')} | {equal_text} | "
                      f"{_cell(row, 'warmup_s', '.1f')} | {_status(row)} |")
+    lines += ["", fastest_equal_decoder(sections)]
     lines += ["", "## Train steps (train.py, median of steps 2-3; every step in the JSON)", "",
               "| run | rollout s | reference s | update s | step s | peak memory GiB | start-up estimate GiB | "
               "peak / estimate | status |", "|---|---|---|---|---|---|---|---|---|"]

@@ -44,6 +44,20 @@ def test_decode_rows(smoke):
         assert rows[name]["greedy_equal"] is True, name  # fp32 greedy on CPU: token for token model.generate's
 
 
+def test_the_table_names_the_fastest_token_equal_decoder():
+    from bench.gpu_check import fastest_equal_decoder
+
+    sections = {"decode-lean": {"status": "ok", "tokens_per_s": 900.0, "greedy_equal": True},
+                "decode-static": {"status": "ok", "tokens_per_s": 800.0, "greedy_equal": True},
+                "decode-compiled": {"status": "ok", "tokens_per_s": 5000.0, "greedy_equal": False}}
+    assert "**lean**" in fastest_equal_decoder(sections)  # the fastest row's tokens differ: not a candidate
+    sections["decode-compiled"]["greedy_equal"] = True
+    assert "**compiled**" in fastest_equal_decoder(sections) and "compile_step" in fastest_equal_decoder(sections)
+    sections["decode-compiled"]["status"] = sections["decode-lean"]["status"] = "error"
+    assert "**static**" in fastest_equal_decoder(sections)
+    assert "none" in fastest_equal_decoder({})
+
+
 def test_train_rows(smoke):
     data, _ = smoke
     lora, full = data["sections"]["train-lora"], data["sections"]["train-full"]
