@@ -408,10 +408,11 @@ class DecodeSections:
             return measure_decoder(case, lambda n: ours_tokens(case, n, options))[0]
         from torch._dynamo.utils import counters
 
-        skips = counters["inductor"]["cudagraph_skips"]
+        before = counters["inductor"]["cudagraph_skips"]
         row = measure_decoder(case, lambda n: ours_tokens(case, n, options), full_warmup=True)[0]
-        skips = counters["inductor"]["cudagraph_skips"] - skips  # inductor only logs why it ran without graphs
-        return {**row, "note": f"CUDA graphs skipped {skips}x, see the log" if skips else "CUDA graphs replayed"}
+        skipped = counters["inductor"]["cudagraph_skips"] - before  # inductor only logs why it ran without graphs
+        return {**row, "note": f"CUDA graphs skipped {skipped}x, see the log" if skipped
+                else "no CUDA-graph skip logged"}
 
     def release(self) -> None:
         from e2h_min.engine import decoders
@@ -611,9 +612,9 @@ def version_problem(requirements: Path = ROOT / "requirements.txt", names=("tran
 
     for line in requirements.read_text().splitlines():
         text = line.split("#")[0].strip()
-        requirement = Requirement(text) if text else None
-        if requirement is None or requirement.name not in names:
+        if not text or Requirement(text).name not in names:
             continue
+        requirement = Requirement(text)
         try:
             installed = metadata.version(requirement.name)
         except metadata.PackageNotFoundError:

@@ -97,9 +97,11 @@ def test_compiled_static_step_gives_model_generate_tokens_and_replays_one_graph(
     from e2h_min.engine import decoders
 
     reference = hf_greedy(model, prompts, 12)
+    graphs_before = counters["stats"]["unique_graphs"]
     try:
         first = generate(model, prompts, 2, 12, eos_token_ids=[], pad_id=PAD, greedy=True, compile_step=True)
         graphs = counters["stats"]["unique_graphs"]
+        assert graphs > graphs_before  # the step really was compiled
         again = generate(model, prompts, 2, 12, eos_token_ids=[], pad_id=PAD, greedy=True, compile_step=True)
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
