@@ -55,7 +55,20 @@ def test_the_table_names_the_fastest_token_equal_decoder():
     assert "**compiled**" in fastest_equal_decoder(sections) and "compile_step" in fastest_equal_decoder(sections)
     sections["decode-compiled"]["status"] = sections["decode-lean"]["status"] = "error"
     assert "**static**" in fastest_equal_decoder(sections)
-    assert "none" in fastest_equal_decoder({})
+    assert "none compared" in fastest_equal_decoder({})
+
+
+def test_with_no_token_equal_decoder_the_line_ranks_ours_by_agreement():
+    from bench.gpu_check import fastest_equal_decoder
+
+    row = dict(status="ok", greedy_equal=False, rows=64)
+    sections = {"decode-lean": {**row, "tokens_per_s": 900.0, "equal_rows": 60, "first_difference": 97},
+                "decode-static": {**row, "tokens_per_s": 800.0, "equal_rows": 60, "first_difference": 211},
+                "decode-compiled": {**row, "tokens_per_s": 5000.0, "equal_rows": 12, "first_difference": 3}}
+    line = fastest_equal_decoder(sections)
+    assert "none on every row" in line and "**" not in line  # nothing is picked
+    # more equal rows first, then the later first difference
+    assert line.index("static 60/64") < line.index("lean 60/64") < line.index("compiled 12/64")
 
 
 def test_train_rows(smoke):
