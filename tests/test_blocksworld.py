@@ -182,6 +182,8 @@ BLOCKS = {"red", "blue", "green"}
     ("(unstack red blue)", Action("unstack", "red", "blue")),
     ("(pick-up green)", Action("pick-up", "green")),
     ("(putdown green)", Action("put-down", "green")),
+    ("put down the red block on the table", Action("put-down", "red")),  # where put-down puts it: redundant
+    ("pick up the green block from the table", Action("pick-up", "green")),
 ])
 def test_parse_action_accepts_the_phrasings(line, expected):
     assert parse_action(line, BLOCKS) == expected

@@ -87,6 +87,9 @@ MATH_PAIRS = [
     (r"2 \text{ and } 3", "2,3", True),
     (r"\{1,2\}", r"\{2,1\}", True),
     ("(1,2)", "1,2", False),
+    (r"\{2,3\}", "2, 3", True),  # a set and a list of the same solutions
+    (r"x \in [2,5)", "[2,5)", True),
+    (r"x \in (-\infty, 3)", r"(-\infty,3)", True),
     # units, degrees, percent, money, thousands
     ("5 cm", "5", True),
     (r"12\text{ square inches}", "12", True),
@@ -101,6 +104,22 @@ MATH_PAIRS = [
     (r"\text{Tuesday}", "Tuesday", True),
     (r"\text{Monday}", r"\text{Tuesday}", False),
     (r"\text{even}", r"\text{odd}", False),
+    # words are text, not products of letters: an anagram is another word
+    (r"\text{on}", r"\text{no}", False),
+    ("dod", "odd", False),
+    ("Tusedya", "Tuesday", False),
+    ("2xy", "2yx", True),  # with a number it is an expression
+    # mixed numbers (MATH writes 137 1/2 as 137\frac{1}{2}): read as a product, 68.5 would earn the reward
+    (r"137\frac{1}{2}", r"\frac{275}{2}", True),
+    (r"137\frac{1}{2}", "137.5", True),
+    (r"137\frac12", "68.5", False),
+    (r"2\frac{1}{4}", r"\frac{1}{2}", False),
+    (r"-2\frac{1}{4}", r"-\frac{9}{4}", True),
+    (r"6\frac{1}{4}", r"\frac{3}{2}", False),
+    (r"3\frac{\sqrt{2}}{2}", r"\frac{3\sqrt{2}}{2}", True),  # a radical is no mixed number: a product
+    # one-token arguments, as LaTeX reads them
+    (r"\frac\pi2", r"\frac{\pi}{2}", True),
+    (r"\frac{\sqrt{3}}2", r"\frac{\sqrt{3}}{2}", True),
     (r"\text{(C)}", "C", True),
     ("(C)", r"\textbf{(C)}", True),
     (r"\boxed{\boxed{7}}", "7", True),
@@ -160,6 +179,10 @@ def test_extract_boxed_answer(text, expected):
     (r"3\,000", "3000"),
     ("2.50", "2.5"),
     (r"\text{(B)}", "B"),
+    (r"137\frac{1}{2}", r"(137+\frac{1}{2})"),
+    (r"-2 \frac14", r"-(2+\frac{1}{4})"),
+    (r"2\frac{5}{4}", r"2\frac{5}{4}"),  # not a proper fraction: no mixed number
+    (r"3\frac{1}{2}\pi", r"3\frac{1}{2}\pi"),  # followed by a factor: left as written (a product)
 ])
 def test_normalize_math_answer(raw, normal):
     assert normalize_math_answer(raw) == normal
@@ -173,6 +196,13 @@ def test_parser_builds_the_expected_tree_and_refuses_what_it_cannot_bound():
     assert rational_value(parse_math_expression(r"2^{-2}")) == Fraction(1, 4)
     assert rational_value(parse_math_expression(r"\frac{1}{0}")) is None
     assert parse_math_expression(r"9^{9^{9}}") is None  # towers
+    # a root's index is an exponent too (x^{1/n}): a tiny index inside an exponent is a tower in disguise, one
+    # that took mpmath 15 s and 8.5 GB before the parser refused it (2 to the 10^{10^{10}})
+    assert parse_math_expression(r"2^{\sqrt[0.0000000001]{10}}") is None
+    assert parse_math_expression(r"\sqrt[\frac{1}{\sqrt[0.0000000001]{10}}]{2}") is None
+    assert parse_math_expression(r"\sqrt[3]{2}") is not None and parse_math_expression(r"2^{\sqrt{3}}") is not None
+    assert not math_answers_equivalent(r"2^{\sqrt[0.0000000001]{10}}", r"\sqrt{2}")
+    assert parse_math_expression(r"\frac\pi23") is None  # LaTeX would read 2 then 3: refused, not guessed
     assert parse_math_expression(r"\sin x") is None  # functions are outside the grammar
     assert parse_math_expression("1" * 31) is None  # literal too long
     assert parse_math_expression("(" * 60 + "1" + ")" * 60) is None  # too deep

@@ -217,6 +217,7 @@ def parse_action(line: str, blocks: set[str]) -> Action | None:
     Example: parse_action("2. Stack the red block on top of the blue block.", {"red", "blue"})
              == Action("stack", "red", "blue")
              parse_action("(unstack red blue)", {"red", "blue"}) == Action("unstack", "red", "blue")
+             parse_action("pick up the red block from the table", {"red"}) == Action("pick-up", "red")
              parse_action("stack the red block on the table", ...) is None   ("table" is no block)
     """
     if len(line) > MAX_LINE_CHARS or not line.isascii():
@@ -234,6 +235,8 @@ def parse_action(line: str, blocks: set[str]) -> Action | None:
     for prefix, verb in _VERB_WORDS:
         if tuple(words[:len(prefix)]) == prefix:
             names = [w for w in words[len(prefix):] if w not in _FILLER_WORDS]
+            if VERB_ARITY[verb] == 1 and names[1:] == ["table"] and "table" not in blocks:
+                names = names[:1]  # "put down the red block on the table": the table is where put-down puts it
             if len(names) != VERB_ARITY[verb] or not all(name in blocks for name in names):
                 return None
             return Action(verb, *names)

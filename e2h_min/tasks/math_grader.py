@@ -4,21 +4,23 @@ r"""Checking a MATH answer against the gold answer (spec section 7): extract, no
    whole answer text when it has no box (the prompt asks for a box; a bare answer is accepted, not punished).
 2. Normalise (`normalize_math_answer`, Minerva-style): drop $ and \( \) delimiters, \left \right, spacing
    commands, \displaystyle, degree signs, percent signs, \text{...} wrappers (keeping the text), trailing units
-   ("5 cm", "12 square inches"), a "x =" prefix, trailing '.', whitespace; \dfrac -> \frac; \frac12 -> \frac{1}{2};
-   thousands separators; "(C)" -> "C". Equal normal forms are a match.
+   ("5 cm", "12 square inches"), a "x =" or "x \in" prefix, trailing '.', whitespace; \dfrac -> \frac; \frac12 ->
+   \frac{1}{2}; thousands separators; "(C)" -> "C"; a mixed number 2\frac{1}{4} -> (2+\frac{1}{4}). Equal normal
+   forms are a match.
 3. Compare values. Both normal forms are parsed with a small LaTeX grammar of our own (never eval, never sympify):
        expr  := term (('+' | '-') term)*
        term  := unary (('*' | \cdot | \times | '/' | \div)? unary)*        (no operator = implicit product)
        unary := ('+' | '-') unary | atom ('^' exponent)?
        atom  := number | letter | \alpha..\omega | \pi | \infty | '(' expr ')' | '{' expr '}'
-                | \frac{expr}{expr} | \sqrt[expr]{expr}
-   'i' is the imaginary unit, other letters are variables. Then
+                | \frac{expr}{expr} | \sqrt[expr]{expr}      (an argument may be one token, as in \frac\pi2)
+   'i' is the imaginary unit, other letters are variables; a word of two or more letters alone ("odd") is
+   compared as text only. Then
    - two rational constants are compared exactly (fractions.Fraction): 0.5 == \frac{1}{2} == 2/4;
    - otherwise both are evaluated with mpmath at 40 significant digits, as constants (\frac{\sqrt2}{2} ==
      \frac{1}{\sqrt2}) or at 3 fixed points of their variables ((x+1)^2 == x^2+2x+1), and must agree within a
      relative 1e-20 wherever both are defined; +-\infty only equals itself.
    Tuples and intervals match element by element with the same brackets; bare comma lists ("1, 2"), sets
-   (\{1, 2\}) and \cup unions as multisets.
+   (\{1, 2\}, equal to the list "1, 2") and \cup unions as multisets.
 
 Why numeric identity testing, not sympy. The usual check, sympy.simplify(a - b) == 0, has no time bound, and even
 sympy's evalf is exponential in nesting on some inputs (we measured 20 nested divisions at 38 s). Our evaluator
@@ -30,8 +32,8 @@ step 3 keeps the exact rational comparison and warns once that radicals, pi and 
 normalised strings only.
 
 Time bound. Step 3 runs only on normal forms of at most MAX_VALUE_CHARS characters with at most MAX_ELEMENTS
-elements; the grammar caps nesting depth and literal length and refuses powers inside exponents (no towers such
-as 9^{9^{9}}). A cooperative deadline (checked between elements) and, in the main thread, a SIGALRM timer
+elements; the grammar caps nesting depth and literal length and refuses powers and indexed roots inside exponents
+and root indices (no towers such as 9^{9^{9}} or 2^{\sqrt[10^{-10}]{10}}). A cooperative deadline (checked between elements) and, in the main thread, a SIGALRM timer
 (setitimer, only when no other real-time timer is set) stop the step at `time_limit` seconds (default 1 s); other
 threads rely on the input caps alone. A timeout or any parse/evaluation failure means "not equal", never an
 exception.
@@ -115,7 +117,8 @@ _TEXT_WRAPPER = re.compile(
 _SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![a-zA-Z])")
 _SPACING = re.compile(r"\\[!,;: ]|\\q?quad(?![a-zA-Z])|\\displaystyle(?![a-zA-Z])|~")
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])|°")
-_VARIABLE_PREFIX = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?[a-zA-Z0-9]+\}?)?=(?=.)")
+_RELATION = re.compile(r"=|\\in(?![a-zA-Z])")
+_VARIABLE_PREFIX = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?[a-zA-Z0-9]+\}?)?(?:=|\\in(?![a-zA-Z]))(?=.)")
 
 
 def normalize_math_answer(answer: str) -> str:
@@ -131,7 +134,7 @@ def normalize_math_answer(answer: str) -> str:
         return s
     s = re.sub(r"\s+", " ", s)  # one space per blank run keeps every later \s* short (no quadratic regex time)
     s = _drop_spaces(_strip_text_and_units(_strip_markup(s))).rstrip(".")
-    s = _VARIABLE_PREFIX.sub("", s) if s.count("=") == 1 else s
+    s = _VARIABLE_PREFIX.sub("", s) if len(_RELATION.findall(s)) == 1 else s  # "x = 5", "x \in [2, 5)"
     return re.sub(r"^\(([A-Za-z])\)$", r"\1", _canonical_numbers(s))  # "(C)" -> "C"
 
 
@@ -183,7 +186,23 @@ def _canonical_numbers(s: str) -> str:
     s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)
     if re.fullmatch(r"-?\d+\.\d*", s):
         s = s.rstrip("0").rstrip(".")
-    return s
+    return _MIXED_NUMBER.sub(_mixed_number, s)
+
+
+# A whole number written right before a proper fraction of whole numbers is a mixed number (MATH's golds write
+# "137\frac{1}{2}" for 137 1/2), not a product: read as a product, 68.5 would score and 275/2 would not.
+_MIXED_NUMBER = re.compile(r"(?<![\w.}^_\\])(\d+)\\frac\{(\d+)\}\{(\d+)\}(?![\w{^\\(])")
+
+
+def _mixed_number(match: re.Match) -> str:
+    r"""2\frac{1}{4} -> (2+\frac{1}{4}) when the fraction is proper (1 <= numerator < denominator); else unchanged.
+
+    Example: _MIXED_NUMBER.sub(_mixed_number, r"-2\frac{1}{4}") == r"-(2+\frac{1}{4})"
+    """
+    whole, numerator, denominator = match.groups()
+    if not 0 < int(numerator) < int(denominator):
+        return match.group(0)
+    return f"({whole}+\\frac{{{numerator}}}{{{denominator}}})"
 
 
 def _drop_spaces(s: str) -> str:
@@ -287,7 +306,7 @@ class _Parser:
             return base
         self.take()
         exponent = self.unary(depth + 1)  # x^23 and x^0.5 read as x^{23}, x^{0.5}: how answers typed as text mean it
-        if _contains(exponent, "pow") or self.peek() == "^":
+        if _raises_to_a_power(exponent) or self.peek() == "^":
             raise _Unparsable  # towers like 9^{9^{9}} are refused: their values cannot be bounded
         return ("pow", base, exponent)
 
@@ -312,6 +331,8 @@ class _Parser:
                 self.take()
                 index = self.expr(depth + 1)
                 self.take("]")
+                if _raises_to_a_power(index):  # the index is an exponent too: \sqrt[n]{x} = x^{1/n}
+                    raise _Unparsable
             return ("root", self.group(depth), index)
         if token == "\\pi":
             return ("pi",)
@@ -322,10 +343,27 @@ class _Parser:
         raise _Unparsable
 
     def group(self, depth: int) -> tuple:
+        r"""A braced argument, or as in LaTeX one token: a digit, a letter or a constant (\frac\pi2)."""
+        if self.peek() != "{":
+            token = self.peek()
+            if token is None or not (len(token) == 1 and token.isascii() and token.isalnum()
+                                     or token in ("\\pi", "\\infty") or token[1:] in _GREEK):
+                raise _Unparsable  # a longer number such as \frac\pi23 would be 2 then 3 in LaTeX: refused
+            return self.atom(depth)
         self.take("{")
         inner = self.expr(depth + 1)
         self.take("}")
         return inner
+
+
+def _raises_to_a_power(tree: tuple) -> bool:
+    r"""True if the tree has a power or a root with an index (x^{1/n}). Neither may stand in an exponent or a
+    root's index: there they make numbers of unbounded size, such as 9^{9^{9}} or 2^{\sqrt[10^{-10}]{10}}
+    (2 to the 10^{10^{10}}, which mpmath would spend gigabytes on), so the parser refuses them.
+    Example: _raises_to_a_power(parse_math_expression(r"\sqrt[3]{2}")) is True; ... r"\sqrt{2}" ... is False"""
+    if tree[0] == "pow" or (tree[0] == "root" and tree[2] is not None):
+        return True
+    return any(isinstance(child, tuple) and _raises_to_a_power(child) for child in tree[1:])
 
 
 def _contains(tree: tuple, kind: str) -> bool:
@@ -480,6 +518,11 @@ def _infinity_sign(tree: tuple) -> int:
     return 1 if tree[0] == "inf" else 0
 
 
+def _is_word(s: str) -> bool:
+    """Two or more ASCII letters and nothing else. Example: _is_word("odd") is True; _is_word("2x") is False."""
+    return len(s) > 1 and s.isascii() and s.isalpha()
+
+
 def expressions_equal(a: str, b: str) -> bool:
     r"""True if two normalised single expressions are equal strings or have equal values (module docstring).
 
@@ -488,6 +531,8 @@ def expressions_equal(a: str, b: str) -> bool:
     """
     if a == b:
         return True
+    if _is_word(a) or _is_word(b):
+        return False  # a word ("odd", "Tuesday") is compared as text: as a product of letters "on" would be "no"
     tree_a, tree_b = parse_math_expression(a), parse_math_expression(b)
     if tree_a is None or tree_b is None:
         return False
@@ -552,9 +597,14 @@ def _encloses(s: str, width: int) -> bool:
     return depth == 0
 
 
+def _multiset_kind(kind: str) -> str:
+    return "list" if kind == "set" else kind
+
+
 def _structures_equal(a: tuple, b: tuple, deadline: float) -> bool:
-    """Same kind and brackets; tuples/intervals item by item in order, unions, sets and lists as multisets."""
-    if a[0] != b[0] or time.monotonic() > deadline:
+    """Same kind and brackets; tuples/intervals item by item in order, unions, sets and lists as multisets (a set
+    may equal a list: "\\{2, 3\\}" and "2, 3" name the same solutions)."""
+    if _multiset_kind(a[0]) != _multiset_kind(b[0]) or time.monotonic() > deadline:
         return False
     if a[0] == "expr":
         return expressions_equal(a[1], b[1])
