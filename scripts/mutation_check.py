@@ -267,7 +267,7 @@ MUTANTS = [
       "return _MIXED_NUMBER.sub(_mixed_number, s)", "return s",
       "MATH grader reads the mixed number 137\\frac{1}{2} as a product (68.5 scores)", ["tests/test_math_tasks.py"]),
     m("grader-math-words-as-products", "e2h_min/tasks/math_grader.py",
-      "    if _is_word(a) or _is_word(b):\n        return False", "    if False:\n        return False",
+      "    if _is_word(a) and _is_word(b):\n        return False", "    if False:\n        return False",
       "MATH grader compares words as products of letters (\\text{on} equals \\text{no})",
       ["tests/test_math_tasks.py"]),
     m("grader-math-root-in-exponent", "e2h_min/tasks/math_grader.py",

@@ -109,6 +109,9 @@ MATH_PAIRS = [
     ("dod", "odd", False),
     ("Tusedya", "Tuesday", False),
     ("2xy", "2yx", True),  # with a number it is an expression
+    (r"x\cdot y", "xy", True),  # one side a word, the other not: values
+    ("yx", "xy", False),  # two letter-only answers are words: the price of "on" != "no"
+    ("a*b", "ab", True),
     # mixed numbers (MATH writes 137 1/2 as 137\frac{1}{2}): read as a product, 68.5 would earn the reward
     (r"137\frac{1}{2}", r"\frac{275}{2}", True),
     (r"137\frac{1}{2}", "137.5", True),
@@ -117,6 +120,12 @@ MATH_PAIRS = [
     (r"-2\frac{1}{4}", r"-\frac{9}{4}", True),
     (r"6\frac{1}{4}", r"\frac{3}{2}", False),
     (r"3\frac{\sqrt{2}}{2}", r"\frac{3\sqrt{2}}{2}", True),  # a radical is no mixed number: a product
+    (r"\{1,3\frac{1}{4}\}", r"\{1,\frac{13}{4}\}", True),  # last in a set, before \}
+    (r"\{1,3\frac{1}{4}\}", r"\{1,\frac{3}{4}\}", False),
+    (r"\{1,3\frac{1}{4}\}", r"\{3\frac{1}{4},1\}", True),
+    # an exponent past the 40-digit precision is refused, not rounded: rounded, the parity of (-1)^n is lost
+    (r"(-1)^{999999999999999999999999999999\cdot999999999999999999999999999999}", "1", False),
+    (r"i^{999999999999999999999999999999\cdot999999999999999999999999999999}", "1", False),
     # one-token arguments, as LaTeX reads them
     (r"\frac\pi2", r"\frac{\pi}{2}", True),
     (r"\frac{\sqrt{3}}2", r"\frac{\sqrt{3}}{2}", True),

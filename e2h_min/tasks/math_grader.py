@@ -13,7 +13,7 @@ r"""Checking a MATH answer against the gold answer (spec section 7): extract, no
        unary := ('+' | '-') unary | atom ('^' exponent)?
        atom  := number | letter | \alpha..\omega | \pi | \infty | '(' expr ')' | '{' expr '}'
                 | \frac{expr}{expr} | \sqrt[expr]{expr}      (an argument may be one token, as in \frac\pi2)
-   'i' is the imaginary unit, other letters are variables; a word of two or more letters alone ("odd") is
+   'i' is the imaginary unit, other letters are variables; two words of two or more letters ("odd", "even") are
    compared as text only. Then
    - two rational constants are compared exactly (fractions.Fraction): 0.5 == \frac{1}{2} == 2/4;
    - otherwise both are evaluated with mpmath at 40 significant digits, as constants (\frac{\sqrt2}{2} ==
@@ -191,7 +191,7 @@ def _canonical_numbers(s: str) -> str:
 
 # A whole number written right before a proper fraction of whole numbers is a mixed number (MATH's golds write
 # "137\frac{1}{2}" for 137 1/2), not a product: read as a product, 68.5 would score and 275/2 would not.
-_MIXED_NUMBER = re.compile(r"(?<![\w.}^_\\])(\d+)\\frac\{(\d+)\}\{(\d+)\}(?![\w{^\\(])")
+_MIXED_NUMBER = re.compile(r"(?<![\w.}\]^_\\])(\d+)\\frac\{(\d+)\}\{(\d+)\}(?![\w{^(]|\\(?!\}))")  # \} may follow
 
 
 def _mixed_number(match: re.Match) -> str:
@@ -443,7 +443,8 @@ def evaluate(tree: tuple, ctx, values: dict):
     r"""Numeric value of a tree: one fixed-precision mpmath operation per node, so time is linear in its size.
 
     Roots are principal (complex for negative radicands) except odd integer roots of negative reals, which are
-    real: \sqrt[3]{-8} = -2. Raises (ZeroDivisionError, ...) where the value is undefined.
+    real: \sqrt[3]{-8} = -2. Raises (ZeroDivisionError, ...) where the value is undefined, and ValueError for
+    a rational exponent longer than the working precision (its rounding would change the value past any tolerance).
     Example: evaluate(parse_math_expression(r"x^2+\frac{1}{2}"), ctx, {"x": 3}) == 9.5
     """
     kind = tree[0]
@@ -471,6 +472,9 @@ def evaluate(tree: tuple, ctx, values: dict):
         return left * right
     if kind == "div":
         return left / right
+    exact = rational_value(tree[2])
+    if exact is not None and max(exact.numerator.bit_length(), exact.denominator.bit_length()) > ctx.prec - 8:
+        raise ValueError("an exponent the working precision cannot hold")  # rounded, (-1)^{even + 1} would be 1
     return ctx.power(left, right)
 
 
@@ -531,8 +535,8 @@ def expressions_equal(a: str, b: str) -> bool:
     """
     if a == b:
         return True
-    if _is_word(a) or _is_word(b):
-        return False  # a word ("odd", "Tuesday") is compared as text: as a product of letters "on" would be "no"
+    if _is_word(a) and _is_word(b):
+        return False  # two words ("odd", "Tuesday") are compared as text: as products of letters "on" would be "no"
     tree_a, tree_b = parse_math_expression(a), parse_math_expression(b)
     if tree_a is None or tree_b is None:
         return False
