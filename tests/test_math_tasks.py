@@ -88,12 +88,17 @@ MATH_PAIRS = [
     (r"\{1,2\}", r"\{2,1\}", True),
     ("(1,2)", "1,2", False),
     (r"\{2,3\}", "2, 3", True),  # a set and a list of the same solutions
+    (r"\{2\}", "2", True),
+    (r"x \in \{-1\}", "-1", True),
+    (r"\{2\}", "3", False),
     (r"x \in [2,5)", "[2,5)", True),
     (r"x \in (-\infty, 3)", r"(-\infty,3)", True),
     # units, degrees, percent, money, thousands
     ("5 cm", "5", True),
     (r"12\text{ square inches}", "12", True),
     (r"5\text{ cm}^2", "5", True),
+    (r"5\text{ edges}", "5", True),
+    (r"4\text{ digits}", "4", True),
     (r"90^\circ", "90", True),
     (r"720^{\circ}", "720", True),
     (r"50\%", "50", True),

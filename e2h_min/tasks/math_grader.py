@@ -20,7 +20,7 @@ r"""Checking a MATH answer against the gold answer (spec section 7): extract, no
      \frac{1}{\sqrt2}) or at 3 fixed points of their variables ((x+1)^2 == x^2+2x+1), and must agree within a
      relative 1e-20 wherever both are defined; +-\infty only equals itself.
    Tuples and intervals match element by element with the same brackets; bare comma lists ("1, 2"), sets
-   (\{1, 2\}, equal to the list "1, 2") and \cup unions as multisets.
+   (\{1, 2\}, equal to the list "1, 2"; \{2\} is 2) and \cup unions as multisets.
 
 Why numeric identity testing, not sympy. The usual check, sympy.simplify(a - b) == 0, has no time bound, and even
 sympy's evalf is exponential in nesting on some inputs (we measured 20 nested divisions at 38 s). Our evaluator
@@ -33,10 +33,10 @@ normalised strings only.
 
 Time bound. Step 3 runs only on normal forms of at most MAX_VALUE_CHARS characters with at most MAX_ELEMENTS
 elements; the grammar caps nesting depth and literal length and refuses powers and indexed roots inside exponents
-and root indices (no towers such as 9^{9^{9}} or 2^{\sqrt[10^{-10}]{10}}). A cooperative deadline (checked between elements) and, in the main thread, a SIGALRM timer
-(setitimer, only when no other real-time timer is set) stop the step at `time_limit` seconds (default 1 s); other
-threads rely on the input caps alone. A timeout or any parse/evaluation failure means "not equal", never an
-exception.
+and root indices (no towers such as 9^{9^{9}} or 2^{\sqrt[10^{-10}]{10}}). A cooperative deadline (checked between
+elements) and, in the main thread, a SIGALRM timer (setitimer, only when no other real-time timer is set) stop the
+step at `time_limit` seconds (default 1 s); other threads rely on the input caps alone. A timeout or any
+parse/evaluation failure means "not equal", never an exception.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ _UNIT_WORDS = (
     "units unit square squared sq cubic cm mm km meters meter metres metre centimeters centimeter kilometers "
     "inches inch feet foot ft yards yard miles mile mph seconds second minutes minute hours hour days day weeks "
     "week months month years year dollars dollar cents cent degrees degree pounds pound ounces ounce grams gram "
-    "kilograms kg liters liter litres litre gallons gallon points point ways people students"
+    "kilograms kg liters liter litres litre gallons gallon points point ways people students digits digit edges "
+    "edge integers integer multiples meals"
 ).split()
 _TRAILING_UNIT = re.compile(r"(?<=[\d})\s])\s*(?:" + "|".join(_UNIT_WORDS) + r")(?:\^\{?[23]\}?)?\s*$")
 _TEXT_WRAPPER = re.compile(
@@ -573,7 +574,8 @@ def _split_top_level(s: str, separator: str) -> list[str]:
 
 def _structure(s: str) -> tuple:
     r"""How an answer is compared, recursively: ("union", parts) | ("set", items) | ("seq", open, close, items)
-    | ("list", items) | ("expr", text), where parts and items are structures again.
+    | ("list", items) | ("expr", text), where parts and items are structures again
+    (a one-element set is its element).
 
     Example: _structure("(1,2]") == ("seq", "(", "]", [("expr", "1"), ("expr", "2")]);
              _structure("1,2") == ("list", [("expr", "1"), ("expr", "2")]); _structure("(3)") == ("expr", "(3)")
@@ -582,7 +584,8 @@ def _structure(s: str) -> tuple:
     if len(parts) > 1:
         return ("union", [_structure(part) for part in parts])
     if s.startswith("\\{") and s.endswith("\\}") and len(s) >= 4 and _encloses(s, 2):
-        return ("set", [_structure(item) for item in _split_top_level(s[2:-2], ",")])
+        items = [_structure(item) for item in _split_top_level(s[2:-2], ",")]
+        return ("set", items) if len(items) > 1 else items[0]  # \{2\} names the one solution 2
     if s[:1] in "([" and s[-1:] in ")]" and len(s) > 1 and _encloses(s, 1):
         items = _split_top_level(s[1:-1], ",")
         if len(items) > 1:
