@@ -476,15 +476,30 @@ def test_overwrite_never_deletes_what_the_run_reads(tmp_path, uninterrupted, cap
     ({"model.safetensors": "x"}, "model.safetensors"),
     ({"adapter_config.json": "{}"}, "inside the model folder"),
     ({"notes.txt": "mine"}, "notes.txt"),
+    # inside the run's own folders: a user's file there is no more the run's than beside them
+    ({"report/notes.md": "mine"}, "report/notes.md"),
+    ({"eval/mine/results.txt": "mine"}, "eval/mine/results.txt"),
+    ({"checkpoints/step_000001/user.txt": "mine"}, "checkpoints/step_000001/user.txt"),  # not in its manifest
+    ({"final": "symlink"}, "final"),  # deleting through a link would reach outside the run
 ])
 def test_overwrite_refuses_a_run_folder_holding_anything_else(tmp_path, capsys, extra, fragment):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_000001" / "manifest.json").write_text(json.dumps({"model.safetensors": 1}))
+    (run / "checkpoints" / "step_000001" / "model.safetensors").write_text("x")
     (run / "config.json").write_text(json.dumps({"schedule": "cosine", "total_steps": 3}))
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "report").mkdir()
+    (run / "report" / "table.md").write_text("the report's own")
+    (run / "eval" / "final").mkdir(parents=True)
+    (run / "eval" / "final" / "report.json").write_text("{}")
     for name, text in extra.items():
         (run / name).parent.mkdir(parents=True, exist_ok=True)
-        (run / name).write_text(text)
+        if text == "symlink":
+            (tmp_path / "elsewhere").mkdir()
+            (run / name).symlink_to(tmp_path / "elsewhere")
+        else:
+            (run / name).write_text(text)
     before = snapshot(run)
     one_line_exit_2(capsys, lambda: train.main(["--out-dir", str(run), "--overwrite", "--total-steps", "1"]), fragment)
     assert snapshot(run) == before  # nothing deleted, no .lock added
@@ -509,14 +524,15 @@ def test_a_run_folder_holds_only_its_own_files(tmp_path, uninterrupted):
     from e2h_min.run.runlog import OWN_FILES, foreign_files
     run = copy_run(uninterrupted, tmp_path / "run")
     assert {p.name for p in run.iterdir()} <= OWN_FILES and foreign_files(run) == []
-    for name in ("eval/final/report.json", "report/summary.md", "tensorboard/events", "wandb_run_id",
+    for name in ("eval/final/report.json", "report/table.md", "tensorboard/events", "wandb_run_id",
                  "checkpoints/damaged_step_000001/x", "checkpoints/.tmp_step_000004_123/x"):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
     assert foreign_files(run) == []
     (run / "checkpoints" / "best").mkdir()
     (run / "weights.bin").write_text("x")
-    assert foreign_files(run) == ["checkpoints/best", "weights.bin"]
+    (run / "report" / "summary.md").write_text("x")  # no name the report writes
+    assert foreign_files(run) == ["checkpoints/best", "report/summary.md", "weights.bin"]
 
 
 @pytest.mark.parametrize("inside", ["final", "final/sub"])

@@ -37,6 +37,8 @@ from e2h_min.errors import MAX_STEPS, OneLineErrorParser, UserError, check_outpu
 from e2h_min.jsonl import parse_json, read_log
 from e2h_min.analysis.stats import paired_difference, percentile_interval
 
+REPORT_FILES = ("table.md", "accuracy.png", "training.png", "curriculum.png", "pass_at_k.png")  # what main writes
+
 # Config fields that do not change what a run computes: runs differing only in these and the seed are replicates.
 BOOKKEEPING_FIELDS = {"seed", "out_dir", "resume", "device", "threads", "save_every", "keep_checkpoints",
                       "log_completions_every", "micro_batch_size", "eval_every", "log_every", "report_to"}
