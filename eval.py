@@ -314,6 +314,25 @@ def run_config_file(loaded: Path) -> Path:
     return (owning_run(loaded) or loaded) / "config.json"
 
 
+def check_results_dir(out: Path) -> None:
+    """UserError unless eval.py may write report.json and completions.jsonl into `out`: not a train.py run's folder
+    (its completions.jsonl is the run's log), and either file already there only if an earlier eval.py wrote it
+    (a report.json with eval.py's fields). Results of a rerun replace the earlier ones; nothing else is overwritten."""
+    if (out / "metrics.jsonl").exists() or (out / "config.json").exists():
+        raise UserError(f"--out {out} holds a run or a model (config.json / metrics.jsonl), whose files eval.py would "
+                        f"overwrite; pass another --out (by default results go to RUN/eval/NAME)")
+    ours = False
+    try:
+        report = json.loads((out / "report.json").read_text())
+        ours = isinstance(report, dict) and {"loaded_from", "greedy", "levels"} <= report.keys()
+    except (OSError, ValueError):
+        pass
+    theirs = [name for name in ("report.json", "completions.jsonl") if (out / name).exists() and not ours]
+    if theirs:
+        raise UserError(f"--out {out} holds {' and '.join(theirs)}, which eval.py did not write; nothing was "
+                        f"changed: move it or pass another --out")
+
+
 def default_out_dir(model: str, loaded_from: str, task_name: str) -> Path:
     """Where results go without --out: next to what is evaluated, in a folder named after it.
 
@@ -380,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     task = make_task(settings["task"], seed=settings["seed"], data=settings["data"])
     levels = select_levels(task, args.levels)
     out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, task.name)
+    check_results_dir(out)
     check_output_dir(out, "--out")  # an unwritable place fails now, not after the evaluation
     context = context_length(loaded_from)
     run_budget = (run_config or {}).get("eval_max_new_tokens") or (run_config or {}).get("max_new_tokens")

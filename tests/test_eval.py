@@ -132,12 +132,36 @@ def damaged_model(tmp, name):
     (lambda tmp: ["--model", str(damaged_model(tmp, "config.json")), "--n", "1"], "config.json: not valid JSON"),
     (lambda tmp: ["--model", str(tmp), "--n", "1"], "cannot load model"),  # a directory with no model in it
     (lambda tmp: ["--task", "countdown"], "--model"),
+    # results never overwrite what eval.py did not write: a training run's completions.jsonl, a user's report.json
+    (lambda tmp: ["--model", "tiny", "--n", "1", "--out", str(holding(tmp / "run", "metrics.jsonl"))],
+     "holds a run or a model"),
+    (lambda tmp: ["--model", "tiny", "--n", "1", "--out", str(holding(tmp / "mine", "report.json"))],
+     "holds report.json, which eval.py did not write"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(make_args, fragment, tmp_path, capsys):
+    argv = make_args(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exc:
-        evaluate_cli.main(make_args(tmp_path))
+        evaluate_cli.main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and fragment in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing overwritten
+
+
+def holding(folder, name):
+    """A folder holding one file another tool wrote."""
+    folder.mkdir()
+    (folder / name).write_text('{"theirs": true}\n')
+    return folder
+
+
+@requires_tiny
+def test_a_rerun_replaces_its_own_results(tmp_path):
+    args = ["--model", "tiny", "--n", "1", "--levels", "0", "--max-new-tokens", "8", "--threads", "1", "--quiet",
+            "--out", str(tmp_path)]
+    first = evaluate_cli.main(args)
+    second = evaluate_cli.main(args)
+    assert json.loads((tmp_path / "report.json").read_text())["greedy"] == second["greedy"] == first["greedy"]
 
 
 def test_a_run_directory_without_a_saved_model_is_an_error(tmp_path, capsys):

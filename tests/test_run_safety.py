@@ -327,6 +327,13 @@ def test_train_rejects_bad_values_up_front(argv, fragment, capsys, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("flag", ["--out-dir", "--resume"])
+def test_an_empty_directory_flag_is_refused_not_taken_as_the_default(flag, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were '' read as "not given", the run would go to ./runs/...
+    one_line_exit_2(capsys, lambda: train.main([flag, "", "--total-steps", "1"]), f"{flag} is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_prints_every_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         train.main(["--help"])

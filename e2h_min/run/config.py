@@ -332,6 +332,8 @@ def check_ranges(cfg: Config) -> None:
 def check_combinations(cfg: Config) -> None:
     """Flags that contradict each other, or one that needs another."""
     need(not (cfg.resume and cfg.overwrite), "--overwrite replaces a run and --resume continues one; pass one")
+    for flag, value in (("--out-dir", cfg.out_dir), ("--resume", cfg.resume)):
+        need(value is None or value.strip() != "", f"{flag} is empty; pass a directory")  # '' is not "not given"
     need(not (cfg.resume and cfg.out_dir and cfg.out_dir != cfg.resume),
          "--resume DIR continues the run in DIR; drop --out-dir (or give the same directory)")
     need(cfg.parallel != "fsdp" or not cfg.lora_r, f"--parallel fsdp shards full fine-tuning, but LoRA is on "
