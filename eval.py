@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from e2h_min.run.checkpoint import latest_checkpoint
+from e2h_min.run.checkpoint import MANIFEST, latest_checkpoint, manifest_problem
 from e2h_min.errors import (MAX_EVAL_PROBLEMS, MAX_NEW_TOKENS, MAX_ROLLOUT_ROWS, MAX_SEED, MAX_THREADS,
                             OneLineErrorParser, UserError, check_context, check_output_dir, exit_on_user_error)
 from e2h_min.errors import is_iso_date
@@ -314,6 +314,21 @@ def run_config_file(loaded: Path) -> Path:
     return (owning_run(loaded) or loaded) / "config.json"
 
 
+def check_saved_files(path: Path, model: str) -> None:
+    """A checkpoint (it has a manifest.json) must hold the files eval.py reads as they were saved: a damaged or
+    swapped one is an error naming the file, not a silently wrong score. optimizer.pt and rng.pt are not read here,
+    so not hashed either."""
+    if not (path / MANIFEST).is_file():
+        return
+    try:
+        problem = manifest_problem(path, skip=("optimizer.pt", "rng.pt"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        problem = f"its {MANIFEST} cannot be read ({type(exc).__name__})"
+    if problem is not None:
+        raise UserError(f"--model {model}: checkpoint {path} is damaged: {problem}; evaluate another checkpoint or "
+                        f"the run's final/")
+
+
 def check_results_dir(out: Path) -> None:
     """UserError unless eval.py may write report.json and completions.jsonl into `out`: not a train.py run's folder
     (its completions.jsonl is the run's log), and either file already there only if an earlier eval.py wrote it
@@ -394,6 +409,7 @@ def check_settings(args, settings: dict, loaded_from: str) -> int | None:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     loaded_from, run_config, step = find_model(args.model)
+    check_saved_files(Path(loaded_from), args.model)
     settings = resolve_settings(args, run_config)
     samples = check_settings(args, settings, loaded_from)
     task = make_task(settings["task"], seed=settings["seed"], data=settings["data"])

@@ -216,6 +216,29 @@ def test_without_final_the_newest_checkpoint_is_evaluated(tiny_run, tmp_path):
 
 
 @requires_tiny
+@pytest.mark.parametrize("damage, fragment", [
+    ("flip", "model.safetensors does not match its sha256"),  # same size, other bytes (NaN weights)
+    ("config", "config.json"),  # another model's config.json beside these weights
+])
+def test_a_damaged_checkpoint_is_refused_before_it_is_scored(tiny_run, tmp_path, capsys, damage, fragment):
+    import shutil
+    run_dir, _ = tiny_run
+    checkpoint = shutil.copytree(run_dir / "checkpoints" / "step_000002", tmp_path / "step_000002")
+    if damage == "flip":
+        weights = bytearray((checkpoint / "model.safetensors").read_bytes())
+        weights[-4000:] = b"\xff" * 4000
+        (checkpoint / "model.safetensors").write_bytes(bytes(weights))
+    else:
+        config = json.loads((checkpoint / "config.json").read_text())
+        (checkpoint / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(SystemExit) as exc:
+        evaluate_cli.main(["--model", str(checkpoint), "--threads", "1", "--quiet", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "is damaged" in err and fragment in err and err.count("\n") == 1
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+@requires_tiny
 def test_pass_at_k_on_the_tiny_model(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     report = evaluate_cli.main(["--model", str(run_dir), "--levels", "0", "1", "--n", "2", "--pass-k", "1", "2", "4",

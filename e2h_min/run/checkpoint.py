@@ -211,14 +211,9 @@ def verify_checkpoint(path: Path) -> str | None:
         state = parse_json((path / "trainer_state.json").read_bytes())
         if not isinstance(state, dict) or state.get("step") != int(path.name.split("_")[-1]):
             return "trainer_state.json does not name this checkpoint's step"
-        if (path / MANIFEST).is_file():
-            for name, recorded in parse_json((path / MANIFEST).read_bytes()).items():
-                size, digest = (recorded["bytes"], recorded["sha256"]) if isinstance(recorded, dict) else (recorded, None)
-                actual = (path / name).stat().st_size if (path / name).is_file() else None
-                if actual != size:
-                    return f"{name} is missing" if actual is None else f"{name} is {actual} bytes, expected {size}"
-                if digest is not None and file_sha256(path / name)[0] != digest:
-                    return f"{name} does not match its sha256 in {MANIFEST} (its bytes changed after the save)"
+        problem = manifest_problem(path) if (path / MANIFEST).is_file() else None
+        if problem is not None:
+            return problem
         for file in sorted(path.rglob("*.json")):
             parse_json(file.read_bytes())
         for file in sorted(path.rglob("*.safetensors")):
@@ -231,6 +226,25 @@ def verify_checkpoint(path: Path) -> str | None:
             torch.load(path / name, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (any failure to read means: do not resume from here)
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'}"
+    return None
+
+
+def manifest_problem(path: Path, skip: tuple[str, ...] = ()) -> str | None:
+    """Which file of path/manifest.json is not as it was saved (missing, another size, another sha256), or None;
+    the files named in `skip` are not checked. Raises if the manifest cannot be read.
+    Example: a checkpoint whose model.safetensors changed in place -> "model.safetensors does not match its sha256 ..."
+    """
+    from e2h_min.jsonl import parse_json
+
+    for name, recorded in parse_json((path / MANIFEST).read_bytes()).items():
+        if name in skip:
+            continue
+        size, digest = (recorded["bytes"], recorded["sha256"]) if isinstance(recorded, dict) else (recorded, None)
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual != size:
+            return f"{name} is missing" if actual is None else f"{name} is {actual} bytes, expected {size}"
+        if digest is not None and file_sha256(path / name)[0] != digest:
+            return f"{name} does not match its sha256 in {MANIFEST} (its bytes changed after the save)"
     return None
 
 
