@@ -13,7 +13,6 @@ and page cache) of this machine; a GPU server's CPU and NVMe give other figures.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from e2h_min.run.checkpoint import HASH_CHUNK, file_sha256  # noqa: E402
+from e2h_min.errors import OneLineErrorParser  # noqa: E402
 
 BYTES_PER_PARAM = 16
 
@@ -51,7 +51,7 @@ def read_back(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, nargs="+", default=[0.494, 1.54],
                         help="billions of parameters (Qwen2.5-0.5B: 0.494, -1.5B: 1.54)")
     parser.add_argument("--dir", default=None, help="where to write the files (default: the system temp folder)")

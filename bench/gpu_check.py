@@ -68,6 +68,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from e2h_min.errors import OneLineErrorParser, UserError, check_output_dir  # noqa: E402
 from bench.limits import (assumed_bandwidth, copy_bandwidth, decode_read_bytes,  # noqa: E402
                           decode_weight_bytes, model_kv_bytes_per_token)
 
@@ -640,7 +641,7 @@ def version_problem(requirements: Path = ROOT / "requirements.txt", names=("tran
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.md and gpu_check.json")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape on CPU (under a minute)")
     parser.add_argument("--work", type=Path, default=None,
@@ -657,6 +658,10 @@ def parse_args(argv: list[str] | None):
         parser.error(f"--skip {','.join(unknown)}: unknown section; choose from {', '.join(SECTIONS)}")
     if not args.smoke and not torch.cuda.is_available():
         parser.error("the full check needs a CUDA GPU and torch sees none; run --smoke for the CPU version")
+    try:
+        check_output_dir(args.out, "--out")  # a file or an unwritable place fails now, not after the first section
+    except UserError as exc:
+        parser.error(str(exc))
     problem = version_problem()
     if problem:
         parser.error(f"{problem}; install the tested versions, or on a machine without network carry their wheels "

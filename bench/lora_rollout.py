@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
@@ -26,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from e2h_min.engine.models import peft_building  # noqa: E402
 from e2h_min.engine.sampler import generate  # noqa: E402
+from e2h_min.errors import OneLineErrorParser, at_least  # noqa: E402
 from tests.real_shape import build_qwen_shape  # noqa: E402
 
 
@@ -39,14 +39,14 @@ def lora(model, seed: int = 0):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen-shape", help="qwen-shape (built here), or an alias / directory")
-    parser.add_argument("--cycles", type=int, default=100, help="merge/unmerge pairs")
-    parser.add_argument("--layers", type=int, default=2, help="qwen-shape: decoder layers")
-    parser.add_argument("--rows", type=int, default=16, help="prompts x samples per rollout")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cycles", type=at_least(1), default=100, help="merge/unmerge pairs")
+    parser.add_argument("--layers", type=at_least(1), default=2, help="qwen-shape: decoder layers")
+    parser.add_argument("--rows", type=at_least(1), default=16, help="prompts x samples per rollout")
+    parser.add_argument("--new-tokens", type=at_least(1), default=64)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM

@@ -44,6 +44,7 @@ from bench.limits import (Limit, assumed_bandwidth, assumed_flops, copy_bandwidt
                           decode_weight_bytes, describe, matmul_peak, model_shape,
                           model_kv_bytes_per_token, share, tokens_fed)
 from e2h_min.engine.sampler import StopChecker, generate, left_pad  # noqa: E402
+from e2h_min.errors import OneLineErrorParser, at_least  # noqa: E402
 
 TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "e2h_min" / "assets" / "tiny-countdown"
 _QWEN25_COMMON = dict(num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,
@@ -248,11 +249,11 @@ def decode_bandwidth_report(case: dict, group: int, max_new_tokens: int, seed: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=["a", "b", "both"], default="both")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (after one warm-up)")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="timed calls per side (after one warm-up)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--old-commit", default=None, metavar="REV",
                         help="also time the sampler of this commit (e2h_min/rollout.py there, via git show), "
@@ -265,14 +266,14 @@ def main() -> None:
                         help="case b: also report decode's share of the measured memory bandwidth")
     # case a
     parser.add_argument("--a-model-dir", type=Path, default=TINY_MODEL_DIR, help="the tiny model's folder")
-    parser.add_argument("--a-prompts", type=int, default=16)
-    parser.add_argument("--a-group", type=int, default=8)
-    parser.add_argument("--a-max-new-tokens", type=int, default=64)
+    parser.add_argument("--a-prompts", type=at_least(1), default=16)
+    parser.add_argument("--a-group", type=at_least(1), default=8)
+    parser.add_argument("--a-max-new-tokens", type=at_least(1), default=64)
     # case b
     parser.add_argument("--b-size", choices=sorted(QWEN25_SHAPES), default="0.5B", help="Qwen2.5 shape")
-    parser.add_argument("--b-prompts", type=int, default=4)
-    parser.add_argument("--b-group", type=int, default=8)
-    parser.add_argument("--b-max-new-tokens", type=int, default=32)
+    parser.add_argument("--b-prompts", type=at_least(1), default=4)
+    parser.add_argument("--b-group", type=at_least(1), default=8)
+    parser.add_argument("--b-max-new-tokens", type=at_least(1), default=32)
     args = parser.parse_args()
 
     if args.threads:

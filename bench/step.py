@@ -72,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (seed_step: the trainer's own step code)
 from bench.limits import Limit, assumed_flops, describe, matmul_peak, model_shape, share  # noqa: E402
-from e2h_min.errors import UserError  # noqa: E402
+from e2h_min.errors import OneLineErrorParser, UserError, at_least  # noqa: E402
 from e2h_min.run.config import schedule_params  # noqa: E402
 from e2h_min.run.presets import parse_config  # noqa: E402
 from e2h_min.rl.curriculum import LevelSampler  # noqa: E402
@@ -284,16 +284,16 @@ def build_variants(args, tokenizer, cfg, device, policy) -> tuple[list[dict], li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="hub id, local directory or alias (default: the tiny model)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per column, after one warm-up step")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--steps", type=at_least(1), default=5, help="timed steps per column, after one warm-up step")
+    parser.add_argument("--threads", type=at_least(1), default=1,
                         help="torch CPU threads (default 1: on a busy 2-core machine 2 threads are erratic)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient; > 0 adds the reference model")
-    parser.add_argument("--prompts", type=int, default=16, help="distinct prompts per step")
-    parser.add_argument("--generations", type=int, default=8, help="G, completions per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=at_least(1), default=16, help="distinct prompts per step")
+    parser.add_argument("--generations", type=at_least(1), default=8, help="G, completions per prompt")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=64)
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the model's preset / config")
     parser.add_argument("--micro-batch-tokens", type=int, default=None, help="default: the model's preset / config")
     parser.add_argument("--curriculum-step", type=int, default=None,
@@ -306,8 +306,6 @@ def main() -> None:
                         help="the assumed peak (default: a GPU's dense bf16 datasheet figure; on CPU threads x clock "
                              "x 32 fp32 FLOP/cycle)")
     args = parser.parse_args()
-    if args.steps < 1 or args.threads < 1:
-        raise SystemExit("error: --steps and --threads must be >= 1")
 
     try:
         cfg = parse_config(["--model", args.model, "--beta", str(args.beta), "--prompts-per-step", str(args.prompts),
@@ -322,7 +320,7 @@ def main() -> None:
         tokenizer = load_tokenizer(cfg.model)
         policy = load_model(cfg.model, device)
     except UserError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        parser.error(str(exc))  # one line, exit 2
 
     def autocast():  # as in train.py: bf16 compute on CUDA, fp32 elsewhere
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

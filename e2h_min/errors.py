@@ -42,6 +42,22 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def at_least(minimum: int):
+    """An argparse type for counts: an integer >= minimum, else a one-line error naming the flag.
+    Example: parser.add_argument("--repeats", type=at_least(1)); "--repeats -1" -> "argument --repeats: must be >= 1, got -1"
+    """
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def check_context(max_new_tokens: int, context: int | None, flag: str = "--max-new-tokens") -> None:
     """A completion budget must leave room in the model's context (max_position_embeddings; None = unknown), or
     decoding would index past the position table or allocate for a length the model cannot use."""

@@ -13,7 +13,6 @@ Printed: the mean over completion tokens, i.e. E_pi[sum_t KL_t] / E[tokens]. Ful
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from e2h_min.engine.logprobs import pack_sequences
 from e2h_min.engine.models import load_model, load_tokenizer
 from e2h_min.engine.sampler import StopChecker, generate
 from e2h_min.tasks import make_task
+from e2h_min.errors import OneLineErrorParser, at_least
 
 
 @torch.no_grad()
@@ -69,13 +69,16 @@ def measure(run_dir: Path, step: int | None, problems_per_level: int, samples: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: <run>/final)")
-    parser.add_argument("--problems", type=int, default=50, help="held-out problems per level")
-    parser.add_argument("--samples", type=int, default=4, help="completions per problem")
+    parser.add_argument("--problems", type=at_least(1), default=50, help="held-out problems per level")
+    parser.add_argument("--samples", type=at_least(1), default=4, help="completions per problem")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for run in args.runs:  # every run is checked before the first is measured
+        if not (run / "config.json").is_file():
+            parser.error(f"{run}: no config.json, so not a train.py run directory; pass a run's folder")
     torch.set_num_threads(1)
     for run in args.runs:
         r = measure(run, args.step, args.problems, args.samples, args.seed)
