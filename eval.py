@@ -416,7 +416,6 @@ def main(argv: list[str] | None = None) -> dict:
     levels = select_levels(task, args.levels)
     out = Path(args.out) if args.out else default_out_dir(args.model, loaded_from, task.name)
     check_results_dir(out)
-    check_output_dir(out, "--out")  # an unwritable place fails now, not after the evaluation
     context = context_length(loaded_from)
     run_budget = (run_config or {}).get("eval_max_new_tokens") or (run_config or {}).get("max_new_tokens")
     if context is not None and args.max_new_tokens is None and run_budget is None:  # FALLBACKS' 512 would fill a
@@ -426,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
     fit_prompts(task, tokenizer, context, None, settings["max_new_tokens"], settings["chat_date"],
                 lambda line: print(line, file=sys.stderr))  # rows too long for the model: skipped, as train.py does
     problems = select_problems(task, levels, settings["n"], explicit_levels=bool(args.levels))
+    check_output_dir(out, "--out")  # created after the other checks (no empty folder is left by a refusal), and an
+    # unwritable place still fails now, not after the evaluation
 
     if args.threads:
         torch.set_num_threads(args.threads)

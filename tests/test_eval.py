@@ -138,14 +138,17 @@ def damaged_model(tmp, name):
     (lambda tmp: ["--model", "tiny", "--n", "1", "--out", str(holding(tmp / "mine", "report.json"))],
      "holds report.json, which eval.py did not write"),
 ])
-def test_bad_input_gives_one_line_and_exit_code_2(make_args, fragment, tmp_path, capsys):
+def test_bad_input_gives_one_line_and_exit_code_2(make_args, fragment, tmp_path, capsys, monkeypatch):
     argv = make_args(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # the default --out of "tiny" (./eval/...) would be created here
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exc:
         evaluate_cli.main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and fragment in err and err.count("\n") == 1
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing overwritten
+    assert not (tmp_path / "cwd" / "eval").exists()  # and no empty results folder left by a refusal
 
 
 def holding(folder, name):
