@@ -319,6 +319,8 @@ def one_line_exit_2(capsys, call, fragment, after_progress=False):
     (["--device", "mps"], "no usable MPS"),
     (["--device", "cuda:0"], "torch sees no CUDA GPU"),
     (["--resume", "x", "--overwrite"], "pass one"),
+    (["--lora-r", "2", "--lora-targets", "qproj"], "'qproj' matches no module"),  # before the weights load
+    (["--lora-r", "2", "--lora-targets", ","], "names no module"),
 ])
 def test_train_rejects_bad_values_up_front(argv, fragment, capsys, tmp_path):
     if "cuda" in argv[-1] and torch.cuda.is_available():

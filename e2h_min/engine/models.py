@@ -275,6 +275,30 @@ def apply_lora(model, r: int, alpha: float, dropout: float, targets: str):
         raise UserError(f"--lora-targets {targets!r}: {str(exc).splitlines()[0][:200]}") from None
 
 
+def check_lora_targets(name: str, targets: str) -> None:
+    """UserError naming each --lora-targets entry that matches no module of the model, before any weight is read:
+    the model is built on the meta device from its config.json. peft's rule: a target matches a module whose name
+    is the target or ends with "." + target. Skipped when the config cannot be read here (loading says why).
+    Example: check_lora_targets("tiny", "q_proj,qproj") raises "--lora-targets: 'qproj' matches no module ..."
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    if not wanted:
+        raise UserError(f"--lora-targets {targets!r} names no module; pass e.g. q_proj,v_proj")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_name(name))
+        with torch.device("meta"):
+            names = [module for module, _ in AutoModelForCausalLM.from_config(config).named_modules()]
+    except Exception:  # noqa: BLE001  (no config here: the load that follows reports it)
+        return
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        examples = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith("_proj")}) or sorted(names)[:8]
+        raise UserError(f"--lora-targets: {', '.join(map(repr, missing))} matches no module of {name} (its "
+                        f"projections: {','.join(examples)})")
+
+
 def load_lora_checkpoint(base_model, path):
     """Base model + the adapter saved in a checkpoint directory, trainable again (for --resume)."""
     from peft import PeftModel

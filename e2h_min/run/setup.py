@@ -20,10 +20,9 @@ from tqdm.auto import tqdm
 from e2h_min.analysis.evaluation import held_out_problems
 from e2h_min.engine.distributed import Compute, gather_lists, init_distributed, seed_step
 from e2h_min.engine.fsdp import FullOptimizerState, is_sharded, shard_policy
-from e2h_min.engine.models import (Models, ValueHead, apply_lora, checkpoint_file_bytes, frozen_copy, frozen_dtype,
-                                   context_length, load_lora_checkpoint, load_model, load_tokenizer, lora_reference,
-                                   pick_device,
-                                   resolve_model_name)
+from e2h_min.engine.models import (Models, ValueHead, apply_lora, check_lora_targets, checkpoint_file_bytes,
+                                   context_length, frozen_copy, frozen_dtype, load_lora_checkpoint, load_model,
+                                   load_tokenizer, lora_reference, pick_device, resolve_model_name)
 from e2h_min.engine.sampler import StopChecker
 from e2h_min.errors import UserError
 from e2h_min.rl.curriculum import LevelSampler
@@ -92,6 +91,8 @@ def build_models(cfg: Config, device, resume_from: Path | None):
     """
     frozen = frozen_dtype(cfg.frozen_dtype, device)
     if cfg.lora_r:
+        if not resume_from:
+            check_lora_targets(cfg.model, cfg.lora_targets)  # a typo fails now, not after the weights load
         base = load_model(cfg.model, device, dtype=frozen)
         policy = (load_lora_checkpoint(base, resume_from) if resume_from
                   else apply_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
