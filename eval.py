@@ -318,7 +318,7 @@ def check_saved_files(path: Path, model: str) -> None:
     """A checkpoint (it has a manifest.json) must hold the files eval.py reads as they were saved: a damaged or
     swapped one is an error naming the file, not a silently wrong score. optimizer.pt and rng.pt are not read here,
     so not hashed either."""
-    if not (path / MANIFEST).is_file():
+    if not ((path / MANIFEST).is_file() and (path / "trainer_state.json").is_file()):  # not one of our checkpoints
         return
     try:
         problem = manifest_problem(path, skip=("optimizer.pt", "rng.pt"))

@@ -538,6 +538,14 @@ def test_a_run_folder_holds_only_its_own_files(tmp_path, uninterrupted):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
     assert foreign_files(run) == []
+    # links inside the run's folders are the trackers' own (wandb's latest-run) and are removed, not followed
+    (run / "wandb" / "offline-run-1").mkdir(parents=True)
+    (run / "wandb" / "latest-run").symlink_to(run / "wandb" / "offline-run-1")
+    # a checkpoint set aside because its manifest was torn: its files are the run's
+    (run / "checkpoints" / "damaged_step_000003").mkdir()
+    (run / "checkpoints" / "damaged_step_000003" / "manifest.json").write_text('{"model.safe')
+    (run / "checkpoints" / "damaged_step_000003" / "model.safetensors").write_text("x")
+    assert foreign_files(run) == []
     (run / "checkpoints" / "best").mkdir()
     (run / "weights.bin").write_text("x")
     (run / "report" / "summary.md").write_text("x")  # no name the report writes

@@ -278,7 +278,8 @@ def apply_lora(model, r: int, alpha: float, dropout: float, targets: str):
 def check_lora_targets(name: str, targets: str) -> None:
     """UserError naming each --lora-targets entry that matches no module of the model, before any weight is read:
     the model is built on the meta device from its config.json. peft's rule: a target matches a module whose name
-    is the target or ends with "." + target. Skipped when the config cannot be read here (loading says why).
+    is the target or ends with "." + target. Skipped when the config is not on this machine (or needs the model's
+    own code): the load that follows says why, or fetches it.
     Example: check_lora_targets("tiny", "q_proj,qproj") raises "--lora-targets: 'qproj' matches no module ..."
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -287,9 +288,11 @@ def check_lora_targets(name: str, targets: str) -> None:
     if not wanted:
         raise UserError(f"--lora-targets {targets!r} names no module; pass e.g. q_proj,v_proj")
     try:
-        config = AutoConfig.from_pretrained(resolve_model_name(name))
+        # local files only, and never a model's own code: no hub round-trips, no prompt to run remote code
+        config = AutoConfig.from_pretrained(resolve_model_name(name), local_files_only=True, trust_remote_code=False)
         with torch.device("meta"):
-            names = [module for module, _ in AutoModelForCausalLM.from_config(config).named_modules()]
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        names = [module for module, _ in model.named_modules()]
     except Exception:  # noqa: BLE001  (no config here: the load that follows reports it)
         return
     missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]

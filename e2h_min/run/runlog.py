@@ -138,21 +138,21 @@ def foreign_files(run_dir: Path) -> list[str]:
     """What `run_dir` holds that is not a train.py run's own, as relative paths; [] for a run's folder and nothing
     else. Own: the names of OWN_FILES; in checkpoints/ only checkpoint folders, each holding only what its
     manifest.json lists; in eval/ only eval.py's folders of report.json and completions.jsonl; in report/ only the
-    report's table and plots. A config.json that is not a run's (a model's) is foreign, and so is any symbolic link
-    (deleting through it would reach outside the run). final/ and the trackers' folders are not checked file by file.
+    report's table and plots. A config.json that is not a run's (a model's) is foreign, and so is an own name that
+    is a symbolic link (deleting it as a folder would fail half-way, or reach outside the run; links deeper down are
+    removed, not followed). final/ and the trackers' folders are not checked file by file.
     Example: a run folder with model.safetensors, checkpoints/checkpoint-500 and report/notes.md beside the run's
              files -> ["checkpoints/checkpoint-500", "model.safetensors", "report/notes.md"]"""
     run_dir = Path(run_dir)
     found = [p.name for p in run_dir.iterdir() if p.name not in OWN_FILES]
     if (run_dir / "config.json").exists() and not is_run_config(run_dir):
         found.append("config.json")
-    found += [str(p.relative_to(run_dir)) for name in OWN_FILES for p in _links_under(run_dir / name)]
+    found += [name for name in OWN_FILES if (run_dir / name).is_symlink()]
     if (run_dir / CHECKPOINT_DIR).is_dir():
         for p in (run_dir / CHECKPOINT_DIR).iterdir():
             if not (p.is_dir() and CHECKPOINT_NAMES.fullmatch(p.name)):
                 found.append(f"{CHECKPOINT_DIR}/{p.name}")
-            elif (p / MANIFEST).is_file():
-                listed = _manifest_names(p / MANIFEST)
+            elif (listed := _manifest_names(p / MANIFEST)) is not None:
                 found += [str(f.relative_to(run_dir)) for f in p.rglob("*")
                           if f.is_file() and f.name != MANIFEST and str(f.relative_to(p)) not in listed]
     own_inside = {"eval": lambda f: len(f.parts) == 3 and f.name in ("report.json", "completions.jsonl"),
@@ -164,23 +164,14 @@ def foreign_files(run_dir: Path) -> list[str]:
     return sorted(set(found))
 
 
-def _links_under(path: Path) -> list[Path]:
-    """`path` itself if it is a symbolic link, else every symbolic link below it (not followed)."""
-    if path.is_symlink():
-        return [path]
-    if not path.is_dir():
-        return []
-    return [Path(root) / name for root, dirs, files in os.walk(path) for name in dirs + files
-            if (Path(root) / name).is_symlink()]
-
-
-def _manifest_names(path: Path) -> set[str]:
-    """The relative file names a checkpoint's manifest.json lists (empty if it cannot be read)."""
+def _manifest_names(path: Path) -> set[str] | None:
+    """The relative file names a checkpoint's manifest.json lists; None if there is none or it cannot be read (a
+    damaged checkpoint set aside, a save killed while writing it): then its files are not checked one by one."""
     try:
         listed = json.loads(path.read_text())
     except (OSError, ValueError):
-        return set()
-    return set(listed) if isinstance(listed, dict) else set()
+        return None
+    return set(listed) if isinstance(listed, dict) else None
 
 
 def model_folder_around(path: Path) -> Path | None:
