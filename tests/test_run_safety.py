@@ -321,6 +321,12 @@ def one_line_exit_2(capsys, call, fragment, after_progress=False):
     (["--resume", "x", "--overwrite"], "pass one"),
     (["--lora-r", "2", "--lora-targets", "qproj"], "'qproj' matches no module"),  # before the weights load
     (["--lora-r", "2", "--lora-targets", ","], "names no module"),
+    # a setting that cannot apply is refused, not ignored in silence
+    (["--schedule", "cosine", "--sigma", "0.3"], "--sigma applies only with --schedule gaussian"),
+    (["--schedule", "gaussian", "--sec-ema", "0.9"], "--sec-ema applies only with --schedule sec"),
+    (["--gamma", "0.5"], "--gamma applies only with --advantage ppo"),
+    (["--lora-r", "0", "--save-merged"], "--save-merged applies only with LoRA"),
+    (["--eval-pass-k-levels", "L1"], "--eval-pass-k-levels applies only with --eval-pass-k"),
 ])
 def test_train_rejects_bad_values_up_front(argv, fragment, capsys, tmp_path):
     if "cuda" in argv[-1] and torch.cuda.is_available():

@@ -237,6 +237,7 @@ def validate(cfg: Config) -> None:
     check_names(cfg)
     check_ranges(cfg)
     check_combinations(cfg)
+    check_settings_apply(cfg)
 
 
 def need(ok: bool, message: str) -> None:
@@ -357,6 +358,30 @@ def check_combinations(cfg: Config) -> None:
     need(0 <= samples <= MAX_ROLLOUT_ROWS, f"--eval-samples must be in [0, {MAX_ROLLOUT_ROWS:,}], got {samples}")
     need(all(1 <= k <= samples for k in cfg.eval_pass_k), f"--eval-pass-k needs 1 <= k <= --eval-samples "
                                                           f"({samples}); got {' '.join(map(str, cfg.eval_pass_k))}")
+
+
+# Settings that only some runs use: (the fields, whether this run uses them, what makes them apply)
+_APPLIES_ONLY = [
+    (("schedule_beta", "sigma", "min_prob"), lambda c: c.schedule == "gaussian", "--schedule gaussian"),
+    (("sec_temperature", "sec_ema"), lambda c: c.schedule == "sec", "--schedule sec"),
+    (("gamma", "lam"), lambda c: c.advantage == "ppo", "--advantage ppo"),
+    (("save_merged",), lambda c: c.lora_r > 0, "LoRA (--lora-r > 0)"),
+    (("eval_pass_k_levels",), lambda c: bool(c.eval_pass_k), "--eval-pass-k"),
+]
+
+
+def check_settings_apply(cfg: Config) -> None:
+    """A setting changed from its default where it cannot apply is refused: --sigma with --schedule cosine would
+    otherwise be ignored in silence, and the run would not be the one the command line describes. Not on --resume:
+    an earlier version accepted such settings, and its run must still continue."""
+    if cfg.resume:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    for names, applies, needs in _APPLIES_ONLY:
+        changed = [name for name in names if getattr(cfg, name) != defaults[name]]
+        if changed and not applies(cfg):
+            flag = "--" + changed[0].replace("_", "-")
+            raise UserError(f"{flag} applies only with {needs}; this run does not use it: drop it or add {needs}")
 
 
 def schedule_params(cfg: Config) -> dict[str, Any]:
