@@ -170,7 +170,7 @@ class Report:
             try:
                 with time_limit(self.budget_s - elapsed):
                     row = {"status": "ok", **fn()}
-            except (Exception, SystemExit, OverBudget) as exc:  # noqa: BLE001  (one failing section must not end the check)
+            except (Exception, SystemExit, OverBudget) as exc:  # noqa: BLE001  (one failing section: the check goes on)
                 traceback.print_exc()
                 row = {"status": "error", "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
                        if str(exc).strip() else type(exc).__name__}
@@ -618,8 +618,8 @@ def build_model_dir(directory: Path, mode: Mode) -> Path:
 def version_problem(requirements: Path = ROOT / "requirements.txt", names=("transformers", "peft")) -> str | None:
     """Why the installed transformers / peft miss requirements.txt's ranges, or None if both are in them.
 
-    A GPU box often comes with its own transformers (the H200 image of 2026-11 has 5.17); the figures are only worth a loan on
-    the versions the tests pass on, so the check stops before any GPU work and says how to bring them.
+    A GPU box often comes with its own transformers (the H200 image of 2026-11 has 5.17); the figures are only worth
+    a loan on the versions the tests pass on, so the check stops before any GPU work and says how to bring them.
     """
     from importlib import metadata
 

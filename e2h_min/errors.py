@@ -44,7 +44,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def at_least(minimum: int):
     """An argparse type for counts: an integer >= minimum, else a one-line error naming the flag.
-    Example: parser.add_argument("--repeats", type=at_least(1)); "--repeats -1" -> "argument --repeats: must be >= 1, got -1"
+    Example: add_argument("--repeats", type=at_least(1)); "--repeats -1" -> "argument --repeats: must be >= 1, got -1"
     """
     def parse(text: str) -> int:
         try:

@@ -271,7 +271,7 @@ MUTANTS = [
       "MATH grader compares words as products of letters (\\text{on} equals \\text{no})",
       ["tests/test_math_tasks.py"]),
     m("grader-math-root-in-exponent", "e2h_min/tasks/math_grader.py",
-      "if _raises_to_a_power(exponent) or", "if _contains(exponent, \"pow\") or",
+      "if _raises_to_a_power(exponent) or", "if _contains(exponent, _is(\"pow\")) or",
       "MATH grader refuses only powers in an exponent, not roots with an index (2^{\\sqrt[10^{-10}]{10}})",
       ["tests/test_math_tasks.py", "-k", "parser"]),
     m("grader-math-root-index-tower", "e2h_min/tasks/math_grader.py",

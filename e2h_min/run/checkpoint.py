@@ -248,6 +248,16 @@ def manifest_problem(path: Path, skip: tuple[str, ...] = ()) -> str | None:
     return None
 
 
+def manifest_names(path: Path) -> set[str] | None:
+    """The relative file names the checkpoint's manifest.json lists; None if it has none or it cannot be read (a
+    damaged checkpoint set aside, a save killed while writing it)."""
+    try:
+        recorded = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return set(recorded) if isinstance(recorded, dict) else None
+
+
 def has_checksums(path: Path) -> bool:
     """Whether the checkpoint's manifest records a sha256 for its files (this version's format)."""
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from e2h_min.errors import UserError, check_output_dir, check_path_name
 from e2h_min.analysis.report import REPORT_FILES
-from e2h_min.run.checkpoint import CHECKPOINT_DIR, MANIFEST
+from e2h_min.run.checkpoint import CHECKPOINT_DIR, MANIFEST, manifest_names
 from e2h_min.run.config import Config
 from e2h_min.jsonl import read_log, write_log
 from e2h_min.rl.samples import StepSamples
@@ -152,7 +152,7 @@ def foreign_files(run_dir: Path) -> list[str]:
         for p in (run_dir / CHECKPOINT_DIR).iterdir():
             if not (p.is_dir() and CHECKPOINT_NAMES.fullmatch(p.name)):
                 found.append(f"{CHECKPOINT_DIR}/{p.name}")
-            elif (listed := _manifest_names(p / MANIFEST)) is not None:
+            elif (listed := manifest_names(p)) is not None:  # unreadable: its files are not checked one by one
                 found += [str(f.relative_to(run_dir)) for f in p.rglob("*")
                           if f.is_file() and f.name != MANIFEST and str(f.relative_to(p)) not in listed]
     own_inside = {"eval": lambda f: len(f.parts) == 3 and f.name in ("report.json", "completions.jsonl"),
@@ -162,16 +162,6 @@ def foreign_files(run_dir: Path) -> list[str]:
             found += [str(f.relative_to(run_dir)) for f in (run_dir / folder).rglob("*")
                       if f.is_file() and not is_own(f.relative_to(run_dir))]
     return sorted(set(found))
-
-
-def _manifest_names(path: Path) -> set[str] | None:
-    """The relative file names a checkpoint's manifest.json lists; None if there is none or it cannot be read (a
-    damaged checkpoint set aside, a save killed while writing it): then its files are not checked one by one."""
-    try:
-        listed = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return set(listed) if isinstance(listed, dict) else None
 
 
 def model_folder_around(path: Path) -> Path | None:

@@ -362,14 +362,16 @@ def _raises_to_a_power(tree: tuple) -> bool:
     root's index: there they make numbers of unbounded size, such as 9^{9^{9}} or 2^{\sqrt[10^{-10}]{10}}
     (2 to the 10^{10^{10}}, which mpmath would spend gigabytes on), so the parser refuses them.
     Example: _raises_to_a_power(parse_math_expression(r"\sqrt[3]{2}")) is True; ... r"\sqrt{2}" ... is False"""
-    if tree[0] == "pow" or (tree[0] == "root" and tree[2] is not None):
-        return True
-    return any(isinstance(child, tuple) and _raises_to_a_power(child) for child in tree[1:])
+    return _contains(tree, lambda node: node[0] == "pow" or (node[0] == "root" and node[2] is not None))
 
 
-def _contains(tree: tuple, kind: str) -> bool:
-    """True if any node of `tree` has this kind. Example: _contains(("neg", ("pow", x, y)), "pow") is True."""
-    return tree[0] == kind or any(isinstance(child, tuple) and _contains(child, kind) for child in tree[1:])
+def _contains(tree: tuple, test) -> bool:
+    """True if any node of `tree` passes test(node). Example: _contains(("neg", ("inf",)), _is("inf")) is True."""
+    return test(tree) or any(isinstance(child, tuple) and _contains(child, test) for child in tree[1:])
+
+
+def _is(kind: str):
+    return lambda node: node[0] == kind
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -541,7 +543,7 @@ def expressions_equal(a: str, b: str) -> bool:
     tree_a, tree_b = parse_math_expression(a), parse_math_expression(b)
     if tree_a is None or tree_b is None:
         return False
-    if _contains(tree_a, "inf") or _contains(tree_b, "inf"):
+    if _contains(tree_a, _is("inf")) or _contains(tree_b, _is("inf")):
         return _infinity_sign(tree_a) == _infinity_sign(tree_b) != 0  # only a bare +-infinity means anything
     exact_a, exact_b = rational_value(tree_a), rational_value(tree_b)
     if exact_a is not None and exact_b is not None:
