@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.limits import (Limit, assumed_bandwidth, assumed_flops, copy_bandwidth, decode_read_bytes,  # noqa: E402
-                          decode_weight_bytes, describe, matmul_peak, model_shape,
+from bench.limits import (Limit, assumed_bandwidth, assumed_flops, beats_assumed, copy_bandwidth,  # noqa: E402
+                          decode_read_bytes, decode_weight_bytes, describe, matmul_peak, model_shape,
                           model_kv_bytes_per_token, share, tokens_fed)
 from e2h_min.engine.sampler import StopChecker, generate, left_pad  # noqa: E402
 from e2h_min.errors import OneLineErrorParser, at_least  # noqa: E402
@@ -219,6 +219,9 @@ def work_report(case: dict, group: int, results: dict) -> None:
     for name, runs in results.items():
         rate = statistics.median(w / t for w, (t, _) in zip(work[name], runs))
         print(f"  {name:15s} matmul FLOP/s {rate / 1e9:8.2f} G/s = {share(rate, limits)}")
+    note = beats_assumed(limits[1].value, limits[0])
+    if note:
+        print("  " + note)
 
 
 def decode_bytes(case: dict, group: int, lengths: list[int]) -> float:

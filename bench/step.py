@@ -39,8 +39,8 @@ checkpointed; that recompute is not model FLOPs).
 MFU = model FLOPs / step seconds / peak, peak = a large fp32 matmul timed on the same device and threads (on CUDA
 also a bf16 one, since training runs under bf16 autocast there).
 Beside the speed-ups, each column's update (its reference and update phases: model FLOPs / their seconds) as a
-share of the assumed peak (bench/limits.py: a GPU's dense bf16 datasheet figure; on a CPU threads x clock x 32 fp32
-FLOP/cycle; --peak-flops GFLOP/s replaces it) and of the measured matmul peaks (the practical limit on a shared
+share of the assumed peak (bench/limits.py: a GPU's dense bf16 datasheet figure; on a CPU threads x clock x 32 or 64
+fp32 FLOP/cycle by its vector units; --peak-flops GFLOP/s replaces it) and of the measured matmul peaks (the practical limit on a shared
 machine).
 
     python bench/step.py                          # CPU, 1 thread, the demo settings
@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (seed_step: the trainer's own step code)
-from bench.limits import Limit, assumed_flops, describe, matmul_peak, model_shape, share  # noqa: E402
+from bench.limits import Limit, assumed_flops, beats_assumed, describe, matmul_peak, model_shape, share  # noqa: E402
 from e2h_min.errors import OneLineErrorParser, UserError, at_least  # noqa: E402
 from e2h_min.run.config import schedule_params  # noqa: E402
 from e2h_min.run.presets import parse_config  # noqa: E402
@@ -304,7 +304,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-flops", type=float, default=None, metavar="GFLOP/s",
                         help="the assumed peak (default: a GPU's dense bf16 datasheet figure; on CPU threads x clock "
-                             "x 32 fp32 FLOP/cycle)")
+                             "x 32 or 64 fp32 FLOP/cycle, bench/limits.py)")
     args = parser.parse_args()
 
     try:
@@ -406,6 +406,9 @@ def report(results: dict, peaks: dict, steps: int, assumed: Limit | None = None)
               f"{step[now]:.3f} s)")
     limits = [assumed] + [Limit(v, f"measured {k} matmul", "") for k, v in peaks.items()]
     print("update (reference + update phases) FLOP/s as a share of the limits; " + describe(assumed, "--peak-flops"))
+    note = beats_assumed(max(peaks.values()), assumed)
+    if note:
+        print("  " + note)
     for n in names:
         flops = statistics.median(r["flops"]["reference"] + r["flops"]["update"] for r in results[n])
         seconds = statistics.median(r["seconds"]["reference"] + r["seconds"]["update"] for r in results[n])

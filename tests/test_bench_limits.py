@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from bench.limits import (Limit, assumed_bandwidth, assumed_flops, cpu_peak_flops, decode_read_bytes,
+from bench.limits import (Limit, assumed_bandwidth, assumed_flops, beats_assumed, cpu_clock_hz,
+                          cpu_fp32_flops_per_cycle, cpu_peak_flops, decode_read_bytes,
                           decode_weight_bytes, gpu_peaks, kv_bytes_per_token, model_shape, share,
                           tokens_fed)
 
@@ -79,6 +80,28 @@ def test_model_shape_counts_each_matrix_once():
 def test_cpu_peak_flops():
     assert cpu_peak_flops(1, 2.6e9) == pytest.approx(83.2e9)
     assert cpu_peak_flops(2, 3e9, flops_per_cycle=64) == pytest.approx(384e9)
+
+
+INTEL_AVX512 = "processor : 0\nvendor_id : GenuineIntel\ncpu family : 6\ncpu MHz : 2599.998\nflags : fma avx2 avx512f\n"
+
+
+def test_cpu_flops_per_cycle_follow_the_vector_units():
+    assert cpu_fp32_flops_per_cycle(INTEL_AVX512)[0] == 64  # two 512-bit FMA units
+    assert cpu_fp32_flops_per_cycle(INTEL_AVX512.replace(" avx512f", ""))[0] == 32  # AVX2: two 256-bit pipes
+    zen4 = INTEL_AVX512.replace("GenuineIntel", "AuthenticAMD").replace("family : 6", "family : 25")
+    assert cpu_fp32_flops_per_cycle(zen4)[0] == 32  # Zen 4 runs AVX-512 on 256-bit units
+    assert cpu_fp32_flops_per_cycle(zen4.replace("family : 25", "family : 26"))[0] == 64  # Zen 5
+    assert cpu_fp32_flops_per_cycle("")[0] == 32
+    # only the first core's fields count
+    assert cpu_fp32_flops_per_cycle(INTEL_AVX512.replace(" avx512f", "") + INTEL_AVX512)[0] == 32
+    assert cpu_clock_hz(INTEL_AVX512) == pytest.approx(2.599998e9)
+    assert cpu_clock_hz("cpu MHz : unknown\n") is None and cpu_clock_hz("") is None
+
+
+def test_a_measured_rate_above_the_assumed_peak_is_flagged():
+    assumed = Limit(100e9, "assumed", "1 core(s) x 2.60 GHz x 32")
+    assert beats_assumed(99e9, assumed) is None and beats_assumed(1e12, None) is None
+    assert "beats the assumed peak 100.0 G/s" in beats_assumed(169e9, assumed)
 
 
 def test_gpu_peak_table_matches_specific_names_first():
