@@ -13,7 +13,7 @@ import torch
 import train
 from e2h_min.run.setup import lr_multiplier
 from e2h_min.run.config import Config
-from e2h_min.engine.models import ValueHead, frozen_copy
+from e2h_min.engine.models import ValueHead, apply_lora, frozen_copy
 from e2h_min.rl.ppo import ppo_update
 from tests.test_train import random_model
 
@@ -371,3 +371,25 @@ def test_approx_kl_old_is_zero_on_policy_and_positive_after_a_step():
                                             make_cfg(num_iterations=2), lr=lr)
     assert stats[0.0]["approx_kl_old"] == 0.0 and stats[0.0]["clip_ratio"] == 0.0
     assert stats[0.03]["approx_kl_old"] > 1e-3 and stats[0.03]["clip_ratio"] > 0
+
+
+def test_ppo_on_a_fresh_rollout_starts_at_ratio_one_with_lora_dropout():
+    """A LoRA policy with dropout, in train mode as train.py leaves it: PPO's first iteration is on-policy
+    (approx_kl_old 0, nothing clipped). pi_old must be that pass's own log-probs: the pass that computes V_old for
+    GAE draws other dropout masks, and as pi_old it gave a ratio != 1 before any step."""
+    prompts, completions = batch_with_eos()
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 1])
+    torch.manual_seed(0)
+    policy = apply_lora(random_model(), r=8, alpha=16, dropout=0.1, targets="q_proj,v_proj")
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:  # a trained adapter (B = 0 at the start would make dropout irrelevant)
+            torch.nn.init.normal_(p, std=2.0)
+    policy.train()
+    cfg = make_cfg(advantage="ppo", max_grad_norm=0.0, lora_r=8)
+    value_head = ValueHead(policy.config.hidden_size)
+    trained = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    stats = ppo_update(policy, None, torch.optim.SGD(trained, lr=0.0), prompts, completions, rewards,
+                       [[0.0] * len(c) for c in completions], cfg, torch.device("cpu"),
+                       lambda: torch.autocast("cpu", enabled=False), value_head)
+    assert stats["approx_kl_old"] == 0.0 and stats["clip_ratio"] == 0.0
+

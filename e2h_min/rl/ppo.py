@@ -31,6 +31,9 @@ def ppo_update(policy, reference, optimizer, prompt_ids, completions, rewards, s
     rewards [N]: the verifier's reward of each of this rank's samples (not an advantage: GAE makes those).
     value_head: the models.ValueHead, trained by the same optimizer. Other arguments as update.policy_update.
     Per token: loss = -min(rho A_t, clip(rho) A_t) [+ beta * KL term, --kl-in-reward off] + vf_coef * value loss.
+    pi_old is the first iteration's own log-probs, as in update.policy_update: with dropout (LoRA's) a separate pass
+    draws other masks, and the ratio of a fresh rollout would not start at exactly 1. V_old (and the reward's KL)
+    come from a pass before any step, since GAE needs every token's value first.
     """
     mask = completion_mask(completions)  # [N, T]
     n, width = mask.shape
@@ -43,16 +46,14 @@ def ppo_update(policy, reference, optimizer, prompt_ids, completions, rewards, s
                             limits)
     stats = UpdateDiagnostics(["kl"] * kl_in_loss + ["value_loss"] + ["kl_reference"] * (reference is not None), n)
 
-    # GAE needs V_old (and pi_old, and with --kl-in-reward the reference) at every token before any step
+    # GAE needs V_old (and with --kl-in-reward the reference's KL) at every token before any step
     old_values = torch.zeros((n, width), device=device)
     token_rewards = torch.zeros((n, width), device=device)
-    old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old
     with torch.no_grad():
         for mb in batches.micro_batches(batches.prompts_forward()):
             with autocast():
                 logp, _, hidden = mb.logprobs(return_hidden=True)
                 old_values[mb.rows, :logp.shape[1]] = value_head(hidden) * mb.mask
-            old_logprobs[mb.index] = logp
             if cfg.kl_in_reward and reference is not None:  # per-token reward penalty -beta * k (default k1)
                 kl = kl_penalty(logp, mb.reference_logprobs(), kl_estimator_for(cfg))
                 token_rewards[mb.rows, :logp.shape[1]] -= cfg.beta * kl * mb.mask
@@ -64,6 +65,7 @@ def ppo_update(policy, reference, optimizer, prompt_ids, completions, rewards, s
     token_advantages = whiten(gae, valid, reduce=reduce)
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    old_logprobs: dict[int, torch.Tensor] = {}  # micro-batch -> log pi_old
     skipped = 0
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
@@ -71,7 +73,7 @@ def ppo_update(policy, reference, optimizer, prompt_ids, completions, rewards, s
         prompt_kv = batches.prompts_forward()
         for mb in batches.micro_batches(prompt_kv):
             logp, entropy, hidden = mb.logprobs(return_hidden=True)
-            old = old_logprobs[mb.index]
+            old = old_logprobs.setdefault(mb.index, logp.detach())  # first iteration: ratio exactly 1
             ref = mb.reference_logprobs() if kl_in_loss else None
             loss_tok, kl, flags = policy_token_loss(
                 logp, old, mb.select(token_advantages), mb.mask, cfg.epsilon, eps_high,
