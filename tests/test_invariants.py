@@ -393,3 +393,62 @@ def test_ppo_on_a_fresh_rollout_starts_at_ratio_one_with_lora_dropout():
                        lambda: torch.autocast("cpu", enabled=False), value_head)
     assert stats["approx_kl_old"] == 0.0 and stats["clip_ratio"] == 0.0
 
+
+def naive_gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
+    """A_t = sum_{u >= t} (gamma lam)^(u - t) delta_u, delta_u = r_u + gamma V_{u+1} - V_u, V past the end 0."""
+    v = values + [0.0]
+    delta = [rewards[t] + gamma * v[t + 1] - v[t] for t in range(len(rewards))]
+    return [sum((gamma * lam) ** (u - t) * delta[u] for u in range(t, len(delta))) for t in range(len(delta))]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_ppo_update_with_a_critic_equals_the_plain_reference(loss_type):
+    """The whole PPO gradient with a non-zero critic (trunk and value head, vf_coef applied) equals a reference
+    written out per sample: one full forward each, V read at the position before each completion token, GAE by its
+    definition, advantages whitened over all tokens, 0.5 * the clipped squared value error."""
+    prompts, completions = batch_with_eos()
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    cfg = make_cfg(advantage="ppo", gamma=0.9, lam=0.8, vf_coef=0.5, loss_type=loss_type)
+
+    def models():
+        policy = random_model()
+        torch.manual_seed(11)
+        value_head = ValueHead(policy.config.hidden_size)
+        torch.nn.init.normal_(value_head.score.weight, std=0.3)
+        torch.nn.init.constant_(value_head.score.bias, 0.2)
+        return policy, value_head, list(policy.parameters()) + list(value_head.parameters())
+
+    policy, value_head, params = models()
+    before = torch.cat([p.detach().flatten().clone() for p in params])
+    ppo_update(policy, None, torch.optim.SGD(params, lr=1.0), prompts, completions, rewards,
+               [[0.0] * len(c) for c in completions], cfg, torch.device("cpu"),
+               lambda: torch.autocast("cpu", enabled=False), value_head)
+    update = before - torch.cat([p.detach().flatten() for p in params])  # SGD, lr 1: the gradient
+
+    policy, value_head, params = models()
+
+    def values(prompt, completion):  # V(s_t) from the hidden state that predicts completion token t
+        hidden = policy.model(input_ids=torch.tensor([prompt + completion])).last_hidden_state[0]
+        return value_head(hidden[len(prompt) - 1: len(prompt) - 1 + len(completion)])
+
+    with torch.no_grad():
+        old_values = [values(p, c) for p, c in zip(prompts, completions)]
+    gae = [naive_gae([0.0] * (len(c) - 1) + [float(r)], v.tolist(), cfg.gamma, cfg.lam)
+           for c, r, v in zip(completions, rewards, old_values)]
+    flat = torch.tensor(sum(gae, []))
+    mean, var = flat.mean(), flat.var(unbiased=False)
+    per_token = []
+    for prompt, completion, a, old in zip(prompts, completions, gae, old_values):
+        logp = plain_logprobs(policy, prompt, completion, cfg.temperature)
+        returns = torch.tensor(a) + old
+        v = values(prompt, completion)
+        clipped = old + (v - old).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+        value_loss = 0.5 * torch.maximum((v - returns) ** 2, (clipped - returns) ** 2)
+        advantage = (torch.tensor(a) - mean) / torch.sqrt(var + 1e-8)
+        per_token.append(-torch.exp(logp - logp.detach()) * advantage + cfg.vf_coef * value_loss)
+    loss = aggregate(per_token, loss_type, cfg.max_new_tokens)
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+    head = sum(p.numel() for p in value_head.parameters())
+    assert expected[-head:].abs().max() > 1e-2  # the critic's own gradient is in the comparison
+    torch.testing.assert_close(update, expected, rtol=1e-4, atol=1e-5)
+
