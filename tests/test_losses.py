@@ -83,17 +83,24 @@ def test_kl_estimators_match_formulas_and_vanish_when_equal():
 
 
 def test_kl_sign_pulls_policy_toward_reference():
-    """The penalty is added to the loss: a gradient step on it must move log pi toward log pi_ref."""
-    logits = torch.zeros(4, requires_grad=True)
+    """The penalty is added to the loss: a gradient step on the trainer's loss (zero advantage, only the KL term)
+    moves pi toward pi_ref with k2 and k3, and the k3 estimator's mean under pi is the exact KL(pi||ref). k1 in the
+    loss has no expected gradient at all (E_pi[grad log pi] = 0): the trap that makes k1 belong in the reward."""
     ref = torch.log_softmax(torch.tensor([2.0, 0.0, 0.0, 0.0]), -1)
-    logp = torch.log_softmax(logits, -1)
-    # exact KL(pi||ref) by enumeration; the k3 estimator's expectation under pi equals it
-    probs = logp.exp()
-    expected_kl = (probs * (logp - ref)).sum()
-    k3_mean = (probs * kl_penalty(logp, ref, "k3")).sum()
-    assert k3_mean.item() == pytest.approx(expected_kl.item(), rel=1e-5)
-    expected_kl.backward()
-    assert logits.grad[0] < 0  # descending the loss raises the logit the reference prefers
+    probs = torch.softmax(torch.zeros(4), -1)
+    assert (probs * kl_penalty(torch.log(probs), ref, "k3")).sum().item() == pytest.approx(
+        (probs * (torch.log(probs) - ref)).sum().item(), rel=1e-5)
+    for estimator in ("k1", "k2", "k3"):
+        logits = torch.zeros(4, requires_grad=True)  # pi uniform
+        logp = torch.log_softmax(logits, -1)[:, None]  # each of the 4 tokens as a one-token sample [4, 1]
+        loss, _, _ = policy_token_loss(logp, logp.detach(), torch.zeros(4), torch.ones(4, 1, dtype=torch.bool),
+                                       0.2, 0.2, ref_logp=ref[:, None], beta=1.0, kl_estimator=estimator)
+        (probs[:, None] * loss).sum().backward()  # the expected loss over the sampled token
+        if estimator == "k1":
+            assert logits.grad.abs().max() < 1e-7
+            continue
+        assert logits.grad[0] < 0, estimator  # descending it raises the logit the reference prefers
+        assert (logits.grad[1:] > 0).all(), estimator
 
 
 def test_clipped_surrogate_matches_naive_loop():
