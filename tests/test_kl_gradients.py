@@ -5,6 +5,8 @@ the trainer's own loss functions (losses.policy_token_loss, sequence_kl, compute
 kl_penalised_advantages); the targets are autograd gradients of the exact KL sums.
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ from e2h_min.run.config import combination_warnings
 from e2h_min.run.presets import parse_config
 from e2h_min.analysis.kl_gradients import (OPTIONS, categorical_setup, compare, expected_gradient, kl_table,
                                   target_gradient)
-from e2h_min.rl.advantages import compute_advantages, rloo_advantages
+from e2h_min.rl.advantages import compute_advantages, kl_penalised_advantages, rloo_advantages
+from e2h_min.rl.losses import policy_token_loss, sequence_kl
 from e2h_min.engine.models import TINY_MODEL_DIR
 from tests.test_train import random_model, run_update, sample_batch
 
@@ -195,3 +198,71 @@ def test_kl_to_reference_script_sums_the_exact_per_position_kl():
             for t in range(len(p) - 1, len(p) - 1 + len(c)):
                 expected += float((logp[t].exp() * (logp[t] - ref[t])).sum())
     assert tokens == sum(map(len, completions)) and total == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- two-token completions
+def two_token_policy(seed=0, vocab=4):
+    """A tabular policy over two-token completions: logits th1 [V] for token 1, th2 [V, V] for token 2 given
+    token 1; the reference the same shape. Returns (params, log-prob fn, ref log-prob fn, the V^2 completions)."""
+    torch.manual_seed(seed)
+    th1 = torch.randn(vocab, dtype=torch.float64, requires_grad=True)
+    th2 = torch.randn(vocab, vocab, dtype=torch.float64, requires_grad=True)
+    r1, r2 = th1.detach() + torch.randn(vocab, dtype=torch.float64), th2.detach() + torch.randn(vocab, vocab,
+                                                                                               dtype=torch.float64)
+
+    def logp(seq, a, b):  # [2] log-probs of the completion's two tokens
+        return torch.stack([torch.log_softmax(a, -1)[seq[0]], torch.log_softmax(b[seq[0]], -1)[seq[1]]])
+
+    return [th1, th2], (lambda seq: logp(seq, th1, th2)), (lambda seq: logp(seq, r1, r2)), \
+        list(itertools.product(range(vocab), repeat=2))
+
+
+def flat_grad(value, params):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(value, params)])
+
+
+def test_over_two_tokens_k1_in_the_reward_is_the_gradient_of_the_completion_s_kl():
+    """For whole completions (equal lengths, every token the same loss weight) k1 in the reward is exact: its
+    expected gradient is beta * grad KL(pi||ref) of the completion distribution, through the trainer's functions."""
+    params, logp, ref, seqs = two_token_policy()
+    prob = {s: logp(s).sum().exp() for s in seqs}
+    target = flat_grad(sum(prob[s] * (logp(s) - ref(s)).sum() for s in seqs), params)
+    expected = 0
+    for s, u in itertools.product(seqs, seqs):  # every group of G = 2 completions, weighted by its probability
+        x, x_ref = torch.stack([logp(s), logp(u)]), torch.stack([ref(s), ref(u)])
+        mask = torch.ones(2, 2, dtype=torch.bool)
+        advantages = kl_penalised_advantages(torch.zeros(2, dtype=torch.float64),
+                                             sequence_kl(x.detach(), x_ref, mask, "k1"), 1.0, 2)
+        loss, _, _ = policy_token_loss(x, x.detach(), advantages, mask, 0.2, 0.2)
+        expected = expected + (prob[s] * prob[u]).detach() * loss.sum() / 2  # one weight per token (1 / N)
+    torch.testing.assert_close(flat_grad(expected, params), target, rtol=1e-9, atol=1e-12)
+
+
+def test_over_two_tokens_a_kl_term_in_the_loss_is_per_position_not_the_completion_s():
+    """A KL term in the loss gives, at each token, that position's KL gradient with the sampled prefix held fixed
+    (k2: grad KL(pi(.|prefix)||ref(.|prefix)) summed over positions); it misses how theta moves the prefixes, so it
+    is not the gradient of the completion's KL (docs/algorithms.md says so)."""
+    params, logp, ref, seqs = two_token_policy()
+    prob = {s: logp(s).sum().exp() for s in seqs}
+    expected = 0
+    for s in seqs:
+        x = logp(s)[None]
+        loss, _, _ = policy_token_loss(x, x.detach(), torch.zeros(1, dtype=torch.float64),
+                                       torch.ones(1, 2, dtype=torch.bool), 0.2, 0.2, ref_logp=ref(s)[None], beta=1.0,
+                                       kl_estimator="k2")
+        expected = expected + prob[s].detach() * loss.sum()
+    gradient = flat_grad(expected, params)
+    th1, th2 = params
+    prefix = torch.softmax(th1, -1).detach()  # P(first token), held fixed
+
+    def kl(logits, ref_logits):  # KL(softmax(logits) || softmax(ref_logits)) over the last dimension
+        lp, lr = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+        return (lp.exp() * (lp - lr)).sum(-1)
+
+    ref1 = torch.stack([ref((a, 0))[0] for a in range(4)])  # the reference's log-probs of token 1
+    ref2 = torch.stack([torch.stack([ref((a, b))[1] for b in range(4)]) for a in range(4)])
+    per_position = kl(th1, ref1) + (prefix * kl(th2, ref2)).sum()
+    torch.testing.assert_close(gradient, flat_grad(per_position, params), rtol=1e-9, atol=1e-12)
+    completion_kl = flat_grad(sum(prob[s] * (logp(s) - ref(s)).sum() for s in seqs), params)
+    assert torch.nn.functional.cosine_similarity(gradient, completion_kl, 0) < 0.999
+

@@ -60,8 +60,9 @@ def kl_penalised_advantages(advantages: torch.Tensor, sequence_kl_values: torch.
     advantages [N] are those of the verifier rewards alone (normalised by compute_advantages); the KL penalty is
     subtracted AFTER the normalisation, so its size is beta's, whatever the group's reward spread: a group whose
     rewards are all equal gets -beta * (its centred KL), not a unit-scale advantage made of KL alone. The
-    leave-one-out baseline leaves the expectation unchanged: with k1, E[gradient] = beta * grad KL(pi||ref)
-    exactly, for any group size (tests/test_kl_gradients.py). sequence_kl_values [N] -> [N].
+    leave-one-out baseline leaves the expectation unchanged: with k1, E[gradient] = beta * grad KL(pi||ref) of
+    the whole completion exactly, for any group size, when every token has the same loss weight (dr_grpo, or
+    equal lengths; tests/test_kl_gradients.py). sequence_kl_values [N] -> [N].
     Example: A = [0, 0], KL = [.3, .1], beta .1 -> [-.02, .02].
     """
     return advantages - beta * rloo_advantages(sequence_kl_values.to(advantages.dtype), group_size)

@@ -65,8 +65,9 @@ def kl_loss_term(logp: torch.Tensor, ref_logp: torch.Tensor, old_logp: torch.Ten
                  estimator: str = "k3", bias_correction: bool = False, level: str = "token") -> torch.Tensor:
     """The per-token KL term [N, T] the update adds to the loss (times beta) when the KL sits in the loss.
 
-    Plain: k(d). The loss's gradient is the estimator's own gradient at samples of pi, whose expectation is
-    (exactly, tests/test_kl_gradients.py): k1 -> 0 (E_pi[grad log pi] = 0: noise only); k2 -> grad KL(pi||ref);
+    Plain: k(d). The loss's gradient is the estimator's own gradient at samples of pi, whose expectation is, per
+    position with the sampled prefix held fixed (exactly, tests/test_kl_gradients.py; not the gradient of a whole
+    completion's KL, docs/algorithms.md): k1 -> 0 (E_pi[grad log pi] = 0: noise only); k2 -> grad KL(pi||ref);
     k3 -> grad KL(ref||pi) (DeepSeekMath's choice).
     bias_correction (TRL's use_bias_correction_kl): rho * k(d), rho = exp(importance_log_ratio) as in the
     surrogate (not clipped), so E_{pi_old}[rho k] = E_pi[k] and the gradient is that of the KL the estimator
