@@ -198,8 +198,10 @@ def test_safe_arith_matches_python_on_random_expressions():
     ("6 / 4 * 2", [2, 4, 6], 3, 1.0),  # non-integer intermediate (3/2) is fine
     ("-3 + 5", [3, 5], 2, 1.0),  # unary minus allowed
     ("7 * 7", [7, 7], 49, 1.0),  # repeated given numbers each used once
-    ("1 / 100001", [1, 100001], 0, 1.0),  # |value - target| < 1e-5
-    ("1 / 100000", [1, 100000], 0, 0.1),  # exactly 1e-5 is not within
+    ("1 / 100001", [1, 100001], 0, 0.1),  # within the paper's 1e-5 of the target, but not equal: wrong
+    ("40 / (47 * 48 * 81 * 88)", [47, 40, 81, 48, 88], 0, 0.1),  # ~1.2e-7: a policy can build these
+    ("7 + 25 / (29 * 31 * 40 * 75)", [7, 40, 29, 25, 31, 75], 7, 0.1),
+    ("(1 + 2) / 3 * 3 - 2", [1, 2, 3, 3, 2], 1, 1.0),  # exact rational arithmetic: (3/3)*3 - 2 is exactly 1
     ("(19 + 43) - 34", [44, 19, 35], 28, 0.1),  # right value, numbers not given
     ("19 + 44 - 35", [44, 19, 35], 27, 0.1),  # wrong value
     ("44 - 19 + 19 - 16", [44, 19, 35], 28, 0.1),  # reused number, extra number

@@ -6,9 +6,13 @@ seeded RNG, so any problem can be rebuilt from (seed, split, level, index) alone
 Reward (the grader, below): 0.0 when the format fails (e2h_min.tasks.rewards.parse_think_answer), else 0.1 for the
 format plus 0.9 when the answer is correct, so the reward is exactly 0.0, 0.1 or 1.0. Correct means: the answer
 is an arithmetic expression over ASCII digits, + - * / ( ) and the space character; its integer literals equal
-the given numbers as a multiset (each used exactly once); and its exact rational value is within 1e-5 of the
-target (strictly, as the paper's code compares). A division by zero, a syntax error or any other reject is simply
-a wrong answer (0.1): it never removes the format reward.
+the given numbers as a multiset (each used exactly once); and its exact rational value equals the target. (The
+paper accepts a value within 1e-5 of the target because its code evaluates in floats; in exact arithmetic a
+correct answer equals the target, so the tolerance would only admit wrong ones, and a policy can build them:
+"40 / (47 * 48 * 81 * 88)" is about 1e-7, so within 1e-5 of a target 0, and the same trick, the target plus the
+smallest number over the product of the rest, fits about 2% of level-3 problems and 9% of OOD ones.) A
+division by zero, a syntax error or any other reject is simply a wrong answer (0.1): it never removes the format
+reward.
 
 Why no eval(). The public code checks the answer with a character filter and then eval()s it. Its filter admits
 '**' and '//' (both are made of allowed characters), so '2**3' or '7//2' score as correct answers and '9**9**9'
@@ -71,8 +75,6 @@ def countdown_prompt(numbers: list[int], target: int) -> str:
 
 
 # ---------------------------------------------------------------- the grader: a safe arithmetic parser
-TARGET_TOLERANCE = Fraction(1, 10**5)
-
 MAX_EXPRESSION_CHARS = 512
 MAX_NESTING = 50  # parentheses plus unary signs; keeps recursion far below Python's limit
 MAX_LITERAL_DIGITS = 12
@@ -212,7 +214,7 @@ def countdown_reward(completion: str, numbers: list[int], target: int) -> float:
     if result is None:
         return FORMAT_REWARD
     value, literals = result
-    if sorted(literals) != sorted(numbers) or abs(value - target) >= TARGET_TOLERANCE:
+    if sorted(literals) != sorted(numbers) or value != target:
         return FORMAT_REWARD
     return FORMAT_REWARD + ANSWER_REWARD
 
