@@ -161,6 +161,33 @@ MATH_PAIRS = [
     ("1/(x-x)", "2/(x-x)", False),
     (r"\frac{1}{x-x}", "3", False),
     (r"\frac{x}{0}", r"\frac{2x}{0}", False),
+    # a spaced comma separates list items; only an unspaced one is a thousands separator
+    ("1, 100", "1100", False),
+    ("1, 000", "1000", False),
+    ("100, 1", "1, 100", True),
+    ("1,000", "1000", True),
+    # a huge exponent of a negative or complex base: its phase is lost to rounding, so no value
+    (r"(-1)^{\sqrt{2}\cdot" + "9" * 30 + r"\cdot" + "9" * 30 + "}", "1", False),
+    (r"i^{\sqrt{2}\cdot" + "9" * 30 + r"\cdot" + "9" * 30 + "}", "1", False),
+    (r"\sqrt[\frac{\pi}{" + "9" * 30 + r"\cdot" + "9" * 30 + r"}]{-1}", "1", False),
+    # words in \text{} are compared as text, whatever the other side looks like, without case
+    ("{no}", r"\text{on}", False),
+    ("od^2", r"\text{odd}", False),
+    ("1dod", r"\text{odd}", False),
+    ("odd", r"\text{odd}", True),
+    (r"\text{Even}", r"\text{even}", True),
+    (r"\text{No solution}", r"\text{no solution}", True),
+    # a row break followed by a space is a row break
+    (r"\begin{pmatrix}-1/3\\1/3\end{pmatrix}", r"\begin{pmatrix} -1/3 \\ 1/3 \end{pmatrix}", True),
+    # one \pm is the list of its two values
+    (r"\pm 2", "2, -2", True),
+    (r"1\pm\sqrt{2}", r"1+\sqrt2, 1-\sqrt2", True),
+    (r"\frac{1\pm\sqrt5}{2}", r"\frac{1-\sqrt5}{2}, \frac{1+\sqrt5}{2}", True),
+    (r"\pm 2", "2", False),
+    # the variable an equation names must be the same; a number has one decimal point
+    ("x=2x+3", "y=2x+3", False),
+    ("y=2x+3", "2x+3", True),
+    ("2.5.3", "0.75", False),
 ]
 
 
@@ -269,6 +296,8 @@ def test_grader_works_off_the_main_thread():
     ("step-2 gives 7", 2.0),
     (".5", 0.5),
     ("1.2.3", 1.2),
+    ("2,3", 2.0),  # a comma is a thousands separator only before exactly three digits
+    ("10,000,000", 1e7),
     ("no number here", None),
 ])
 def test_first_number(text, expected):

@@ -4,9 +4,11 @@ r"""Checking a MATH answer against the gold answer (spec section 7): extract, no
    whole answer text when it has no box (the prompt asks for a box; a bare answer is accepted, not punished).
 2. Normalise (`normalize_math_answer`, Minerva-style): drop $ and \( \) delimiters, \left \right, spacing
    commands, \displaystyle, degree signs, percent signs, \text{...} wrappers (keeping the text), trailing units
-   ("5 cm", "12 square inches"), a "x =" or "x \in" prefix, trailing '.', whitespace; \dfrac -> \frac; \frac12 ->
-   \frac{1}{2}; thousands separators; "(C)" -> "C"; a mixed number 2\frac{1}{4} -> (2+\frac{1}{4}). Equal normal
-   forms are a match.
+   ("5 cm", "12 square inches"), a "x =" or "x \in" prefix (two answers that both name a variable must name the
+   same one), trailing '.', whitespace; \dfrac -> \frac; \frac12 -> \frac{1}{2}; thousands separators (an
+   unspaced "1,000"; "1, 100" is a list); "(C)" -> "C"; a mixed number 2\frac{1}{4} -> (2+\frac{1}{4}). Equal
+   normal forms are a match. An answer written as words in \text{} ("\text{odd}") is compared as text only, without
+   case. One \pm is the list of its two values (1\pm\sqrt2 == "1+\sqrt2, 1-\sqrt2").
 3. Compare values. Both normal forms are parsed with a small LaTeX grammar of our own (never eval, never sympify):
        expr  := term (('+' | '-') term)*
        term  := unary (('*' | \cdot | \times | '/' | \div)? unary)*        (no operator = implicit product)
@@ -18,7 +20,8 @@ r"""Checking a MATH answer against the gold answer (spec section 7): extract, no
    - two rational constants are compared exactly (fractions.Fraction): 0.5 == \frac{1}{2} == 2/4;
    - otherwise both are evaluated with mpmath at 40 significant digits, as constants (\frac{\sqrt2}{2} ==
      \frac{1}{\sqrt2}) or at 3 fixed points of their variables ((x+1)^2 == x^2+2x+1), and must agree within a
-     relative 1e-20 wherever both are defined; +-\infty only equals itself.
+     relative 1e-20 wherever both are defined; +-\infty only equals itself. A power whose exponent the precision
+     cannot hold (a rational one longer than it; any too large for a negative or complex base) has no value.
    Tuples and intervals match element by element with the same brackets; bare comma lists ("1, 2"), sets
    (\{1, 2\}, equal to the list "1, 2"; \{2\} is 2) and \cup unions as multisets.
 
@@ -116,7 +119,7 @@ _TRAILING_UNIT = re.compile(r"(?<=[\d})\s])\s*(?:" + "|".join(_UNIT_WORDS) + r")
 _TEXT_WRAPPER = re.compile(
     r"\\(?:text|textbf|textit|textrm|textnormal|textup|mbox|mathrm|mathbf|mathit|mathsf|rm|bf)\s*\{([^{}]*)\}")
 _SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![a-zA-Z])")
-_SPACING = re.compile(r"\\[!,;: ]|\\q?quad(?![a-zA-Z])|\\displaystyle(?![a-zA-Z])|~")
+_SPACING = re.compile(r"(?<!\\)\\[!,;: ]|\\q?quad(?![a-zA-Z])|\\displaystyle(?![a-zA-Z])|~")
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])|°")
 _RELATION = re.compile(r"=|\\in(?![a-zA-Z])")
 _VARIABLE_PREFIX = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?[a-zA-Z0-9]+\}?)?(?:=|\\in(?![a-zA-Z]))(?=.)")
@@ -130,13 +133,23 @@ def normalize_math_answer(answer: str) -> str:
              normalize_math_answer(r"12\text{ square inches}") == "12";
              normalize_math_answer(r"\left( 1, 2 \right]") == "(1,2]"; normalize_math_answer("90^\circ") == "90"
     """
+    return _normal_form(answer)[1]
+
+
+def _normal_form(answer: str) -> tuple[str, str]:
+    r"""(the variable a leading "x =" or "x \in" named, or "", the normal form). Example: "y = 2x" -> ("y", "2x")."""
     s = answer.strip().replace("\u2212", "-")
     if len(s) > MAX_ANSWER_CHARS:
-        return s
+        return "", s
     s = re.sub(r"\s+", " ", s)  # one space per blank run keeps every later \s* short (no quadratic regex time)
-    s = _drop_spaces(_strip_text_and_units(_strip_markup(s))).rstrip(".")
-    s = _VARIABLE_PREFIX.sub("", s) if len(_RELATION.findall(s)) == 1 else s  # "x = 5", "x \in [2, 5)"
-    return re.sub(r"^\(([A-Za-z])\)$", r"\1", _canonical_numbers(s))  # "(C)" -> "C"
+    s = _strip_text_and_units(_strip_markup(s))
+    if re.fullmatch(r" ?-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\.? ?", s):  # "1,000" is one number; "1, 100" (spaced) two
+        s = s.replace(",", "")
+    s = _drop_spaces(s).rstrip(".")
+    prefix = _VARIABLE_PREFIX.match(s) if len(_RELATION.findall(s)) == 1 else None  # "x = 5", "x \in [2, 5)"
+    variable = _RELATION.split(prefix.group())[0] if prefix else ""
+    s = s[prefix.end():] if prefix else s
+    return variable, re.sub(r"^\(([A-Za-z])\)$", r"\1", _canonical_numbers(s))  # "(C)" -> "C"
 
 
 def _strip_markup(s: str) -> str:
@@ -173,7 +186,7 @@ def _strip_text_and_units(s: str) -> str:
 
 
 def _canonical_numbers(s: str) -> str:
-    r"""\frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, 1,000 -> 1000, .5 -> 0.5, 2.50 -> 2.5.
+    r"""\frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, 1{,}000 -> 1000, .5 -> 0.5, 2.50 -> 2.5.
 
     Example: _canonical_numbers(r"\frac12+\sqrt3") == r"\frac{1}{2}+\sqrt{3}"
     """
@@ -182,8 +195,6 @@ def _canonical_numbers(s: str) -> str:
     s = re.sub(r"\\frac\{([^{}]*)\} ?(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt ?([0-9a-zA-Z])", r"\\sqrt{\1}", s)
     s = s.replace("{,}", "")
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
-        s = s.replace(",", "")
     s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)
     if re.fullmatch(r"-?\d+\.\d*", s):
         s = s.rstrip("0").rstrip(".")
@@ -244,7 +255,7 @@ def parse_math_expression(text: str) -> tuple | None:
     Example: parse_math_expression(r"2\sqrt{3}") == ("mul", ("num", Fraction(2)), ("root", ("num", Fraction(3)), None))
              parse_math_expression(r"\sin x") is None   (functions are outside the grammar)
     """
-    if not text or len(text) > MAX_VALUE_CHARS:
+    if not text or len(text) > MAX_VALUE_CHARS or re.search(r"\d\.\d*\.", text):  # "2.5.3" is no number
         return None
     tokens = [t for t in _TOKEN.findall(text) if not t.isspace()]
     try:
@@ -465,7 +476,7 @@ def evaluate(tree: tuple, ctx, values: dict):
         odd = ctx.isint(index) and int(index) % 2 == 1
         if odd and ctx.im(radicand) == 0 and ctx.re(radicand) < 0:
             return -ctx.power(-radicand, 1 / ctx.mpf(index))
-        return ctx.power(radicand, 1 / ctx.convert(index))
+        return _power(radicand, 1 / ctx.convert(index), ctx)
     left, right = evaluate(tree[1], ctx, values), evaluate(tree[2], ctx, values)
     if kind == "add":
         return left + right
@@ -478,7 +489,16 @@ def evaluate(tree: tuple, ctx, values: dict):
     exact = rational_value(tree[2])
     if exact is not None and max(exact.numerator.bit_length(), exact.denominator.bit_length()) > ctx.prec - 8:
         raise ValueError("an exponent the working precision cannot hold")  # rounded, (-1)^{even + 1} would be 1
-    return ctx.power(left, right)
+    return _power(left, right, ctx)
+
+
+def _power(base, exponent, ctx):
+    """base^exponent, refused (ValueError) when a negative or complex base meets an exponent too large for the
+    working precision: the result's phase, pi * exponent for base -1, is then lost to rounding, and
+    (-1)^{sqrt(2) * 10^59} would come out exactly 1."""
+    if not (ctx.im(base) == 0 and ctx.re(base) >= 0) and abs(exponent) >= ctx.mpf(2) ** (ctx.prec - 8):
+        raise ValueError("an exponent the working precision cannot hold")
+    return ctx.power(base, exponent)
 
 
 def _variables(tree: tuple) -> set[str]:
@@ -669,6 +689,19 @@ def _time_limit(seconds: float):
             signal.signal(signal.SIGALRM, previous)
 
 
+# An answer written as words in \text{} ("\text{odd}", "\text{no solution}"): the other must be the same words.
+_TEXT_ANSWER = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm)\s*\{\s*[A-Za-z]+(?: [A-Za-z]+)*\s*\}")
+
+
+def _expand_plus_minus(s: str) -> str:
+    r"""One \pm (or \mp) in an answer that is not a list: the list of its two values. Example: "1\pm\sqrt{2}" ->
+    "1+\sqrt{2},1-\sqrt{2}"."""
+    if s.count("\\pm") + s.count("\\mp") != 1 or _split_top_level(s, ",") != [s]:
+        return s
+    sign = "\\pm" if "\\pm" in s else "\\mp"
+    return f"{s.replace(sign, '+')},{s.replace(sign, '-')}"
+
+
 def math_answers_equivalent(prediction: str, gold: str, time_limit: float = SYMBOLIC_TIME_LIMIT_S) -> bool:
     r"""True if the predicted final answer equals the gold one after normalisation, or in value (docstring).
 
@@ -676,9 +709,14 @@ def math_answers_equivalent(prediction: str, gold: str, time_limit: float = SYMB
     Example: math_answers_equivalent(r"\dfrac12", "0.5") is True; math_answers_equivalent("[1,2)", "(1,2)")
              is False; math_answers_equivalent(r"\text{(B)}", "B") is True
     """
-    pred, ref = normalize_math_answer(prediction), normalize_math_answer(gold)
+    (pred_variable, pred), (ref_variable, ref) = _normal_form(prediction), _normal_form(gold)
+    if pred_variable and ref_variable and pred_variable != ref_variable:
+        return False  # "x = 2x + 3" is not "y = 2x + 3"
     if pred == ref:
         return True
+    if any(_TEXT_ANSWER.fullmatch(_strip_markup(a.strip())) for a in (prediction, gold)):
+        return pred.lower() == ref.lower()  # words: compared as text ("od^2" is not "odd", "{no}" not "on")
+    pred, ref = _expand_plus_minus(pred), _expand_plus_minus(ref)
     if not pred or not ref or len(pred) > MAX_VALUE_CHARS or len(ref) > MAX_VALUE_CHARS:
         return False
     deadline = time.monotonic() + time_limit

@@ -213,16 +213,18 @@ def hash_split(question: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Answer extraction and rewards
 
+_THOUSANDS_COMMA = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")
 _FIRST_NUMBER = re.compile(r"(?:(?<![0-9A-Za-z])-)?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)")
 
 
 def first_number(text: str) -> float | None:
-    """The first number in `text` after removing commas; None if there is none.
+    """The first number in `text` after removing thousands separators; None if there is none.
 
+    Only a comma between a digit and exactly three digits is a separator: "2,3" is 2 then 3, not 23.
     Example: first_number("The total is $1,250.50.") == 1250.5; first_number("x = -3") == -3.0;
-             first_number("step-2 gives 7") == 2.0; first_number("none") is None
+             first_number("step-2 gives 7") == 2.0; first_number("2,3") == 2.0; first_number("none") is None
     """
-    match = _FIRST_NUMBER.search(text.replace(",", "").replace("\u2212", "-"))
+    match = _FIRST_NUMBER.search(_THOUSANDS_COMMA.sub("", text).replace("\u2212", "-"))
     if match is None:
         return None
     if len(match.group()) > MAX_NUMBER_CHARS:
