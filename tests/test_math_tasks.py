@@ -188,6 +188,14 @@ MATH_PAIRS = [
     ("x=2x+3", "y=2x+3", False),
     ("y=2x+3", "2x+3", True),
     ("2.5.3", "0.75", False),
+    # radicals of variables compare where both sides are real: other branches at negative test points do not count
+    (r"\sqrt{8x^3}", r"2x\sqrt{2x}", True),
+    (r"\sqrt{x^3}", r"x\sqrt{x}", True),
+    (r"\sqrt[3]{x}", r"x^{\frac13}", True),
+    (r"\sqrt{x^2}", "x", False),  # both real at x < 0, and different there
+    (r"\sqrt{x^3}", r"-x\sqrt{x}", False),
+    (r"\sqrt{x}", r"\sqrt{-x}", False),  # never both real: no test point agrees
+    ("ix", "-ix", False),
 ]
 
 

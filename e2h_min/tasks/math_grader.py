@@ -522,16 +522,20 @@ def _numbers_close(x, y, ctx) -> bool | None:
 
 
 def _values_equal(a: tuple, b: tuple, mpmath) -> bool:
-    """Numeric identity test: equal at EVAL_DIGITS (constants) or at every defined test point (variables)."""
+    """Numeric identity test: equal at EVAL_DIGITS (constants) or at every test point (variables) where both are
+    defined and, if they differ there, both real; at least one test point must agree."""
     ctx = _context(mpmath)
     names = sorted(_variables(a) | _variables(b))
     verdicts = []
     for point in range(3 if names else 1):
         values = _test_point(names, point, ctx)
         try:
-            verdict = _numbers_close(evaluate(a, ctx, values), evaluate(b, ctx, values), ctx)
+            value_a, value_b = evaluate(a, ctx, values), evaluate(b, ctx, values)
+            verdict = _numbers_close(value_a, value_b, ctx)
         except (ZeroDivisionError, ValueError, OverflowError):
             verdict = None  # undefined at this point (e.g. 1/(x-x)); try the others
+        if verdict is False and names and (ctx.im(value_a) != 0 or ctx.im(value_b) != 0):
+            verdict = None  # off the real domain two forms may take other branches: \sqrt{8x^3}, 2x\sqrt{2x} at x < 0
         if verdict is False:
             return False
         verdicts.append(verdict)
