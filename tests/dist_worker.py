@@ -49,12 +49,15 @@ LOOP_VARIANTS = {
     "dynamic_sampling": ["--dynamic-sampling", "--max-resample-rounds", "3"],
     "drop_zero_std": ["--drop-zero-std", "--no-skip-zero-advantage"],
     "fsdp": ["--parallel", "fsdp", "--beta", "0.05"],  # one process: the replicated path (nothing to shard)
+    "kl_in_reward": ["--beta", "0.05", "--kl-in-reward"],  # the KL's leave-one-out baseline across ranks
+    "scale_batch": ["--scale-rewards", "batch"],  # the batch std over every rank's rewards
+    "dr_grpo": ["--loss-type", "dr_grpo"],
 }
 CHECKPOINTED_LM_HEAD = {"fsdp"}  # variants whose LM-head chunks are recomputed in backward (as a real vocab's)
 # FSDP2 with AdamW (its sharded state goes through the checkpoint): uninterrupted, and stopped on every rank
 # right after the step-1 checkpoint, then resumed.
 RESUME_ARGS = ["--parallel", "fsdp", "--save-every", "1", "--lr", "1e-3"]
-UPDATE_LOSSES = ["grpo", "dapo"]
+UPDATE_LOSSES = ["grpo", "dapo", "dr_grpo"]
 
 
 class PlainSGD(torch.optim.SGD):
