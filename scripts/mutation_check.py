@@ -280,7 +280,7 @@ MUTANTS = [
       ["tests/test_math_tasks.py", "-k", "parser"]),
     m("grader-math-rounded-exponent", "e2h_min/tasks/math_grader.py",
       "exact.denominator.bit_length()) > ctx.prec - 8:", "exact.denominator.bit_length()) > 10**9:",
-      "MATH grader rounds a 200-bit integer exponent to 40 digits ((-1)^{odd} equals 1)", ["tests/test_math_tasks.py"]),
+      "MATH grader rounds a long rational exponent to 40 digits ((-1)^{1/N^2} equals 1)", ["tests/test_math_tasks.py"]),
     m("update-fsdp-filler-gradient", "e2h_min/engine/batching.py",
       "(completion_logprobs(self.policy, batch, self.temperature)[0].sum() * 0.0).backward()",
       "completion_logprobs(self.policy, batch, self.temperature)[0].sum().backward()",
@@ -316,6 +316,10 @@ MUTANTS = [
     m("grader-math-phase-lost", "e2h_min/tasks/math_grader.py",
       "abs(exponent) >= ctx.mpf(2) ** (ctx.prec - 8):", "abs(exponent) >= ctx.mpf(2) ** 10**6:",
       "MATH grader rounds a huge irrational exponent of -1 ((-1)^{sqrt2 N N} equals 1)", ["tests/test_math_tasks.py"]),
+    m("grader-math-branches-as-mismatch", "e2h_min/tasks/math_grader.py",
+      "if verdict is False and names and (ctx.im(value_a) != 0 or ctx.im(value_b) != 0):", "if False:",
+      "MATH grader rejects \\sqrt{8x^3} = 2x\\sqrt{2x} for the other branch at a negative test point",
+      ["tests/test_math_tasks.py"]),
 ]
 
 

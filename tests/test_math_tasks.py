@@ -170,6 +170,7 @@ MATH_PAIRS = [
     (r"(-1)^{\sqrt{2}\cdot" + "9" * 30 + r"\cdot" + "9" * 30 + "}", "1", False),
     (r"i^{\sqrt{2}\cdot" + "9" * 30 + r"\cdot" + "9" * 30 + "}", "1", False),
     (r"\sqrt[\frac{\pi}{" + "9" * 30 + r"\cdot" + "9" * 30 + r"}]{-1}", "1", False),
+    (r"(-1)^{\frac{1}{" + "9" * 30 + r"\cdot" + "9" * 30 + "}}", "1", False),  # a rational exponent: rounded, ~1
     # words in \text{} are compared as text, whatever the other side looks like, without case
     ("{no}", r"\text{on}", False),
     ("od^2", r"\text{odd}", False),
