@@ -496,6 +496,11 @@ def test_overwrite_never_deletes_what_the_run_reads(tmp_path, uninterrupted, cap
     ({"eval/mine/results.txt": "mine"}, "eval/mine/results.txt"),
     ({"checkpoints/step_000001/user.txt": "mine"}, "checkpoints/step_000001/user.txt"),  # not in its manifest
     ({"final": "symlink"}, "final"),  # deleting through a link would reach outside the run
+    # another run inside this one's folders, finished or still running: not this run's to delete
+    ({"tensorboard/config.json": json.dumps({"schedule": "cosine", "total_steps": 3})}, "tensorboard (another run)"),
+    ({"checkpoints/step_000099/config.json": json.dumps({"schedule": "cosine", "total_steps": 3})},
+     "checkpoints/step_000099 (another run)"),
+    ({"wandb/run/.lock": "123"}, "wandb/run (another run)"),
 ])
 def test_overwrite_refuses_a_run_folder_holding_anything_else(tmp_path, capsys, extra, fragment):
     run = tmp_path / "run"
@@ -518,6 +523,17 @@ def test_overwrite_refuses_a_run_folder_holding_anything_else(tmp_path, capsys, 
     before = snapshot(run)
     one_line_exit_2(capsys, lambda: train.main(["--out-dir", str(run), "--overwrite", "--total-steps", "1"]), fragment)
     assert snapshot(run) == before  # nothing deleted, no .lock added
+
+
+def test_a_new_run_inside_a_run_folder_is_refused(tmp_path, capsys):
+    """RUN/tensorboard as the --out-dir of another run: that run would be deleted by RUN's --overwrite."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"schedule": "cosine", "total_steps": 3}))
+    before = snapshot(run)
+    one_line_exit_2(capsys, lambda: train.main(["--out-dir", str(run / "tensorboard" / "x"), "--total-steps", "1"]),
+                    "is inside the run folder")
+    assert snapshot(run) == before
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

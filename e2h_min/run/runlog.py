@@ -155,6 +155,7 @@ def foreign_files(run_dir: Path) -> list[str]:
             elif (listed := manifest_names(p)) is not None:  # unreadable: its files are not checked one by one
                 found += [str(f.relative_to(run_dir)) for f in p.rglob("*")
                           if f.is_file() and f.name != MANIFEST and str(f.relative_to(p)) not in listed]
+    found += other_runs_inside(run_dir)
     own_inside = {"eval": lambda f: len(f.parts) == 3 and f.name in ("report.json", "completions.jsonl"),
                   "report": lambda f: len(f.parts) == 2 and f.name in REPORT_FILES}
     for folder, is_own in own_inside.items():
@@ -162,6 +163,24 @@ def foreign_files(run_dir: Path) -> list[str]:
             found += [str(f.relative_to(run_dir)) for f in (run_dir / folder).rglob("*")
                       if f.is_file() and not is_own(f.relative_to(run_dir))]
     return sorted(set(found))
+
+
+def other_runs_inside(run_dir: Path) -> list[str]:
+    """Folders below run_dir that hold another run (a train.py config.json or a run's lock), as relative paths:
+    a run started inside this one (RUN/tensorboard, RUN/final, RUN/checkpoints/step_9) that --overwrite must not
+    delete with it. Links are not followed."""
+    found = []
+    for folder, _, files in os.walk(run_dir):
+        path = Path(folder)
+        if path != Path(run_dir) and (LOCK_FILE in files or ("config.json" in files and is_run_config(path))):
+            found.append(f"{path.relative_to(run_dir)} (another run)")
+    return found
+
+
+def run_folder_around(path: Path) -> Path | None:
+    """The run folder that `path` is inside (not `path` itself), else None."""
+    path = Path(path).resolve()
+    return next((folder for folder in path.parents if is_run_config(folder)), None)
 
 
 def model_folder_around(path: Path) -> Path | None:
@@ -263,11 +282,15 @@ def _lock(run_dir: Path, flag: str) -> tuple[RunLock, int | None]:
         raise UserError(f"{flag} {run_dir}: cannot write there ({exc.strerror}); pass a writable directory") from None
 
 
-def check_outside_models(run_dir: Path, flag: str) -> None:
+def check_not_inside_model_or_run(run_dir: Path, flag: str) -> None:
     model = model_folder_around(run_dir)
     if model is not None:
         raise UserError(f"{flag} {run_dir} is inside the model folder {model}; a run written there would break "
                         f"loading it: pass an --out-dir outside it")
+    run = run_folder_around(run_dir)
+    if run is not None:
+        raise UserError(f"{flag} {run_dir} is inside the run folder {run}; that run's --overwrite would delete it: "
+                        f"pass an --out-dir outside it")
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -328,7 +351,7 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
         if holds_other_files(run_dir):  # before the lock: nothing is written into a model directory
             raise UserError(f"--out-dir {run_dir} holds a config.json that is not a train.py run's (a model "
                             f"directory?); nothing was changed there: pass another --out-dir")
-        check_outside_models(run_dir, "--out-dir")
+        check_not_inside_model_or_run(run_dir, "--out-dir")
         if cfg.overwrite and holds_run(run_dir):
             check_overwrite(run_dir, cfg)
         check_output_dir(run_dir, "--out-dir")
@@ -353,7 +376,7 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
         run_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
         if holds_run(run_dir) or holds_other_files(run_dir):
             continue
-        check_outside_models(run_dir, "run directory")
+        check_not_inside_model_or_run(run_dir, "run directory")
         check_output_dir(run_dir, "run directory")
         lock, holder = _lock(run_dir, "run directory")
         if holder is not None:
