@@ -715,6 +715,25 @@ def test_task_data_changed_under_the_run_is_one_line_naming_the_checkpoint(tmp_p
         check_sampler_state(LevelSampler(FileTask([5, 4]), "balanced", 10, seed=1), state, tmp_path)
 
 
+def test_task_file_whose_answers_changed_under_the_run_is_refused_on_resume(tmp_path):
+    """Same rows per level, other golds: the counts cannot tell, the rows' fingerprint does (and names the file)."""
+    from e2h_min.errors import UserError
+    from e2h_min.rl.curriculum import LevelSampler
+    from e2h_min.run.runlog import check_sampler_state
+    from e2h_min.tasks.math_tasks import GSM8KTask
+    from tests.test_math_tasks import FIXTURES
+    lines = (FIXTURES / "gsm8k.jsonl").read_text().splitlines()
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    state = LevelSampler(GSM8KTask(str(data)), "balanced", 10, seed=1).state_dict()
+    data.write_text("\n".join(lines) + "\n\n")  # formatting only: the same problems
+    check_sampler_state(LevelSampler(GSM8KTask(str(data)), "balanced", 10, seed=1), state, tmp_path)
+    changed = [json.dumps({**json.loads(line), "answer": json.loads(line)["answer"] + "1"}) for line in lines]
+    data.write_text("\n".join(changed) + "\n")
+    with pytest.raises(UserError, match=rf"does not fit this run's task data .*{data} holds other problems"):
+        check_sampler_state(LevelSampler(GSM8KTask(str(data)), "balanced", 10, seed=1), state, tmp_path)
+
+
 def test_wandb_without_credentials_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
     pytest.importorskip("wandb")
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR",

@@ -333,6 +333,7 @@ class LevelSampler:
             "cursor": list(self.cursor),
             "counts": list(self.counts),
             "sec_values": list(self.sec_values),
+            "data": self.task.fingerprint(),  # None for a generated task
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -352,6 +353,11 @@ class LevelSampler:
             if state[key] != mine:
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this run has {mine!r}; "
                                  f"resume with the same task data and seed")
+        data = self.task.fingerprint()
+        if state.get("data") not in (None, data):  # checkpoints of earlier versions have no fingerprint
+            where = getattr(self.task, "data", "the task data")
+            raise ValueError(f"{where} holds other problems than when the run started (sha256 of its rows "
+                             f"{state['data'][:12]}... then, {str(data)[:12]}... now); resume with the same file")
 
 
 # ----------------------------------------------------------------------------------------------------------------

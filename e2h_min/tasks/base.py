@@ -62,6 +62,11 @@ class Task:
     def problem(self, level: int, index: int, split: str = "train") -> Problem:
         raise NotImplementedError
 
+    def fingerprint(self) -> str | None:
+        """A digest of the problems where they are read from a file, so data changed under a run is caught on
+        resume; None for a generated task, whose problems its seed and the code fix."""
+        return None
+
     def score(self, problem: Problem, completion: str) -> float:
         """Reward of `completion` (the text generated after the prefill). Total: never raises."""
         raise NotImplementedError

@@ -41,6 +41,7 @@ Rewards: 0.0 when the format fails (e2h_min.tasks.rewards.parse_think_answer), e
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 import os
@@ -373,6 +374,19 @@ class _FileTask(Task):
         self._rows = {split: [[] for _ in self.eval_levels] for split in ("train", "test")}
         for record in records:
             self._rows[record["split"]][record["level"]].append(record)
+
+    def fingerprint(self) -> str:
+        """sha256 of every parsed row (split, level, question, gold, ...), in file order: the problems themselves,
+        whatever the file's formatting."""
+        if not hasattr(self, "_fingerprint"):
+            digest = hashlib.sha256()
+            for split in sorted(self._rows):
+                for rows in self._rows[split]:
+                    for record in rows:
+                        fields = {k: v for k, v in record.items() if k != "row"}  # where it sits, not what it is
+                        digest.update(json.dumps(fields, sort_keys=True, default=str).encode() + b"\n")
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def _load_records(self) -> list[dict]:
         """Parsed rows with their split and location; skipped rows are counted in `skipped_rows`."""
