@@ -734,6 +734,31 @@ def test_task_file_whose_answers_changed_under_the_run_is_refused_on_resume(tmp_
         check_sampler_state(LevelSampler(GSM8KTask(str(data)), "balanced", 10, seed=1), state, tmp_path)
 
 
+@requires_tiny
+def test_resume_refuses_a_model_folder_whose_weights_changed(tmp_path, capsys):
+    """The reference (and a LoRA base) is reloaded from --model on resume: the same path with other weights would
+    resume a different run in silence. Checkpoints record the model's fingerprint; a change is one line."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from e2h_min.engine.models import TINY_MODEL_DIR, model_fingerprint
+    model = tmp_path / "model"
+    shutil.copytree(TINY_MODEL_DIR, model)
+    run = tmp_path / "run"
+    train.main(["--model", str(model), "--out-dir", str(run), "--total-steps", "2", "--save-every", "1",
+                "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "8", "--eval-every", "0",
+                "--eval-problems", "2", "--beta", "0.01", "--threads", "1"])
+    state = json.loads((run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["model"] == model_fingerprint(str(model))
+    shutil.rmtree(run / "final")  # not finished: the resume would train step 2 again
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v * 1.05 for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    model_fingerprint.cache_clear()
+    capsys.readouterr()  # the first run's output
+    one_line_exit_2(capsys, lambda: train.main(["--resume", str(run)]), "is not the model checkpoint")
+
+
 def test_wandb_without_credentials_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
     pytest.importorskip("wandb")
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR",

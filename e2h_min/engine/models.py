@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +57,29 @@ MODEL_ALIASES = {
 def resolve_model_name(name: str) -> str:
     """Alias -> hub id or local path; anything else is returned unchanged."""
     return MODEL_ALIASES.get(name, name)
+
+
+@functools.lru_cache(maxsize=8)
+def model_fingerprint(name: str) -> str | None:
+    """What identifies the weights `name` loads, so that a resume can tell they changed under the run: for a local
+    folder the sha256 of its config.json and weight files (names and bytes; about 1.5 s per GB, once per process),
+    for a hub id the commit of its cached snapshot; None where neither can be read (then nothing is compared)."""
+    path = Path(resolve_model_name(name))
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")):
+            digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+    try:
+        from huggingface_hub import snapshot_download
+        with contextlib.redirect_stderr(open(os.devnull, "w")):
+            folder = snapshot_download(str(path), local_files_only=True, allow_patterns=["config.json"])
+        return "hub commit " + Path(folder).name  # a snapshot folder is named by its commit
+    except Exception:  # not cached, no such id: nothing to compare with
+        return None
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from e2h_min.analysis.evaluation import evaluate_sharded, sampled_pass_at_k
 from e2h_min.engine.distributed import Compute, all_reduce_sum, barrier, gather_lists
 from e2h_min.engine.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy
-from e2h_min.engine.models import Models, checkpoint_dtype
+from e2h_min.engine.models import Models, checkpoint_dtype, model_fingerprint
 from e2h_min.rl.curriculum import LevelSampler
 from e2h_min.rl.samples import SamplingStats, StepSamples
 from e2h_min.rl.scoring import Chat
@@ -95,7 +95,8 @@ class RunBook:
             value_head = self.models.value_head
             save_checkpoint(self.run_dir, step, self.models.sampling_model, self.chat.tokenizer, optimizer_state,
                             self.scheduler, {"config": dataclasses.asdict(self.cfg),
-                                             "sampler": self.sampler.state_dict()}, self.generator,
+                                             "sampler": self.sampler.state_dict(),
+                                             "model": model_fingerprint(self.cfg.model)}, self.generator,
                             keep=self.cfg.keep_checkpoints,
                             extra_modules={"value_head": value_head} if value_head else None)
         barrier(self.compute.dist)

@@ -22,7 +22,8 @@ from e2h_min.engine.distributed import Compute, gather_lists, init_distributed, 
 from e2h_min.engine.fsdp import FullOptimizerState, is_sharded, shard_policy
 from e2h_min.engine.models import (Models, ValueHead, apply_lora, check_lora_targets, checkpoint_file_bytes,
                                    context_length, frozen_copy, frozen_dtype, load_lora_checkpoint, load_model,
-                                   load_tokenizer, lora_reference, pick_device, resolve_model_name)
+                                   load_tokenizer, lora_reference, model_fingerprint, pick_device,
+                                   resolve_model_name)
 from e2h_min.engine.sampler import StopChecker
 from e2h_min.errors import UserError
 from e2h_min.rl.curriculum import LevelSampler
@@ -132,7 +133,18 @@ def resume_point(cfg: Config, run_dir: Path, sampler: LevelSampler, preset: tupl
         cfg = dataclasses.replace(cfg, chat_date=saved["config"].get("chat_date"))
     check_resume_config(saved["config"], cfg, resume_from, from_config_json=preset[1] if preset else {})
     check_sampler_state(sampler, saved["sampler"], resume_from)
+    check_model_unchanged(cfg.model, saved.get("model"), resume_from)
     return cfg, resume_from, saved["step"] >= cfg.total_steps and finished_run(run_dir, cfg.total_steps)
+
+
+def check_model_unchanged(model: str, saved: str | None, checkpoint: Path) -> None:
+    """The --model the run reloads (the LoRA base, the reference) is the one it trained from, else a UserError: a
+    folder rewritten or a hub id updated since would resume a different run in silence."""
+    now = model_fingerprint(model)
+    if saved is not None and now is not None and now != saved:
+        raise UserError(f"--resume: --model {model} is not the model checkpoint {checkpoint} was trained from (its "
+                        f"{'commit' if saved.startswith('hub') else 'files'} changed: {saved[-12:]} then, {now[-12:]} "
+                        f"now); put the original back at that path, or start a new run")
 
 
 def nothing_to_do(cfg: Config, run_dir: Path) -> dict:
