@@ -146,6 +146,16 @@ def test_bad_input_gives_one_line_and_exit_code_2(argv, fragment, capsys, tmp_pa
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_an_existing_out_file_is_never_written_over(capsys, tmp_path):
+    """--out may be anything, another run's metrics.jsonl included: an existing file is refused, left as it was."""
+    out = tmp_path / "metrics.jsonl"
+    out.write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny", "--task", "gsm8k", "--data", UNLABELLED, "--out", str(out)])
+    assert exc.value.code == 2 and "exists" in capsys.readouterr().err
+    assert out.read_text() == '{"step": 1}\n'
+
+
 def test_fewer_problems_than_levels_is_refused(capsys, tmp_path):
     data = tmp_path / "three.jsonl"
     data.write_text("".join(line + "\n" for line in unlabelled_lines()[:3]))

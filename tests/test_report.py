@@ -106,6 +106,28 @@ def test_main_writes_the_table_without_plots(tmp_path, capsys):
     assert not list((tmp_path / "out").glob("*.png"))
 
 
+@pytest.mark.parametrize("existing, fragment", [
+    ({"table.md": "MY NOTES"}, "holds table.md, which the report did not write"),
+    ({"accuracy.png": "mine"}, "holds accuracy.png, which the report did not write"),
+    ({"config.json": "{}"}, "holds a run or a model"),
+])
+def test_an_out_folder_holding_what_the_report_did_not_write_is_left_alone(tmp_path, capsys, existing, fragment):
+    run, out = write_run(tmp_path / "g0"), tmp_path / "out"
+    out.mkdir()
+    for name, text in existing.items():
+        (out / name).write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(run), "--no-plots", "--out", str(out)])
+    assert exc.value.code == 2 and fragment in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in out.iterdir()} == existing
+
+
+def test_the_report_rewrites_its_own_output(tmp_path):
+    run, out = write_run(tmp_path / "g0"), tmp_path / "out"
+    first = report.main([str(run), "--no-plots", "--out", str(out)])
+    assert report.main([str(run), "--no-plots", "--out", str(out)])["table"] == first["table"]
+
+
 def test_a_torn_last_line_is_dropped(tmp_path):
     run = write_run(tmp_path / "r")
     with open(run / "metrics.jsonl", "a") as handle:

@@ -37,6 +37,7 @@ from e2h_min.errors import MAX_STEPS, OneLineErrorParser, UserError, check_outpu
 from e2h_min.jsonl import parse_json, read_log
 from e2h_min.analysis.stats import paired_difference, percentile_interval
 
+TABLE_HEADER = "| run | step |"  # table.md's first line starts so: a table.md that does not is not the report's
 REPORT_FILES = ("table.md", "accuracy.png", "training.png", "curriculum.png", "pass_at_k.png")  # what main writes
 
 # Config fields that do not change what a run computes: runs differing only in these and the seed are replicates.
@@ -213,7 +214,7 @@ def accuracy_table(runs: list[Run]) -> str:
     def cell(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.1f}"
 
-    lines = ["| run | step | " + " | ".join(levels) + " |", "|---|---:|" + "---:|" * len(levels)]
+    lines = [TABLE_HEADER + " " + " | ".join(levels) + " |", "|---|---:|" + "---:|" * len(levels)]
     for members in groups.values():
         finals = [final_accuracy(run) for run in members]
         for run, (step, acc) in zip(members, finals):
@@ -595,6 +596,22 @@ def matplotlib_available() -> bool:
     return True
 
 
+def check_report_folder(out: Path) -> None:
+    """An --out of the user's choosing is written only where the report replaces nothing but its own output: no
+    run or model lives there (config.json, metrics.jsonl, checkpoints/), and any table or plot there comes with a
+    table.md the report wrote (its first line is the table's header). Else a UserError; nothing is written."""
+    if not out.is_dir():
+        return
+    if any((out / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoints")):
+        raise UserError(f"--out {out} holds a run or a model; the report would write into it: pass another --out")
+    table = out / "table.md"
+    ours = table.is_file() and table.read_text(errors="replace").startswith(TABLE_HEADER)
+    present = [name for name in REPORT_FILES if (out / name).exists()]
+    if present and not ours:
+        raise UserError(f"--out {out} holds {', '.join(present)}, which the report did not write; nothing was "
+                        f"changed: pass another --out, or move them")
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     parser = OneLineErrorParser(prog="python -m e2h_min.analysis.report", description="Plots and a table of train.py runs.")
@@ -613,6 +630,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [load_run(path) for path in args.runs]
     label_runs(runs)
     out = Path(args.out) if args.out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
+    if out != runs[0].path / "report":  # a run's own report/ is the report's (runlog.foreign_files checks it)
+        check_report_folder(out)
     check_output_dir(out, "--out")
     pass_k = pass_at_k_metrics([row for run in runs for row in run.evals])
     table = (accuracy_table(runs) + interval_table(runs, args.baseline)
