@@ -465,6 +465,42 @@ def copy_run(source: Path, target: Path, without_final: bool = False) -> Path:
     return target
 
 
+@requires_tiny
+def test_a_kill_while_final_is_written_leaves_no_final_and_the_resume_writes_it(tmp_path, monkeypatch, uninterrupted):
+    """final/ appears whole or not at all: killed part-way (after the weights, before the model card), the run is
+    not taken for finished, and --resume writes the same final/ as the uninterrupted run."""
+    run = copy_run(uninterrupted, tmp_path / "run", without_final=True)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill: no cleanup runs
+    monkeypatch.setattr(bookkeeping, "write_model_card", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(QUICK + ["--resume", str(run)])
+    assert not (run / "final").exists() and (run / "final.partial" / "model.safetensors").exists()
+    monkeypatch.undo()
+    train.main(QUICK + ["--resume", str(run)])
+    assert not (run / "final.partial").exists()
+    assert sorted(p.name for p in (run / "final").iterdir()) == sorted(p.name for p in (uninterrupted / "final").iterdir())
+    assert load_file(run / "final" / "model.safetensors").keys() == load_file(uninterrupted / "final" /
+                                                                                  "model.safetensors").keys()
+
+
+@requires_tiny
+def test_a_full_disk_while_final_is_written_is_one_line(tmp_path, monkeypatch, capsys, uninterrupted):
+    import errno
+
+    from e2h_min.run import checkpoint
+    run = copy_run(uninterrupted, tmp_path / "run", without_final=True)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(bookkeeping, "save_final", full)
+    capsys.readouterr()
+    one_line_exit_2(capsys, lambda: train.main(QUICK + ["--resume", str(run)]), "no space left on the device while "
+                    "saving", after_progress=True)
+    assert not (run / "final").exists() and not (run / f"final{checkpoint.PARTIAL_SUFFIX}").exists()
+
+
 def snapshot(folder: Path) -> dict:
     """Every file under `folder` (the lock file included) with its bytes, and every folder."""
     return {p: (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}

@@ -234,7 +234,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if Path(args.out).resolve() == Path(args.data).resolve():
         raise UserError(f"--out {args.out} is the --data file; write the labelled rows to another file")
-    if Path(args.out).exists():  # it may be anything, another run's log included: never written over
+    if Path(args.out).is_file():  # it may be anything, another run's log included: never written over
         raise UserError(f"--out {args.out} exists; pass a new file name, or delete it yourself if it is an earlier "
                         f"labelling")
     check_output_file(args.out, "--out")  # an unwritable place fails now, not after hours of sampling

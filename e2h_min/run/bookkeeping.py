@@ -19,7 +19,7 @@ from e2h_min.engine.models import Models, checkpoint_dtype, model_fingerprint
 from e2h_min.rl.curriculum import LevelSampler
 from e2h_min.rl.samples import SamplingStats, StepSamples
 from e2h_min.rl.scoring import Chat
-from e2h_min.run.checkpoint import save_checkpoint, save_final
+from e2h_min.run.checkpoint import save_checkpoint, save_final, written_whole
 from e2h_min.run.config import Config
 from e2h_min.run.divergence import DivergedError, divergence_message, first_nonfinite_parameter, probe_logits_finite
 from e2h_min.run.model_card import write_model_card
@@ -217,16 +217,18 @@ class RunBook:
         final_dir = run_dir / "final"
         if self.compute.dist.is_main:
             save_dtype = checkpoint_dtype(cfg.model) if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
-            save_final(self.models.sampling_model, final_dir, save_dtype)  # with LoRA: the adapter, as peft saves
-            tokenizer.save_pretrained(final_dir)
             card = dict(config=dataclasses.asdict(cfg), last_eval=last_eval, first_eval=first_eval,
                         step=cfg.total_steps, run_name=run_dir.resolve().name)
-            write_model_card(final_dir, adapter=bool(cfg.lora_r), **card)
+            with written_whole(final_dir) as folder:  # a kill part-way leaves no final/ to look finished
+                save_final(self.models.sampling_model, folder, save_dtype)  # with LoRA: the adapter, as peft saves
+                tokenizer.save_pretrained(folder)
+                write_model_card(folder, adapter=bool(cfg.lora_r), **card)
             if cfg.lora_r and cfg.save_merged:
                 merged = copy.deepcopy(self.models.policy).merge_and_unload()
-                save_final(merged, run_dir / "final-merged", save_dtype)
-                tokenizer.save_pretrained(run_dir / "final-merged")
-                write_model_card(run_dir / "final-merged", adapter=False, **card)
+                with written_whole(run_dir / "final-merged") as folder:
+                    save_final(merged, folder, save_dtype)
+                    tokenizer.save_pretrained(folder)
+                    write_model_card(folder, adapter=False, **card)
             if first_eval and last_eval:
                 print("held-out greedy accuracy, start -> end: " + "  ".join(
                     f"{k} {first_eval[k]['accuracy']:.1%} -> {last_eval[k]['accuracy']:.1%}" for k in last_eval))

@@ -19,6 +19,7 @@ is removed; the previous one is untouched).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -290,6 +291,37 @@ def resume_checkpoint(run_dir: Path, log=print, set_aside: bool = True) -> Path 
         log(f"warning: checkpoint {path} is damaged ({problem}); moved it to {aside.name} and resume from the "
             f"previous one")
     return None
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def written_whole(directory: Path):
+    """Yield a scratch folder DIRECTORY.partial to write into; it becomes DIRECTORY only once complete and synced,
+    so a kill or a full disk part-way leaves no half-written final/ that looks finished (a resume writes it again).
+    A full disk is one line; the run's last checkpoint is untouched."""
+    directory = Path(directory)
+    scratch = directory.with_name(directory.name + PARTIAL_SUFFIX)
+    shutil.rmtree(scratch, ignore_errors=True)  # an earlier save's, killed part-way
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch
+        for file in scratch.rglob("*"):  # on disk before the rename makes it final/
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        _fsync_dir(scratch)
+    except Exception as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not _disk_full(exc, directory.parent):
+            raise
+        raise UserError(f"no space left on the device while saving {directory}; the run's checkpoints are kept: free "
+                        f"some space, then --resume {directory.parent}") from None
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.rename(scratch, directory)
+    _fsync_dir(directory.parent)
 
 
 def save_final(model, directory: Path, dtype: torch.dtype) -> None:

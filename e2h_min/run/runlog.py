@@ -36,7 +36,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "completions.jsonl", 
              "final-merged")
 # What else belongs to a run (written by eval.py, the report and the trackers): --overwrite deletes these too, so
 # the new run's report never shows the old run's results.
-RUN_EXTRAS = ("eval", "report", "tensorboard", "wandb", "wandb_run_id")
+RUN_EXTRAS = ("eval", "report", "tensorboard", "wandb", "wandb_run_id", "final.partial", "final-merged.partial")
 # Every name a run directory may hold; checkpoints/ may hold only what checkpoint.py writes (step_N, the damaged_step_N
 # it set aside, the .tmp_step_N_PID of a save that was killed).
 OWN_FILES = frozenset(RUN_FILES + RUN_EXTRAS + (LOCK_FILE,))
