@@ -70,14 +70,19 @@ def run_args(schedule: str, seed: int, out: Path, args, extra: list[str]) -> lis
     return cmd + extra + (["--resume", str(run_dir)] if checkpointed else ["--out-dir", str(run_dir), "--overwrite"])
 
 
+def train_log(run_dir: Path) -> Path:
+    """OUT/<run>.log, beside the run's folder: inside it, a file train.py did not write would make the
+    --overwrite of a run killed before its first checkpoint refuse, and the sweep could never restart it."""
+    return Path(run_dir).parent / f"{Path(run_dir).name}.log"
+
+
 def run_one(schedule: str, seed: int, out: Path, args, extra: list[str]) -> tuple[str, float, int]:
     run_dir = out / f"{schedule}-s{seed}"
     if (run_dir / "final").is_dir():
         return str(run_dir), 0.0, 0
     cmd = run_args(schedule, seed, out, args, extra)
-    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(run_dir / "train.log", "a") as log:
+    with open(train_log(run_dir), "a") as log:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return str(run_dir), time.perf_counter() - start, code
 
@@ -136,11 +141,11 @@ def main() -> int:
     print(f"{len(jobs)} runs -> {out} ({args.jobs} at a time, {args.threads} thread(s) each)")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for run_dir, seconds, code in pool.map(lambda j: run_one(j[0], j[1], out, args, extra), jobs):
-            status = "done" if code == 0 else f"FAILED (exit {code}, see {run_dir}/train.log)"
+            status = "done" if code == 0 else f"FAILED (exit {code}, see {train_log(run_dir)})"
             print(f"  {run_dir}: {status}" + (f" in {seconds / 60:.1f} min" if seconds else " (already there)"))
             if code:
                 pool.shutdown(wait=True, cancel_futures=True)  # the queued runs would fail the same way
-                last = (Path(run_dir) / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
+                last = train_log(run_dir).read_text(errors="replace").strip().splitlines()[-1:]
                 print(f"{run_dir}: {last[0] if last else f'exit {code}'}", file=sys.stderr)
                 return code
     runs = [str(out / f"{s}-s{seed}") for seed in args.seeds for s in args.schedules]

@@ -51,6 +51,21 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert cmd[-2:] == ["--resume", str(tmp_path / "gaussian-s0")] and "--overwrite" not in cmd
 
 
+def test_a_run_killed_before_its_first_checkpoint_can_start_over(tmp_path, monkeypatch):
+    """Its folder holds only what train.py wrote (the sweep's log sits beside it), so the --overwrite that restarts
+    it is not refused for a file train.py did not write."""
+    from e2h_min.run.runlog import foreign_files
+    run = tmp_path / "cosine-s0"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"schedule": "cosine", "total_steps": 3}))
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "call", lambda cmd, stdout, **kw: calls.append(cmd) or stdout.write("x") or 0)
+    sweep.run_one("cosine", 0, tmp_path, args(), [])
+    assert calls[0][-3:] == ["--out-dir", str(run), "--overwrite"]
+    assert (tmp_path / "cosine-s0.log").read_text() == "x" and foreign_files(run) == []
+
+
 def test_level_table_gives_expected_and_drawn_prompts(tmp_path):
     for schedule, seed, counts in (("balanced", 0, [4, 4, 4, 4]), ("balanced", 1, [2, 6, 4, 4]),
                                    ("sec", 0, [0, 16, 0, 0]), ("sec", 1, [8, 8, 0, 0])):
