@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -56,6 +57,15 @@ def main() -> None:
                         help="billions of parameters (Qwen2.5-0.5B: 0.494, -1.5B: 1.54)")
     parser.add_argument("--dir", default=None, help="where to write the files (default: the system temp folder)")
     args = parser.parse_args()
+    folder = Path(args.dir or tempfile.gettempdir())
+    if not folder.is_dir():
+        parser.error(f"--dir {folder} is not a directory")
+    free = shutil.disk_usage(folder).free
+    for billions in args.params:
+        if not 0 < billions * 1e9 * BYTES_PER_PARAM <= free:
+            parser.error(f"--params {billions:g}: a checkpoint of {billions:g}B parameters needs "
+                         f"{billions * BYTES_PER_PARAM:g} GB; {folder} has {free / 1e9:.1f} GB free (pass 0 < "
+                         f"--params that fits, or --dir elsewhere)")
     buffer = os.urandom(1 << 30)
     in_memory = timed(lambda: hashlib.sha256(buffer).digest())
     del buffer

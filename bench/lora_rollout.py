@@ -53,6 +53,8 @@ def main() -> None:
 
     from e2h_min.engine.models import resolve_model_name
 
+    if args.model != "qwen-shape" and not (Path(resolve_model_name(args.model)) / "config.json").is_file():
+        parser.error(f"--model {args.model}: no model folder there (config.json); pass qwen-shape, tiny or a folder")
     with tempfile.TemporaryDirectory() as directory:
         path = build_qwen_shape(directory, layers=args.layers) if args.model == "qwen-shape" else \
             resolve_model_name(args.model)

@@ -191,13 +191,17 @@ def child_train(args: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--rows", type=int, default=4, help="sequences in the micro-batch")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--completion-len", type=int, default=128)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--modes", nargs="+", default=["naive", "chunked", "chunked+gc"])
+    sys.path.insert(0, str(ROOT))
+    from e2h_min.errors import OneLineErrorParser, at_least
+
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=at_least(1), default=24)
+    parser.add_argument("--rows", type=at_least(1), default=4, help="sequences in the micro-batch")
+    parser.add_argument("--prompt-len", type=at_least(1), default=64)
+    parser.add_argument("--completion-len", type=at_least(1), default=128)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--modes", nargs="+", default=["naive", "chunked", "chunked+gc"],
+                        choices=["naive", "chunked", "chunked+gc"])
     parser.add_argument("--estimate-table", action="store_true", help="print the README's memory estimate table")
     parser.add_argument("--train-peak", type=Path, metavar="DIR",
                         help="one train.py step full and LoRA on the 0.5B-shaped model in DIR (built if absent)")
@@ -210,12 +214,16 @@ def main() -> None:
     if args.build_shape:
         return build_shape_dir(args.build_shape)
     if args.train_peak:
+        if args.train_peak.exists() and not args.train_peak.is_dir():
+            parser.error(f"--train-peak {args.train_peak} is a file; pass a folder (built there if absent)")
         return train_peak(args.train_peak)
     if args.child_train:
         return child_train(json.loads(args.child_train))
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU; use --device cpu")
     if args.child:
         print(json.dumps(run_mode(args.child, args.layers, args.rows, args.prompt_len, args.completion_len,
                                   device)))

@@ -281,7 +281,20 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except RuntimeError:  # torch.device("bogus")
+        parser.error(f"--device {args.device}: not a device torch knows; use auto, cpu or cuda")
+    if args.case in ("a", "both") and not (args.a_model_dir / "config.json").exists():
+        parser.error(f"--a-model-dir {args.a_model_dir}: no model there (config.json); build it with python "
+                     f"scripts/build_tiny_model.py, or run --case b")
+    old_sampler = None
+    if args.old_commit:  # before any measurement: a bad commit fails now
+        from bench.step import load_old_sampler
+
+        old_sampler, why = load_old_sampler(args.old_commit)
+        if old_sampler is None:
+            parser.error(f"--old-commit {args.old_commit}: {why}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"torch {torch.__version__}, device {device}, dtype {dtype}, CPU threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
@@ -291,13 +304,6 @@ def main() -> None:
     limits = [assumed_bandwidth(device, args.peak_bandwidth), copy_bandwidth(device)]
     print("memory-bandwidth limits (bytes/s): " + describe(limits[0], "--peak-bandwidth GB/s") + "; "
           + describe(limits[1], "") + ", the practical limit on a shared machine")
-    old_sampler = None
-    if args.old_commit:
-        from bench.step import load_old_sampler
-
-        old_sampler, why = load_old_sampler(args.old_commit)
-        if old_sampler is None:
-            raise SystemExit(f"--old-commit {args.old_commit}: {why}")
     speedups = {}
     if args.case in ("a", "both"):
         case = case_a(device, dtype, args.a_prompts, args.seed, args.a_model_dir)

@@ -237,7 +237,10 @@ def compare(settings: str, steps: int, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sys.path.insert(0, str(ROOT))
+    from e2h_min.errors import OneLineErrorParser
+
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", choices=[*SETTINGS, "both"], default="both")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per side (after one warm-up step)")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)

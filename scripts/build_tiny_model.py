@@ -63,6 +63,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as `python scripts/build_tiny_model.py` from a plain checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from e2h_min.errors import OneLineErrorParser, UserError, check_output_dir, exit_on_user_error  # noqa: E402
 from e2h_min.rl.scoring import cut_at_stop  # noqa: E402
 from e2h_min.tasks.countdown import CountdownTask  # noqa: E402
 
@@ -305,7 +306,7 @@ def evaluate(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, task: 
 # ---------------------------------------------------------------- entry point
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artifact folder (created)")
     parser.add_argument("--minutes", type=float, default=10.0,
                         help="nominal training budget on the 2-core reference machine (fixes the step count)")
@@ -341,10 +342,15 @@ def parse_level_mix(text: str) -> dict[int, float]:
     return mix
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.minutes <= 0:
-        raise ValueError(f"--minutes must be positive, got {args.minutes}")
+    for flag, value in (("--minutes", args.minutes), ("--peak-lr", args.peak_lr)):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be a positive number, got {value}")
+    if args.init is not None and not (args.init / "config.json").is_file():
+        raise UserError(f"--init {args.init}: no built model there (config.json); pass a folder this script wrote")
+    check_output_dir(args.out, "--out")  # a bad --out fails now, not after the training
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)

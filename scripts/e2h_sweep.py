@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from e2h_min.errors import UserError  # noqa: E402
+from e2h_min.errors import OneLineErrorParser, UserError, check_output_dir  # noqa: E402
 from e2h_min.run.presets import resolve_config  # noqa: E402
 from e2h_min.rl.curriculum import expected_level_counts  # noqa: E402
 
@@ -106,7 +106,7 @@ def level_table(out: Path, schedules: list[str], seeds: list[int], total_steps: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-testbed")
     parser.add_argument("--task", default="countdown")
     parser.add_argument("--schedules", nargs="+")
@@ -134,6 +134,7 @@ def main() -> int:
     try:  # every run's settings are checked here, once, before any run starts (one line, exit 2 if bad)
         for schedule in args.schedules:
             resolve_config(run_args(schedule, args.seeds[0], out, args, extra)[2:])
+        check_output_dir(out, "--out")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from e2h_min.engine.logprobs import pack_sequences
 from e2h_min.engine.models import load_model, load_tokenizer
 from e2h_min.engine.sampler import StopChecker, generate
 from e2h_min.tasks import make_task
-from e2h_min.errors import OneLineErrorParser, at_least
+from e2h_min.errors import OneLineErrorParser, at_least, exit_on_user_error
 
 
 @torch.no_grad()
@@ -68,6 +68,7 @@ def measure(run_dir: Path, step: int | None, problems_per_level: int, samples: i
             "kl_estimator": cfg["kl_estimator"], "kl_per_token": total / max(tokens, 1), "tokens": tokens}
 
 
+@exit_on_user_error
 def main() -> None:
     parser = OneLineErrorParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)

@@ -376,7 +376,10 @@ def first_failure(output: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sys.path.insert(0, str(REPO))
+    from e2h_min.errors import OneLineErrorParser
+
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="mutants run in parallel (default 2)")
     parser.add_argument("--only", default="", help="comma-separated words: run the mutants whose id contains one")
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")

@@ -48,6 +48,8 @@ def function_table(path: str) -> dict[int, tuple[str, int, int, int]]:
 
 def main() -> None:
     repo = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), ".."))
+    if len(sys.argv) > 2 or not os.path.isfile(os.path.join(repo, "train.py")):
+        sys.exit(f"error: usage: python scripts/read_path.py [REPO]: {repo} is not a checkout holding train.py")
     sys.path.insert(0, repo)
     os.chdir(repo)
     import train
