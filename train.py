@@ -60,7 +60,7 @@ def train(cfg, task: Task, sampler: LevelSampler, run_dir: Path, preset: tuple |
     algorithm = choose_algorithm(cfg, models, optimizer, compute)
     collect = functools.partial(collect_samples, models, chat, task, cfg, generator, compute)
     limits = MicroBatchLimits(cfg.micro_batch_size, cfg.micro_batch_tokens)  # an OOM retry halves them for good
-    first_eval = book.evaluate(book.start_step) if book.start_step == 0 else None
+    first_eval = book.evaluate(0) if book.start_step == 0 else book.logged_eval(0)
     # ---------------------------------------------------------------- the loop
     for step in book.steps():
         seed_step(cfg.seed, compute.dist.rank, step, generator)

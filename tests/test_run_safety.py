@@ -481,6 +481,10 @@ def test_a_kill_while_final_is_written_leaves_no_final_and_the_resume_writes_it(
     train.main(QUICK + ["--resume", str(run)])
     assert not (run / "final.partial").exists()
     assert sorted(p.name for p in (run / "final").iterdir()) == sorted(p.name for p in (uninterrupted / "final").iterdir())
+    # the model card of a resumed run is the uninterrupted run's: its start-up command, its step-0 accuracy
+    card = (run / "final" / "README.md").read_text().replace(str(run), str(uninterrupted)).replace(
+        f"# {run.name}", f"# {uninterrupted.name}")  # the run's name is its folder's
+    assert card == (uninterrupted / "final" / "README.md").read_text()
     assert load_file(run / "final" / "model.safetensors").keys() == load_file(uninterrupted / "final" /
                                                                                   "model.safetensors").keys()
 

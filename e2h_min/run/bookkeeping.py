@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from e2h_min.analysis.evaluation import evaluate_sharded, sampled_pass_at_k
 from e2h_min.engine.distributed import Compute, all_reduce_sum, barrier, gather_lists
 from e2h_min.engine.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy
 from e2h_min.engine.models import Models, checkpoint_dtype, model_fingerprint
+from e2h_min.jsonl import read_log
 from e2h_min.rl.curriculum import LevelSampler
 from e2h_min.rl.samples import SamplingStats, StepSamples
 from e2h_min.rl.scoring import Chat
@@ -72,6 +75,18 @@ class RunBook:
                 top = f"pass@{max(cfg.eval_pass_k)}"
                 self.log(f"eval step {step} {top}: " + "  ".join(f"{k} {v[top]:.1%}" for k, v in pass_k.items()))
         return summary
+
+    def logged_eval(self, step: int) -> dict | None:
+        """The summary of `step`'s held-out evaluation as eval.jsonl holds it ({level: {accuracy, reward,
+        format_rate, n}}), or None: what a resumed run knows of the evaluations an earlier process ran."""
+        rows, _ = read_log(self.run_dir / "eval.jsonl") if (self.run_dir / "eval.jsonl").is_file() else ([], 0)
+        row = next((r for r in rows if r.get("step") == step), None)
+        if row is None:
+            return None
+        names = self.task.level_names()
+        counts = Counter(names[p.level] for p in self.eval_problems)
+        return {name: {"n": n, **{m: row[f"{name}/{m}"] for m in ("accuracy", "reward", "format_rate")}}
+                for name, n in counts.items() if f"{name}/accuracy" in row}
 
     def sampled_eval(self, step: int) -> dict:
         """--eval-pass-k: pass@k per level on the held-out problems (temperature 1, its own noise per step)."""
@@ -212,12 +227,15 @@ class RunBook:
         final-merged/) in the base model's dtype, the tokenizer and a model card."""
         cfg, run_dir, tokenizer = self.cfg, self.run_dir, self.chat.tokenizer
         logged = self.start_step == cfg.total_steps and eval_logged(run_dir, cfg.total_steps)
-        last_eval = None if logged else self.evaluate(cfg.total_steps)  # a resume with only final/ left to write
+        # a resume with only final/ left to write has its final evaluation in eval.jsonl
+        last_eval = self.logged_eval(cfg.total_steps) if logged else self.evaluate(cfg.total_steps)
         self.checkpoint(cfg.total_steps)
         final_dir = run_dir / "final"
         if self.compute.dist.is_main:
             save_dtype = checkpoint_dtype(cfg.model) if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
-            card = dict(config=dataclasses.asdict(cfg), last_eval=last_eval, first_eval=first_eval,
+            started = cfg if not cfg.resume else dataclasses.replace(  # the command that started the run
+                cfg, resume=None, out_dir=json.loads((run_dir / "config.json").read_text()).get("out_dir"))
+            card = dict(config=dataclasses.asdict(started), last_eval=last_eval, first_eval=first_eval,
                         step=cfg.total_steps, run_name=run_dir.resolve().name)
             with written_whole(final_dir) as folder:  # a kill part-way leaves no final/ to look finished
                 save_final(self.models.sampling_model, folder, save_dtype)  # with LoRA: the adapter, as peft saves

@@ -257,7 +257,7 @@ def load_models(cfg: Config, compute: Compute, resume_from: Path | None, log) ->
 def open_run_dir(cfg: Config, run_dir: Path, resume_from: Path | None, policy, optimizer, scheduler,
                  sampler: LevelSampler, generator: torch.Generator, main_rank: bool, log) -> int:
     """The step the loop starts at: 0, or on resume the checkpoint's (whose optimizer, scheduler, sampler and RNG
-    state are loaded, and whose logs lose the lines after it). Rank 0 writes config.json."""
+    state are loaded, and whose logs lose the lines after it). Rank 0 writes config.json for a new run."""
     start_step = 0
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +269,6 @@ def open_run_dir(cfg: Config, run_dir: Path, resume_from: Path | None, policy, o
         if main_rank:
             truncate_logs(run_dir, start_step, log)  # drop lines after the checkpoint
         log(f"resumed from {resume_from} at step {start_step}")
-    if main_rank:
+    if main_rank and not resume_from:  # a resumed run keeps the record of how it was started
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     return start_step
