@@ -333,6 +333,11 @@ def check_results_dir(out: Path) -> None:
     """UserError unless eval.py may write report.json and completions.jsonl into `out`: not a train.py run's folder
     (its completions.jsonl is the run's log), and either file already there only if an earlier eval.py wrote it
     (a report.json with eval.py's fields). Results of a rerun replace the earlier ones; nothing else is overwritten."""
+    inside = next((folder for folder in out.resolve().parents if _read_run_config(folder) is not None), None)
+    if inside is not None and out.resolve().parent != inside / "eval":
+        raise UserError(f"--out {out} is inside the run folder {inside}, where eval.py writes only to {inside}/eval/"
+                        f"NAME (its --overwrite would otherwise refuse for foreign files): pass that or a folder "
+                        f"outside the run")
     if (out / "metrics.jsonl").exists() or (out / "config.json").exists():
         raise UserError(f"--out {out} holds a run or a model (config.json / metrics.jsonl), whose files eval.py would "
                         f"overwrite; pass another --out (by default results go to RUN/eval/NAME)")
@@ -392,8 +397,11 @@ def check_settings(args, settings: dict, loaded_from: str) -> int | None:
                             f"{settings['chat_date']!r}; fix it there, or pass --chat-date YYYY-MM-DD")
         raise UserError(f"--chat-date must be a date YYYY-MM-DD, got {settings['chat_date']!r}")
     settings["chat_date"] = settings["chat_date"] or today()  # one date for every prompt, recorded in report.json
-    if args.samples and not args.pass_k:
-        raise UserError("--samples is for pass@k: add --pass-k K [K ...] (e.g. --pass-k 1 8 --samples 8)")
+    changed = [flag for flag, value, default in (("--samples", args.samples, None), ("--temperature",
+               args.temperature, 0.7), ("--top-p", args.top_p, 0.9), ("--top-k", args.top_k, 50)) if value != default]
+    if changed and not args.pass_k:  # greedy evaluation would ignore them in silence
+        raise UserError(f"{changed[0]} is for pass@k sampling: add --pass-k K [K ...] (e.g. --pass-k 1 8 --samples 8)"
+                        f", or drop it")
     samples = args.samples or (max(args.pass_k) if args.pass_k else None)
     if args.pass_k:
         if len(args.pass_k) > 100:

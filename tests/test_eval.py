@@ -121,6 +121,8 @@ def damaged_model(tmp, name):
     (lambda tmp: ["--model", "tiny", "--task", "gsm8k", "--data", str(tmp / "missing.jsonl")], "no such file"),
     (lambda tmp: ["--model", "tiny", "--pass-k", "1", "8", "--samples", "4"], "k <= --samples (4)"),
     (lambda tmp: ["--model", "tiny", "--samples", "4"], "add --pass-k"),
+    (lambda tmp: ["--model", "tiny", "--top-p", "2"], "--top-p is for pass@k sampling"),  # greedy would ignore it
+    (lambda tmp: ["--model", "tiny", "--temperature", "1.0"], "--temperature is for pass@k sampling"),
     (lambda tmp: ["--model", "tiny", "--levels", "L9"], "unknown level 'L9'"),
     (lambda tmp: ["--model", "tiny", "--n", "0"], "--n must be in [1, 100,000], got 0"),
     (lambda tmp: ["--model", "tiny", "--n", "1000000000"], "--n must be in [1, 100,000]"),
@@ -137,6 +139,8 @@ def damaged_model(tmp, name):
      "holds a run or a model"),
     (lambda tmp: ["--model", "tiny", "--n", "1", "--out", str(holding(tmp / "mine", "report.json"))],
      "holds report.json, which eval.py did not write"),
+    (lambda tmp: ["--model", "tiny", "--n", "1", "--out", str(run_holding_config(tmp / "r").joinpath(
+        "checkpoints", "x"))], "inside the run folder"),  # only RUN/eval/NAME is eval.py's inside a run
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(make_args, fragment, tmp_path, capsys, monkeypatch):
     argv = make_args(tmp_path)
@@ -149,6 +153,13 @@ def test_bad_input_gives_one_line_and_exit_code_2(make_args, fragment, tmp_path,
     assert exc.value.code == 2 and fragment in err and err.count("\n") == 1
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing overwritten
     assert not (tmp_path / "cwd" / "eval").exists()  # and no empty results folder left by a refusal
+
+
+def run_holding_config(folder):
+    """A train.py run folder (its config.json names a schedule and total_steps)."""
+    folder.mkdir()
+    (folder / "config.json").write_text('{"schedule": "cosine", "total_steps": 3}\n')
+    return folder
 
 
 def holding(folder, name):

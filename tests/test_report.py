@@ -155,6 +155,7 @@ def test_main_writes_pngs_for_one_run_and_for_several(tmp_path):
     (lambda tmp: [str(tmp)], "no config.json"),
     (lambda tmp: [str(write_run(tmp / "r")), "--smooth", "-1"], "--smooth must be in [0, 10,000,000], got -1"),
     (lambda tmp: [], "arguments are required: RUN_DIR"),
+    (lambda tmp: [str(write_run(tmp / "r")), "--baseline", "bogus"], "--baseline bogus: no run given has that"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(make_args, fragment, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -628,6 +628,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 <= args.smooth <= MAX_STEPS:
         raise UserError(f"--smooth must be in [0, {MAX_STEPS:,}], got {args.smooth}")
     runs = [load_run(path) for path in args.runs]
+    schedules = sorted({run.config.get("schedule") for run in runs} - {None})
+    if args.baseline != parser.get_default("baseline") and args.baseline not in schedules:
+        raise UserError(f"--baseline {args.baseline}: no run given has that schedule (they have: "
+                        f"{', '.join(schedules)})")
     label_runs(runs)
     out = Path(args.out) if args.out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
     if out != runs[0].path / "report":  # a run's own report/ is the report's (runlog.foreign_files checks it)
