@@ -58,6 +58,16 @@ def uninterrupted(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- resume over crash damage
+def test_a_gap_in_metrics_before_the_checkpoint_is_said_on_resume(tmp_path):
+    """Lines lost before the checkpoint (a power loss before logs were synced) leave a gap the resume names."""
+    from e2h_min.run.runlog import truncate_logs
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {t}}}\n' for t in (1, 2, 5, 6, 7)))
+    said = []
+    truncate_logs(tmp_path, 6, said.append)
+    assert len(said) == 1 and "no line for 2 step(s) before the checkpoint (steps 3-4" in said[0]
+    assert read_log(tmp_path / "metrics.jsonl")[0] == [{"step": t} for t in (1, 2, 5, 6)]
+
+
 def test_read_log_drops_only_torn_trailing_lines(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
@@ -563,6 +573,11 @@ def test_overwrite_refuses_a_run_folder_holding_anything_else(tmp_path, capsys, 
     before = snapshot(run)
     one_line_exit_2(capsys, lambda: train.main(["--out-dir", str(run), "--overwrite", "--total-steps", "1"]), fragment)
     assert snapshot(run) == before  # nothing deleted, no .lock added
+
+
+@pytest.mark.parametrize("folder", ["/", str(Path.home())])
+def test_the_filesystem_root_and_the_home_folder_are_no_run_folders(folder, capsys):
+    one_line_exit_2(capsys, lambda: train.main(["--out-dir", folder, "--total-steps", "1"]), "pass a folder of its own")
 
 
 def test_a_new_run_inside_a_run_folder_is_refused(tmp_path, capsys):

@@ -26,7 +26,7 @@ from e2h_min.run.checkpoint import save_checkpoint, save_final, written_whole
 from e2h_min.run.config import Config
 from e2h_min.run.divergence import DivergedError, divergence_message, first_nonfinite_parameter, probe_logits_finite
 from e2h_min.run.model_card import write_model_card
-from e2h_min.run.runlog import append_jsonl, eval_logged, log_completions
+from e2h_min.run.runlog import append_jsonl, eval_logged, log_completions, sync_logs
 from e2h_min.run.tracking import Trackers, console_line, resolve_log_every, should_log
 from e2h_min.tasks.base import Task
 
@@ -107,6 +107,7 @@ class RunBook:
         optimizer_state = (FullOptimizerState(policy, self.optimizer) if is_sharded(policy) else self.optimizer
                            ).state_dict()
         if self.compute.dist.is_main:
+            sync_logs(self.run_dir)  # the log lines up to this step are on disk before the checkpoint is
             value_head = self.models.value_head
             save_checkpoint(self.run_dir, step, self.models.sampling_model, self.chat.tokenizer, optimizer_state,
                             self.scheduler, {"config": dataclasses.asdict(self.cfg),

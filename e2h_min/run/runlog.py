@@ -85,8 +85,19 @@ def check_sampler_state(sampler, state: dict, checkpoint: Path) -> None:
 
 
 def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+    except OSError as exc:  # the one-line disk-full message names the file
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
+def sync_logs(run_dir: Path) -> None:
+    """fsync every log, so that a power loss after a checkpoint cannot take log lines from before it."""
+    for path in (Path(run_dir) / name for name in LOGS):
+        if path.exists():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def check_logs(run_dir: Path) -> dict[Path, tuple[list[dict], int]]:
@@ -111,7 +122,12 @@ def truncate_logs(run_dir: Path, step: int, log=print) -> None:
     for path, (rows, torn) in check_logs(run_dir).items():
         if torn:
             log(f"warning: {path}: dropped {torn} torn line(s) at the end (the run was killed while writing them)")
-        write_log(path, [row for row in rows if row["step"] <= step])
+        kept = [row for row in rows if row["step"] <= step]
+        missing = sorted(set(range(1, step + 1)) - {row["step"] for row in kept}) if path.name == LOGS[0] else []
+        if missing:
+            log(f"warning: {path} has no line for {len(missing)} step(s) before the checkpoint (steps {missing[0]}"
+                f"-{missing[-1]}; lost in a crash?): the run continues from step {step}, and the gap stays")
+        write_log(path, kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,6 +364,10 @@ def claim_run_dir(cfg: Config, log=print) -> tuple[Path, RunLock]:
         return run_dir, lock
     if cfg.out_dir:
         run_dir = Path(cfg.out_dir)
+        if run_dir.resolve() in (Path(run_dir.resolve().anchor), Path.home().resolve()):
+            what = "the filesystem root" if run_dir.resolve() == run_dir.resolve().parent else "your home folder"
+            raise UserError(f"--out-dir {run_dir} is {what}; a run writes its files straight into its folder: pass a "
+                            f"folder of its own")
         if holds_other_files(run_dir):  # before the lock: nothing is written into a model directory
             raise UserError(f"--out-dir {run_dir} holds a config.json that is not a train.py run's (a model "
                             f"directory?); nothing was changed there: pass another --out-dir")
