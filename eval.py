@@ -397,8 +397,9 @@ def check_settings(args, settings: dict, loaded_from: str) -> int | None:
                             f"{settings['chat_date']!r}; fix it there, or pass --chat-date YYYY-MM-DD")
         raise UserError(f"--chat-date must be a date YYYY-MM-DD, got {settings['chat_date']!r}")
     settings["chat_date"] = settings["chat_date"] or today()  # one date for every prompt, recorded in report.json
-    changed = [flag for flag, value, default in (("--samples", args.samples, None), ("--temperature",
-               args.temperature, 0.7), ("--top-p", args.top_p, 0.9), ("--top-k", args.top_k, 50)) if value != default]
+    defaults = build_parser()
+    changed = [flag for flag in ("--samples", "--temperature", "--top-p", "--top-k")
+               if getattr(args, flag[2:].replace("-", "_")) != defaults.get_default(flag[2:].replace("-", "_"))]
     if changed and not args.pass_k:  # greedy evaluation would ignore them in silence
         raise UserError(f"{changed[0]} is for pass@k sampling: add --pass-k K [K ...] (e.g. --pass-k 1 8 --samples 8)"
                         f", or drop it")

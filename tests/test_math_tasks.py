@@ -104,6 +104,8 @@ MATH_PAIRS = [
     (r"50\%", "50", True),
     (r"\$18.90", "18.9", True),
     ("1,000", "1000", True),
+    (r"10,\!000", "10000", True),  # MATH's own thousands separator
+    (r"1,\!000,\!000", "1000000", True),
     ("1{,}000", "1000", True),
     # text answers, multiple choice, boxes, prefixes
     (r"\text{Tuesday}", "Tuesday", True),
@@ -166,6 +168,8 @@ MATH_PAIRS = [
     ("1, 000", "1000", False),
     ("100, 1", "1, 100", True),
     ("1,000", "1000", True),
+    (r"10,\!000", "10000", True),  # MATH's own thousands separator
+    (r"1,\!000,\!000", "1000000", True),
     # a huge exponent of a negative or complex base: its phase is lost to rounding, so no value
     (r"(-1)^{\sqrt{2}\cdot" + "9" * 30 + r"\cdot" + "9" * 30 + "}", "1", False),
     (r"i^{\sqrt{2}\cdot" + "9" * 30 + r"\cdot" + "9" * 30 + "}", "1", False),
@@ -176,6 +180,7 @@ MATH_PAIRS = [
     ("od^2", r"\text{odd}", False),
     ("1dod", r"\text{odd}", False),
     ("odd", r"\text{odd}", True),
+    ("od^2", r"\mathbf{odd}", False),  # every wrapper the normal form drops marks words
     (r"\text{Even}", r"\text{even}", True),
     (r"\text{No solution}", r"\text{no solution}", True),
     # a row break followed by a space is a row break
@@ -185,6 +190,7 @@ MATH_PAIRS = [
     (r"1\pm\sqrt{2}", r"1+\sqrt2, 1-\sqrt2", True),
     (r"\frac{1\pm\sqrt5}{2}", r"\frac{1-\sqrt5}{2}, \frac{1+\sqrt5}{2}", True),
     (r"\pm 2", "2", False),
+    ("3+od{7},3-od{7}", r"3\pmod{7}", False),  # \pmod is no \pm
     # the variable an equation names must be the same; a number has one decimal point
     ("x=2x+3", "y=2x+3", False),
     ("y=2x+3", "2x+3", True),

@@ -490,7 +490,8 @@ def test_a_kill_while_final_is_written_leaves_no_final_and_the_resume_writes_it(
     monkeypatch.undo()
     train.main(QUICK + ["--resume", str(run)])
     assert not (run / "final.partial").exists()
-    assert sorted(p.name for p in (run / "final").iterdir()) == sorted(p.name for p in (uninterrupted / "final").iterdir())
+    names = lambda folder: sorted(p.name for p in folder.iterdir())  # noqa: E731
+    assert names(run / "final") == names(uninterrupted / "final")
     # the model card of a resumed run is the uninterrupted run's: its start-up command, its step-0 accuracy
     card = (run / "final" / "README.md").read_text().replace(str(run), str(uninterrupted)).replace(
         f"# {run.name}", f"# {uninterrupted.name}")  # the run's name is its folder's
@@ -812,6 +813,21 @@ def test_resume_refuses_a_model_folder_whose_weights_changed(tmp_path, capsys):
     model_fingerprint.cache_clear()
     capsys.readouterr()  # the first run's output
     one_line_exit_2(capsys, lambda: train.main(["--resume", str(run)]), "is not the model checkpoint")
+
+
+def test_a_hub_model_is_recorded_by_the_commit_it_loaded_and_another_commit_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from e2h_min.engine.models import loaded_model_record
+    from e2h_min.errors import UserError
+    from e2h_min.run.setup import check_model_unchanged
+    loaded = SimpleNamespace(config=SimpleNamespace(_commit_hash="a" * 40))
+    record = loaded_model_record("org/not-a-local-folder", loaded)
+    assert record == "hub commit " + "a" * 40
+    check_model_unchanged("org/m", record, record, tmp_path)  # the same commit: fine
+    check_model_unchanged("org/m", None, record, tmp_path)  # a checkpoint of an earlier version: not compared
+    with pytest.raises(UserError, match="loaded commit bbbbbbbbbbbb, but checkpoint .* commit aaaaaaaaaaaa"):
+        check_model_unchanged("org/m", record, "hub commit " + "b" * 40, tmp_path)
 
 
 def test_wandb_without_credentials_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):

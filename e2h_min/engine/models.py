@@ -61,25 +61,29 @@ def resolve_model_name(name: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def model_fingerprint(name: str) -> str | None:
-    """What identifies the weights `name` loads, so that a resume can tell they changed under the run: for a local
-    folder the sha256 of its config.json and weight files (names and bytes; about 1.5 s per GB, once per process),
-    for a hub id the commit of its cached snapshot; None where neither can be read (then nothing is compared)."""
+    """The sha256 of a local model folder's config.json and weight files (names and bytes; about 1.5 s per GB, once
+    per process), so that a resume can tell they changed under the run; None for a hub id (loaded_model_record
+    records the commit transformers loaded)."""
     path = Path(resolve_model_name(name))
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")):
-            digest.update(file.name.encode() + b"\0")
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-        return digest.hexdigest()
-    try:
-        from huggingface_hub import snapshot_download
-        with contextlib.redirect_stderr(open(os.devnull, "w")):
-            folder = snapshot_download(str(path), local_files_only=True, allow_patterns=["config.json"])
-        return "hub commit " + Path(folder).name  # a snapshot folder is named by its commit
-    except Exception:  # not cached, no such id: nothing to compare with
+    if not path.is_dir():
         return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def loaded_model_record(name: str, reloaded) -> str | None:
+    """What checkpoints record of --model `name`: a local folder's model_fingerprint, or for a hub id the commit
+    transformers loaded (config._commit_hash of `reloaded`, the model read from --model: the LoRA base, the
+    reference, or at the start the policy); None when neither is known."""
+    if Path(resolve_model_name(name)).is_dir():
+        return model_fingerprint(name)
+    commit = getattr(getattr(reloaded, "config", None), "_commit_hash", None)
+    return f"hub commit {commit}" if commit else None
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from e2h_min.analysis.evaluation import evaluate_sharded, sampled_pass_at_k
 from e2h_min.engine.distributed import Compute, all_reduce_sum, barrier, gather_lists
 from e2h_min.engine.fsdp import FullOptimizerState, is_sharded, log_sharded_memory, refresh_full_copy
-from e2h_min.engine.models import Models, checkpoint_dtype, model_fingerprint
+from e2h_min.engine.models import Models, checkpoint_dtype
 from e2h_min.jsonl import read_log
 from e2h_min.rl.curriculum import LevelSampler
 from e2h_min.rl.samples import SamplingStats, StepSamples
@@ -41,11 +41,12 @@ class RunBook:
 
     def __init__(self, cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, compute: Compute, log,
                  chat: Chat, models: Models, optimizer, scheduler, generator: torch.Generator, eval_problems: list,
-                 trackers: Trackers, start_step: int):
+                 trackers: Trackers, start_step: int, model_record: str | None = None):
         self.cfg, self.task, self.sampler, self.run_dir = cfg, task, sampler, run_dir
         self.compute, self.log, self.chat, self.models = compute, log, chat, models
         self.optimizer, self.scheduler, self.generator = optimizer, scheduler, generator
         self.eval_problems, self.trackers, self.start_step = eval_problems, trackers, start_step
+        self.model_record = model_record  # what checkpoints record of --model (models.loaded_model_record)
         self.log_every = resolve_log_every(cfg.log_every, cfg.total_steps)
         self.nonfinite_in_a_row = 0
 
@@ -112,7 +113,7 @@ class RunBook:
             save_checkpoint(self.run_dir, step, self.models.sampling_model, self.chat.tokenizer, optimizer_state,
                             self.scheduler, {"config": dataclasses.asdict(self.cfg),
                                              "sampler": self.sampler.state_dict(),
-                                             "model": model_fingerprint(self.cfg.model)}, self.generator,
+                                             "model": self.model_record}, self.generator,
                             keep=self.cfg.keep_checkpoints,
                             extra_modules={"value_head": value_head} if value_head else None)
         barrier(self.compute.dist)

@@ -22,8 +22,8 @@ from e2h_min.engine.distributed import Compute, gather_lists, init_distributed, 
 from e2h_min.engine.fsdp import FullOptimizerState, is_sharded, shard_policy
 from e2h_min.engine.models import (Models, ValueHead, apply_lora, check_lora_targets, checkpoint_file_bytes,
                                    context_length, frozen_copy, frozen_dtype, load_lora_checkpoint, load_model,
-                                   load_tokenizer, lora_reference, model_fingerprint, pick_device,
-                                   resolve_model_name)
+                                   load_tokenizer, loaded_model_record, lora_reference, model_fingerprint,
+                                   pick_device, resolve_model_name)
 from e2h_min.engine.sampler import StopChecker
 from e2h_min.errors import UserError
 from e2h_min.rl.curriculum import LevelSampler
@@ -133,18 +133,23 @@ def resume_point(cfg: Config, run_dir: Path, sampler: LevelSampler, preset: tupl
         cfg = dataclasses.replace(cfg, chat_date=saved["config"].get("chat_date"))
     check_resume_config(saved["config"], cfg, resume_from, from_config_json=preset[1] if preset else {})
     check_sampler_state(sampler, saved["sampler"], resume_from)
-    check_model_unchanged(cfg.model, saved.get("model"), resume_from)
+    check_model_unchanged(cfg.model, saved.get("model"), model_fingerprint(cfg.model), resume_from)
     return cfg, resume_from, saved["step"] >= cfg.total_steps and finished_run(run_dir, cfg.total_steps)
 
 
-def check_model_unchanged(model: str, saved: str | None, checkpoint: Path) -> None:
+def check_model_unchanged(model: str, saved: str | None, now: str | None, checkpoint: Path) -> None:
     """The --model the run reloads (the LoRA base, the reference) is the one it trained from, else a UserError: a
-    folder rewritten or a hub id updated since would resume a different run in silence."""
-    now = model_fingerprint(model)
-    if saved is not None and now is not None and now != saved:
-        raise UserError(f"--resume: --model {model} is not the model checkpoint {checkpoint} was trained from (its "
-                        f"{'commit' if saved.startswith('hub') else 'files'} changed: {saved[-12:]} then, {now[-12:]} "
-                        f"now); put the original back at that path, or start a new run")
+    folder rewritten or a hub id updated since would resume a different run in silence. A local folder is checked
+    before the weights load; a hub id's commit only once they have (the commit transformers loaded)."""
+    if saved is None or now is None or now == saved:
+        return
+    if saved.startswith("hub commit"):
+        raise UserError(f"--resume: --model {model} loaded commit {now[-12:]}, but checkpoint {checkpoint} was "
+                        f"trained from commit {saved[-12:]}; download that revision into a folder and resume "
+                        f"with --model FOLDER, or start a new run")
+    raise UserError(f"--resume: --model {model} is not the model checkpoint {checkpoint} was trained from (its files "
+                    f"changed: {saved[-12:]} then, {now[-12:]} now); put the original back at that path, or start a "
+                    f"new run")
 
 
 def nothing_to_do(cfg: Config, run_dir: Path) -> dict:
@@ -165,6 +170,14 @@ def setup(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
     startup_notes(cfg, compute, preset, log)
     tokenizer = load_tokenizer(cfg.model)
     models, trainable = load_models(cfg, compute, resume_from, log)
+    # the weights read from --model: the reference, else the LoRA base or a new run's policy (a resumed full
+    # fine-tuning policy comes from its checkpoint)
+    reloaded = models.reference.model if models.reference is not None else \
+        models.policy if cfg.lora_r or not resume_from else None
+    model_record = loaded_model_record(cfg.model, reloaded)
+    if resume_from:  # a hub id's commit is known only now that it has loaded
+        saved = json.loads((resume_from / "trainer_state.json").read_text()).get("model")
+        check_model_unchanged(cfg.model, saved, model_record, resume_from)
     # fused: one kernel for all parameters on CPU and CUDA (4.7x faster than the per-tensor loop on the tiny model)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=compute.device.type in ("cpu", "cuda") or None)
@@ -184,7 +197,7 @@ def setup(cfg: Config, task: Task, sampler: LevelSampler, run_dir: Path, preset:
     trackers = Trackers(parse_report_to(cfg.report_to) if compute.dist.is_main else [], run_dir,
                         dataclasses.asdict(cfg), task.level_names(), start_step)
     book = RunBook(cfg, task, sampler, run_dir, compute, log, chat, models, optimizer, scheduler, generator,
-                   eval_problems, trackers, start_step)
+                   eval_problems, trackers, start_step, model_record)
     return Training(cfg, models, chat, compute, optimizer, scheduler, generator, book)
 
 

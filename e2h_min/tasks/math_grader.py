@@ -116,8 +116,8 @@ _UNIT_WORDS = (
     "edge integers integer multiples meals"
 ).split()
 _TRAILING_UNIT = re.compile(r"(?<=[\d})\s])\s*(?:" + "|".join(_UNIT_WORDS) + r")(?:\^\{?[23]\}?)?\s*$")
-_TEXT_WRAPPER = re.compile(
-    r"\\(?:text|textbf|textit|textrm|textnormal|textup|mbox|mathrm|mathbf|mathit|mathsf|rm|bf)\s*\{([^{}]*)\}")
+_TEXT_COMMANDS = r"\\(?:text|textbf|textit|textrm|textnormal|textup|mbox|mathrm|mathbf|mathit|mathsf|rm|bf)"
+_TEXT_WRAPPER = re.compile(_TEXT_COMMANDS + r"\s*\{([^{}]*)\}")
 _SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![a-zA-Z])")
 _SPACING = re.compile(r"(?<!\\)\\[!,;: ]|\\q?quad(?![a-zA-Z])|\\displaystyle(?![a-zA-Z])|~")
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])|°")
@@ -161,6 +161,7 @@ def _strip_markup(s: str) -> str:
         s = s[s.index("{") + 1:-1].strip()
     s = re.sub(r"^\$+|\$+$|^\\[(\[]|\\[)\]]$", "", s.strip()).replace("\\$", "").replace("$", "")
     s = _SIZING.sub("", re.sub(r"\\(?:left|right)\.", "", s))
+    s = re.sub(r"(?<=\d),\\!(?=\d{3})", ",", s)  # MATH's thousands separator "10,\!000": no space, so one number
     s = _SPACING.sub(" ", s)
     s = re.sub(r"\\[dt](frac|binom)(?![a-zA-Z])", r"\\\1", s)
     return _DEGREES.sub("", s).replace("\\%", "").replace("%", "")
@@ -694,16 +695,18 @@ def _time_limit(seconds: float):
 
 
 # An answer written as words in \text{} ("\text{odd}", "\text{no solution}"): the other must be the same words.
-_TEXT_ANSWER = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm)\s*\{\s*[A-Za-z]+(?: [A-Za-z]+)*\s*\}")
+_TEXT_ANSWER = re.compile(_TEXT_COMMANDS + r"\s*\{\s*[A-Za-z]+(?: [A-Za-z]+)*\s*\}")
+
+
+_PLUS_MINUS = re.compile(r"\\(?:pm|mp)(?![a-zA-Z])")  # not \pmod
 
 
 def _expand_plus_minus(s: str) -> str:
     r"""One \pm (or \mp) in an answer that is not a list: the list of its two values. Example: "1\pm\sqrt{2}" ->
     "1+\sqrt{2},1-\sqrt{2}"."""
-    if s.count("\\pm") + s.count("\\mp") != 1 or _split_top_level(s, ",") != [s]:
+    if len(_PLUS_MINUS.findall(s)) != 1 or _split_top_level(s, ",") != [s]:
         return s
-    sign = "\\pm" if "\\pm" in s else "\\mp"
-    return f"{s.replace(sign, '+')},{s.replace(sign, '-')}"
+    return f"{_PLUS_MINUS.sub('+', s)},{_PLUS_MINUS.sub('-', s)}"
 
 
 def math_answers_equivalent(prediction: str, gold: str, time_limit: float = SYMBOLIC_TIME_LIMIT_S) -> bool:
