@@ -46,6 +46,7 @@ from e2h_min.engine.models import (MODEL_ALIASES, context_length, load_model, lo
                             resolve_model_name)
 from e2h_min.analysis.passk import pass_at_k_by_level
 from e2h_min.run.prompt_fit import fit_prompts
+from e2h_min.run.runlog import run_folder_around
 from e2h_min.engine.sampler import StopChecker, generate
 from e2h_min.tasks import TASKS, make_task
 
@@ -333,7 +334,7 @@ def check_results_dir(out: Path) -> None:
     """UserError unless eval.py may write report.json and completions.jsonl into `out`: not a train.py run's folder
     (its completions.jsonl is the run's log), and either file already there only if an earlier eval.py wrote it
     (a report.json with eval.py's fields). Results of a rerun replace the earlier ones; nothing else is overwritten."""
-    inside = next((folder for folder in out.resolve().parents if _read_run_config(folder) is not None), None)
+    inside = run_folder_around(out)
     if inside is not None and out.resolve().parent != inside / "eval":
         raise UserError(f"--out {out} is inside the run folder {inside}, where eval.py writes only to {inside}/eval/"
                         f"NAME (its --overwrite would otherwise refuse for foreign files): pass that or a folder "

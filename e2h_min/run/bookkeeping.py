@@ -26,7 +26,7 @@ from e2h_min.run.checkpoint import save_checkpoint, save_final, written_whole
 from e2h_min.run.config import Config
 from e2h_min.run.divergence import DivergedError, divergence_message, first_nonfinite_parameter, probe_logits_finite
 from e2h_min.run.model_card import write_model_card
-from e2h_min.run.runlog import append_jsonl, eval_logged, log_completions, sync_logs
+from e2h_min.run.runlog import append_jsonl, log_completions, sync_logs
 from e2h_min.run.tracking import Trackers, console_line, resolve_log_every, should_log
 from e2h_min.tasks.base import Task
 
@@ -228,9 +228,9 @@ class RunBook:
         """The last evaluation and checkpoint, then final/: the policy (with LoRA its adapter; --save-merged adds
         final-merged/) in the base model's dtype, the tokenizer and a model card."""
         cfg, run_dir, tokenizer = self.cfg, self.run_dir, self.chat.tokenizer
-        logged = self.start_step == cfg.total_steps and eval_logged(run_dir, cfg.total_steps)
         # a resume with only final/ left to write has its final evaluation in eval.jsonl
-        last_eval = self.logged_eval(cfg.total_steps) if logged else self.evaluate(cfg.total_steps)
+        logged = self.logged_eval(cfg.total_steps) if self.start_step == cfg.total_steps else None
+        last_eval = logged or self.evaluate(cfg.total_steps)
         self.checkpoint(cfg.total_steps)
         final_dir = run_dir / "final"
         if self.compute.dist.is_main:
